@@ -1,0 +1,39 @@
+# grace_hf: `make demo` runs the whole pipeline on built-in data, `make test` runs the tests.
+# Both create .venv on first use. TORCH_SPEC pins the torch/torchvision pair that installs on a
+# CPU-only machine; on a GPU machine override it (e.g. `make TORCH_SPEC=torch demo`) or use
+# `pip install -e .` directly, which takes whatever CUDA torch pip resolves.
+PYTHON ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+TORCH_SPEC ?= torch==2.14.1 torchvision==0.29.1
+DEMO_DIR ?= demo_output
+
+.PHONY: install demo test lint format clean
+
+$(BIN)/grace-hf: pyproject.toml
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install --quiet --upgrade pip
+	$(BIN)/pip install --quiet $(TORCH_SPEC)
+	$(BIN)/pip install --quiet -e ".[dev]"
+	# The reference OpenFlamingo modules for the parity tests; its own pins are years old.
+	$(BIN)/pip install --quiet --no-deps "open-flamingo==2.0.1"
+	touch $(BIN)/grace-hf
+
+install: $(BIN)/grace-hf
+
+demo: install
+	HF_HUB_OFFLINE=1 $(BIN)/python -m grace_hf.demo --output-dir $(DEMO_DIR)
+
+test: install
+	HF_HUB_OFFLINE=1 $(BIN)/python -m pytest -q
+
+lint: install
+	$(BIN)/ruff check grace_hf tests benchmarks
+	$(BIN)/ruff format --check grace_hf tests benchmarks
+
+format: install
+	$(BIN)/ruff check --fix grace_hf tests benchmarks
+	$(BIN)/ruff format grace_hf tests benchmarks
+
+clean:
+	rm -rf $(VENV) $(DEMO_DIR) .pytest_cache .ruff_cache *.egg-info

@@ -1,0 +1,194 @@
+"""Speed of grace_hf's Flamingo against the `open-flamingo` reference on the same small shape, in one run.
+
+    python benchmarks/flamingo_speed.py                 # defaults: CPU, 1 thread
+    python benchmarks/flamingo_speed.py --device cuda --threads 8 --repeats 10
+
+The reference is `open_flamingo.src.flamingo.Flamingo` wrapped around transformers' `MptForCausalLM` of the same
+shape (as OpenFlamingo's factory does, without downloading anything), with an open_clip ViT of the same shape.
+Both train the same parameters (everything but the vision tower). Measured: one training step (forward, backward,
+AdamW) and one beam-search `generate()` (ours: images encoded once, KV cache; the reference: its own generate,
+which encodes the images once per beam).
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import time
+from collections.abc import Callable
+
+import open_clip
+import torch
+from open_flamingo.src.flamingo import Flamingo
+from open_flamingo.src.flamingo_lm import FlamingoLMMixin
+from open_flamingo.src.utils import extend_instance
+from transformers import MptConfig, MptForCausalLM
+
+from grace_hf.models.flamingo import FlamingoConfig, FlamingoForConditionalGeneration
+
+MEDIA, EOC, PAD = 1, 0, 2
+VISION = {"image_size": 64, "layers": 4, "width": 256, "head_width": 64, "patch_size": 8, "mlp_ratio": 4.0}
+# the reference hard-codes its perceiver (depth 6, 8 x 64 heads, 64 latents) and cross-attention (8 x 64, ff x4)
+SHAPE = {
+    "vision_config": VISION,
+    "vision_quick_gelu": False,
+    "text_config": {"vocab_size": 2000, "d_model": 512, "n_layers": 8, "n_heads": 8, "qk_ln": False},
+    "cross_attn_every_n_layers": 2,
+    "media_token_id": MEDIA,
+    "end_of_chunk_token_id": EOC,
+    "pad_token_id": PAD,
+}
+
+
+def build_ours(device: torch.device) -> FlamingoForConditionalGeneration:
+    return FlamingoForConditionalGeneration(FlamingoConfig(**SHAPE)).to(device)
+
+
+def build_reference(device: torch.device) -> Flamingo:
+    text = SHAPE["text_config"]
+    clip = open_clip.model.CLIP(
+        embed_dim=VISION["width"],
+        vision_cfg=VISION,
+        text_cfg={"context_length": 8, "vocab_size": 64, "width": 64, "heads": 1, "layers": 1},
+    )
+    clip.visual.output_tokens = True
+    lang = MptForCausalLM(
+        MptConfig(
+            d_model=text["d_model"],
+            n_heads=text["n_heads"],
+            n_layers=text["n_layers"],
+            expansion_ratio=4,
+            vocab_size=text["vocab_size"],
+            max_seq_len=128,
+            attn_config={"alibi": True, "alibi_bias_max": 8},
+        )
+    )
+    extend_instance(lang, FlamingoLMMixin)
+    lang.set_decoder_layers_attr_name("transformer.blocks")
+    model = Flamingo(
+        clip, lang, EOC, MEDIA, vis_dim=VISION["width"], cross_attn_every_n_layers=SHAPE["cross_attn_every_n_layers"]
+    )
+    return model.to(device)
+
+
+def timed(fn: Callable[[], object], repeats: int, device: torch.device) -> float:
+    """Median seconds of `fn` over `repeats` runs after one warm-up run."""
+    fn()
+    times = []
+    for _ in range(repeats):
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        start = time.perf_counter()
+        fn()
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        times.append(time.perf_counter() - start)
+    return statistics.median(times)
+
+
+def make_batch(batch: int, length: int, image_position: int, device: torch.device, seed: int = 0):
+    generator = torch.Generator().manual_seed(seed)
+    input_ids = torch.randint(3, SHAPE["text_config"]["vocab_size"], (batch, length), generator=generator)
+    input_ids[:, image_position] = MEDIA
+    size = VISION["image_size"]
+    pixel_values = torch.randn(batch, 1, 1, 3, size, size, generator=generator)
+    return input_ids.to(device), torch.ones_like(input_ids).to(device), pixel_values.to(device)
+
+
+def train_step_fn(model, forward: Callable, device: torch.device) -> Callable[[], None]:
+    params = [p for name, p in model.named_parameters() if "vision" not in name]
+    for name, param in model.named_parameters():
+        param.requires_grad_("vision" not in name)
+    optimizer = torch.optim.AdamW(params, lr=1e-5)
+
+    def step() -> None:
+        forward().loss.backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+
+    return step
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--threads", type=int, default=1, help="torch CPU threads (1 is steadiest on a busy machine)")
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--train-batch", type=int, default=8)
+    parser.add_argument("--train-length", type=int, default=32)
+    parser.add_argument("--gen-batch", type=int, default=2)
+    parser.add_argument("--num-beams", type=int, default=10)
+    parser.add_argument("--new-tokens", type=int, default=8)
+    args = parser.parse_args(argv)
+    torch.set_num_threads(args.threads)
+    device = torch.device(args.device)
+    torch.manual_seed(0)
+    ours, reference = build_ours(device).train(), build_reference(device).train()
+
+    ids, mask, pixels = make_batch(args.train_batch, args.train_length, 8, device)
+    labels = ids.clone()
+    labels[:, :9] = -100
+    train = {
+        "grace_hf": timed(
+            train_step_fn(
+                ours, lambda: ours(input_ids=ids, attention_mask=mask, pixel_values=pixels, labels=labels), device
+            ),
+            args.repeats,
+            device,
+        ),
+        "open-flamingo": timed(
+            train_step_fn(reference, lambda: reference(pixels, ids, attention_mask=mask, labels=labels), device),
+            args.repeats,
+            device,
+        ),
+    }
+
+    ours.eval()
+    reference.eval()
+    prompt, prompt_mask, prompt_pixels = make_batch(args.gen_batch, 12, 11, device, seed=1)
+    # left-padded retrieval prompts (an all-ones mask would be dropped by generate, which the reference can't take)
+    prompt[-1, :2], prompt_mask[-1, :2] = PAD, 0
+    common = dict(num_beams=args.num_beams, max_new_tokens=args.new_tokens, min_new_tokens=args.new_tokens)
+    with torch.no_grad():
+        generate = {
+            "grace_hf": timed(
+                lambda: ours.generate(
+                    input_ids=prompt,
+                    attention_mask=prompt_mask,
+                    pixel_values=prompt_pixels,
+                    pad_token_id=PAD,
+                    eos_token_id=EOC,
+                    **common,
+                ),
+                args.repeats,
+                device,
+            ),
+            "open-flamingo": timed(
+                lambda: reference.generate(
+                    prompt_pixels, prompt, attention_mask=prompt_mask, pad_token_id=PAD, **common
+                ),
+                args.repeats,
+                device,
+            ),
+        }
+
+    text = SHAPE["text_config"]
+    print(
+        f"shape: ViT {VISION['layers']}x{VISION['width']} @ {VISION['image_size']}px/{VISION['patch_size']}, "
+        f"perceiver 6x(8x64), MPT {text['n_layers']}x{text['d_model']} (vocab {text['vocab_size']}), "
+        f"cross-attn every {SHAPE['cross_attn_every_n_layers']}; device {device}, threads {args.threads}, "
+        f"median of {args.repeats}"
+    )
+    rows = [
+        (f"train step (batch {args.train_batch} x {args.train_length})", train),
+        (f"generate (batch {args.gen_batch}, {args.num_beams} beams, {args.new_tokens} new)", generate),
+    ]
+    print(f"{'measure':<40} {'grace_hf s':>11} {'open-flamingo s':>16} {'speed-up':>9}")
+    for name, result in rows:
+        ratio = result["open-flamingo"] / result["grace_hf"]
+        print(f"{name:<40} {result['grace_hf']:>11.4f} {result['open-flamingo']:>16.4f} {ratio:>8.2f}x")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

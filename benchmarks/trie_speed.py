@@ -1,0 +1,117 @@
+"""The identifier trie as tensors vs the original's nested-dict trie behind `prefix_allowed_tokens_fn`.
+
+For 10k / 100k / 1M numeric identifiers (`id 1 2 3<|endofchunk|>`, one token per digit) it measures, side by side:
+build time, memory held by the trie, and the time of one masking step for 32 queries x 10 beams: the project's
+`TrieLogitsProcessor` vs transformers' `PrefixConstrainedLogitsProcessor` over a nested-dict trie. A step is timed
+at every depth of a decode (rows = prefixes of random identifiers) and averaged; scores cover a vocabulary of
+`--vocab` tokens (50280 = OpenFlamingo's tokenizer; the tiny preset's is 512).
+
+    python benchmarks/trie_speed.py [--sizes 10000 100000 1000000] [--vocab 50280 512] [--threads 1]
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import random
+import time
+import tracemalloc
+
+import torch
+from transformers import PrefixConstrainedLogitsProcessor
+
+from grace_hf.retrieval.trie import IdentifierTrie, NestedDictTrie
+
+ID_TOKEN, END_TOKEN, PAD_TOKEN, FIRST_DIGIT = 3, 0, 2, 10  # ids like the tiny tokenizer's
+
+
+def numeric_identifiers(count: int) -> list[list[int]]:
+    """Token ids of `id <n><|endofchunk|>` for n = 0 .. count - 1, one token per digit."""
+    return [[ID_TOKEN, *(FIRST_DIGIT + int(d) for d in str(n)), END_TOKEN] for n in range(count)]
+
+
+def timed(fn, *args, repeats: int = 1) -> tuple[float, object]:
+    """Best wall time of `repeats` calls `fn(*args)` (seconds) and the last result."""
+    best, result = float("inf"), None
+    for _ in range(repeats):
+        gc.collect()
+        start = time.perf_counter()
+        result = fn(*args)
+        best = min(best, time.perf_counter() - start)
+    return best, result
+
+
+def held_memory(build, *args) -> int:
+    """Bytes still allocated (as traced by tracemalloc) after `build(*args)` returns, while its result is alive."""
+    gc.collect()
+    tracemalloc.start()
+    before = tracemalloc.get_traced_memory()[0]
+    result = build(*args)
+    held = tracemalloc.get_traced_memory()[0] - before
+    tracemalloc.stop()
+    del result
+    return held
+
+
+def masking_step_times(trie, reference, sequences, vocab: int, rows: int, num_beams: int, repeats: int):
+    """Mean time (s) of one masking step over the depths of a decode, ours and transformers'."""
+    rng = random.Random(0)
+    picked = [sequences[rng.randrange(len(sequences))] for _ in range(rows)]
+    prompt_length = 4
+    ours_total = theirs_total = 0.0
+    depth = min(map(len, picked))
+    for step in range(depth):
+        input_ids = torch.tensor([[PAD_TOKEN] * prompt_length + s[:step] for s in picked])  # (R, P + step)
+        scores = torch.randn(rows, vocab).log_softmax(-1)  # (R, V)
+        ours = trie.logits_processor(prompt_length)
+        theirs = PrefixConstrainedLogitsProcessor(
+            reference.prefix_allowed_tokens_fn(prompt_length, PAD_TOKEN), num_beams
+        )
+        ours_time, ours_out = timed(ours, input_ids, scores, repeats=repeats)
+        theirs_time, theirs_out = timed(theirs, input_ids, scores, repeats=repeats)
+        assert torch.equal(ours_out, theirs_out), "the two processors disagree"
+        ours_total, theirs_total = ours_total + ours_time, theirs_total + theirs_time
+    return ours_total / depth, theirs_total / depth
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--sizes", type=int, nargs="+", default=[10_000, 100_000, 1_000_000])
+    parser.add_argument("--vocab", type=int, nargs="+", default=[50280, 512])
+    parser.add_argument("--queries", type=int, default=32)
+    parser.add_argument("--beams", type=int, default=10)
+    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--threads", type=int, default=1, help="torch CPU threads (1: steady timings on a busy box)")
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    torch.manual_seed(0)
+    rows = args.queries * args.beams
+    print(f"torch threads: {torch.get_num_threads()}; masking step: {args.queries} queries x {args.beams} beams\n")
+    header = (
+        f"{'identifiers':>11} | {'build ours':>10} | {'build dict':>10} | {'memory ours':>11} | {'memory dict':>11} | "
+        + " | ".join(f"{f'mask ours V={v}':>16} | {f'mask HF V={v}':>16} | {'speedup':>7}" for v in args.vocab)
+    )
+    print(header)
+    print("-" * len(header))
+    for size in args.sizes:
+        sequences = numeric_identifiers(size)
+        build_ours, trie = timed(IdentifierTrie, sequences)
+        build_dict, reference = timed(NestedDictTrie, sequences)
+        memory_ours = held_memory(IdentifierTrie, sequences)
+        memory_dict = held_memory(NestedDictTrie, sequences)
+        cells = [
+            f"{size:>11,}",
+            f"{build_ours:>9.2f}s",
+            f"{build_dict:>9.2f}s",
+            f"{memory_ours / 2**20:>8.1f} MB",
+            f"{memory_dict / 2**20:>8.1f} MB",
+        ]
+        for vocab in args.vocab:
+            ours, theirs = masking_step_times(trie, reference, sequences, vocab, rows, args.beams, args.repeats)
+            cells += [f"{1e3 * ours:>13.2f} ms", f"{1e3 * theirs:>13.2f} ms", f"{theirs / ours:>6.1f}x"]
+        print(" | ".join(cells), flush=True)
+        del trie, reference
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,93 @@
+"""`grace-hf compare`: one Markdown table of Recall@K, training time and query latency across runs.
+
+    grace-hf compare runs/numeric runs/structured runs/dense-clip --output comparison.md
+
+Each run directory holds a `metrics.json`: a generative run's (written by `grace-hf evaluate`,
+keys `recall@1/5/10`, `num_queries`, `queries_per_second`, optional `train_seconds` and
+`identifier_kind`) or the dense baseline's (`grace-hf baseline-clip`, `method: dense-clip`,
+`query_latency_ms`). Missing optional values show as "-".
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+from grace_hf.errors import GraceInputError
+from grace_hf.io_utils import atomic_write_text
+
+COLUMNS = ("run", "method", "R@1", "R@5", "R@10", "queries", "train time (s)", "latency (ms/query)")
+
+
+def load_run_metrics(run: str | os.PathLike) -> dict[str, Any]:
+    """The metrics of a run: `run/metrics.json`, or `run` itself when it is a JSON file (`grace-hf evaluate --output`)."""
+    path = Path(run)
+    if path.is_dir():
+        path = path / "metrics.json"
+    if not path.is_file():
+        raise GraceInputError(f"{run}: no metrics.json (not an evaluated run directory)")
+    try:
+        metrics = json.loads(path.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as err:
+        raise GraceInputError(f"{path}: not valid JSON ({err})") from err
+    if not isinstance(metrics, dict):
+        raise GraceInputError(f"{path}: expected a JSON object, got {type(metrics).__name__}")
+    return metrics
+
+
+def _number(metrics: Mapping[str, Any], key: str) -> float | None:
+    value = metrics.get(key)
+    return float(value) if isinstance(value, int | float) and not isinstance(value, bool) else None
+
+
+def _cell(value: float | None, fmt: str) -> str:
+    return "-" if value is None else format(value, fmt)
+
+
+def table_row(name: str, metrics: Mapping[str, Any]) -> list[str]:
+    """One table row: recalls in percent; latency from `query_latency_ms`, else 1000 / `queries_per_second`."""
+    method = metrics.get("identifier_kind") or metrics.get("method") or "-"
+    latency = _number(metrics, "query_latency_ms")
+    qps = _number(metrics, "queries_per_second")
+    if latency is None and qps:
+        latency = 1000.0 / qps
+    recalls = [_number(metrics, f"recall@{k}") for k in (1, 5, 10)]
+    num_queries = _number(metrics, "num_queries")
+    return [
+        name,
+        str(method),
+        *(_cell(None if r is None else 100.0 * r, ".1f") for r in recalls),
+        _cell(num_queries, ".0f"),
+        _cell(_number(metrics, "train_seconds"), ".1f"),
+        _cell(latency, ".2f"),
+    ]
+
+
+def _run_name(run: str | os.PathLike) -> str:
+    path = Path(run).resolve()
+    return path.parent.name if path.suffix == ".json" else path.name
+
+
+def comparison_table(run_dirs: Sequence[str | os.PathLike]) -> str:
+    """A Markdown table with one row per run directory, in the given order."""
+    rows = [table_row(_run_name(run_dir), load_run_metrics(run_dir)) for run_dir in run_dirs]
+    lines = ["| " + " | ".join(COLUMNS) + " |", "|" + "|".join(" --- " for _ in COLUMNS) + "|"]
+    lines += ["| " + " | ".join(row) + " |" for row in rows]
+    return "\n".join(lines) + "\n"
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point of `grace-hf compare`."""
+    parser = argparse.ArgumentParser(prog="grace-hf compare", description=__doc__.split("\n\n")[0])
+    parser.add_argument("run_dirs", nargs="+", metavar="RUN_DIR", help="run directories with a metrics.json (or the file)")
+    parser.add_argument("--output", default=None, help="also write the table to this Markdown file")
+    args = parser.parse_args(argv)
+    table = comparison_table(args.run_dirs)
+    print(table, end="")
+    if args.output:
+        atomic_write_text(args.output, table)
+    return 0

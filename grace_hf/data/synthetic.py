@@ -1,0 +1,339 @@
+"""Built-in demo data: shape images drawn with Pillow, in the Karpathy format the real datasets use.
+
+Every image shows one shape (8 kinds) in one of 10 colors, 3 sizes, 3 fill patterns, at one of 9
+positions on one of 6 backgrounds: 38,880 distinct contents, so up to that many images are all
+different. Each image gets five human-style captions from varied templates (some leave an attribute
+out, as people do) and, for val and test images, five terse pseudo-queries in a captioner's style.
+
+    grace-hf synthetic data/synthetic --num-images 1000 --seed 0
+
+writes `data/synthetic/dataset_synthetic.json` (Karpathy format, `filepath` "images"),
+`data/synthetic/images/*.png` (64x64 RGB) and `data/synthetic/pseudo_queries.json`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import itertools
+import json
+import math
+import os
+from dataclasses import dataclass
+from multiprocessing import get_context
+from pathlib import Path
+
+import numpy as np
+from PIL import Image, ImageChops, ImageDraw
+from tqdm import tqdm
+
+from grace_hf.data.pseudo_queries import write_pseudo_queries
+from grace_hf.errors import GraceInputError
+from grace_hf.io_utils import atomic_directory, atomic_write_text
+
+__all__ = ["SYNTHETIC_JSON", "PSEUDO_QUERIES_JSON", "IMAGE_DIR", "MAX_IMAGES", "write_synthetic", "main"]
+
+SYNTHETIC_JSON = "dataset_synthetic.json"
+PSEUDO_QUERIES_JSON = "pseudo_queries.json"
+IMAGE_DIR = "images"
+IMAGE_SIZE = 64
+
+SHAPES = ("circle", "square", "triangle", "star", "diamond", "hexagon", "cross", "heart")
+COLORS = {
+    "red": (220, 30, 30),
+    "orange": (245, 140, 20),
+    "yellow": (240, 220, 30),
+    "green": (40, 170, 60),
+    "blue": (40, 80, 230),
+    "purple": (140, 50, 190),
+    "pink": (250, 130, 190),
+    "brown": (130, 80, 40),
+    "cyan": (40, 210, 220),
+    "olive": (120, 130, 30),
+}
+SIZES = {"small": 6, "medium": 9, "large": 12}  # radius in pixels
+FILLS = ("solid", "striped", "outlined")
+POSITIONS = {  # name -> (row, column) of a 3x3 grid
+    "top left": (0, 0),
+    "top": (0, 1),
+    "top right": (0, 2),
+    "left": (1, 0),
+    "center": (1, 1),
+    "right": (1, 2),
+    "bottom left": (2, 0),
+    "bottom": (2, 1),
+    "bottom right": (2, 2),
+}
+BACKGROUNDS = {
+    "black": (15, 15, 15),
+    "gray": (128, 128, 128),
+    "white": (245, 245, 245),
+    "navy": (20, 30, 90),
+    "beige": (225, 210, 170),
+    "lavender": (200, 190, 235),
+}
+MAX_IMAGES = len(SHAPES) * len(COLORS) * len(SIZES) * len(FILLS) * len(POSITIONS) * len(BACKGROUNDS)
+
+# How people say it: each attribute value has its own words, never shared with another value.
+SIZE_WORDS = {"small": ("small", "little", "tiny"), "medium": ("medium-sized", "mid-sized"), "large": ("large", "big")}
+FILL_WORDS = {"solid": ("solid", "filled-in"), "striped": ("striped", "stripy"), "outlined": ("outlined", "hollow")}
+POSITION_WORDS = {
+    "top left": ("in the top left corner", "at the upper left"),
+    "top": ("at the top", "near the top edge"),
+    "top right": ("in the top right corner", "at the upper right"),
+    "left": ("on the left side", "at the left"),
+    "center": ("in the middle", "in the center"),
+    "right": ("on the right side", "at the right"),
+    "bottom left": ("in the bottom left corner", "at the lower left"),
+    "bottom": ("at the bottom", "near the bottom edge"),
+    "bottom right": ("in the bottom right corner", "at the lower right"),
+}
+BACKGROUND_WORDS = {name: (f"{name} background", f"{name} backdrop") for name in BACKGROUNDS}
+
+# Human-style templates. The first ones name every attribute; the rest leave some out.
+FULL_TEMPLATES = (
+    "{A_size} {size} {fill} {color} {shape} {position} on a {background}.",
+    "There is {a_size} {size} {color} {shape} {position}, {fill}, on a {background}.",
+    "{Position}, {a_fill} {fill} {color} {shape}, {size}, against a {background}.",
+    "A picture with a {background} and {a_size} {size} {fill} {color} {shape} {position}.",
+)
+PARTIAL_TEMPLATES = (
+    "{A_color} {color} {shape} on a {background}.",
+    "Someone drew {a_size} {size} {shape} {position}.",
+    "{A_fill} {fill} {shape} in {color} against a {background}.",
+    "An image of {a_color} {color} {shape} {position}.",
+    "{A_size} {size} {color} {shape} with a {background}.",
+    "A {shape} {position}, colored {color}.",
+)
+# Terse captioner style: every attribute, canonical words, little grammar.
+PSEUDO_QUERY_TEMPLATES = (
+    "{color} {fill} {shape} {size} {position} on {background}",
+    "{size} {color} {shape} {fill} {position} {background} background",
+    "{fill} {color} {shape} on {background} at {position} {size}",
+    "{color} {shape} {size} {fill} on {background} {position}",
+    "{background} background {size} {fill} {color} {shape} {position}",
+)
+
+
+@dataclass(frozen=True)
+class _Content:
+    """What one synthetic image shows."""
+
+    shape: str
+    color: str
+    size: str
+    fill: str
+    position: str
+    background: str
+
+
+def _contents(num_images: int, rng: np.random.Generator) -> list[_Content]:
+    """`num_images` distinct contents drawn without replacement from all combinations."""
+    combos = list(itertools.product(SHAPES, COLORS, SIZES, FILLS, POSITIONS, BACKGROUNDS))
+    return [_Content(*combos[i]) for i in rng.choice(len(combos), size=num_images, replace=False)]
+
+
+def _polygon(shape: str, cx: float, cy: float, r: float) -> list[tuple[float, float]]:
+    """Corner points of a shape of radius `r` around (cx, cy)."""
+
+    def ring(n: int, radii: tuple[float, ...], start: float) -> list[tuple[float, float]]:
+        pts = []
+        for i in range(n * len(radii)):
+            angle = start + 2 * math.pi * i / (n * len(radii))
+            rad = radii[i % len(radii)]
+            pts.append((cx + rad * math.cos(angle), cy + rad * math.sin(angle)))
+        return pts
+
+    if shape == "square":
+        return ring(4, (r * 1.2,), math.pi / 4)
+    if shape == "triangle":
+        return ring(3, (r * 1.1,), -math.pi / 2)
+    if shape == "star":
+        return ring(5, (r * 1.15, r * 0.45), -math.pi / 2)
+    if shape == "diamond":
+        return [(cx, cy - r * 1.15), (cx + r * 0.7, cy), (cx, cy + r * 1.15), (cx - r * 0.7, cy)]
+    if shape == "hexagon":
+        return ring(6, (r,), 0.0)
+    if shape == "cross":
+        a, b = r * 0.35, r
+        corners = (
+            (-a, -b),
+            (a, -b),
+            (a, -a),
+            (b, -a),
+            (b, a),
+            (a, a),
+            (a, b),
+            (-a, b),
+            (-a, a),
+            (-b, a),
+            (-b, -a),
+            (-a, -a),
+        )
+        return [(cx + x, cy + y) for x, y in corners]
+    if shape == "heart":
+        ts = np.linspace(0, 2 * math.pi, 40, endpoint=False)
+        xs = 16 * np.sin(ts) ** 3
+        ys = 13 * np.cos(ts) - 5 * np.cos(2 * ts) - 2 * np.cos(3 * ts) - np.cos(4 * ts)
+        return [(cx + r * x / 16, cy - r * y / 16) for x, y in zip(xs, ys)]
+    raise ValueError(f"unknown shape {shape!r}")
+
+
+def _draw(content: _Content, jitter: tuple[int, int]) -> Image.Image:
+    """Render one 64x64 RGB image."""
+    image = Image.new("RGB", (IMAGE_SIZE, IMAGE_SIZE), BACKGROUNDS[content.background])
+    row, col = POSITIONS[content.position]
+    cx, cy = 14 + 18 * col + jitter[0], 14 + 18 * row + jitter[1]
+    r = SIZES[content.size]
+    mask = Image.new("L", image.size, 0)
+    draw = ImageDraw.Draw(mask)
+    if content.shape == "circle":
+        box = (cx - r, cy - r, cx + r, cy + r)
+        if content.fill == "outlined":
+            draw.ellipse(box, outline=255, width=2)
+        else:
+            draw.ellipse(box, fill=255)
+    else:
+        points = _polygon(content.shape, cx, cy, r)
+        if content.fill == "outlined":
+            draw.polygon(points, outline=255, width=2)
+        else:
+            draw.polygon(points, fill=255)
+    if content.fill == "striped":
+        stripes = Image.new("L", image.size, 0)
+        stripe_draw = ImageDraw.Draw(stripes)
+        for y in range(0, IMAGE_SIZE, 4):
+            stripe_draw.rectangle((0, y, IMAGE_SIZE, y + 1), fill=255)
+        mask = ImageChops.multiply(mask, stripes)
+    image.paste(COLORS[content.color], mask=mask)
+    return image
+
+
+def _article(word: str) -> str:
+    return "an" if word[0] in "aeiou" else "a"
+
+
+def _render(template: str, words: dict[str, str]) -> str:
+    """Fill a template; `{a_x}`/`{A_x}` is the article for the word `{x}`."""
+    slots = dict(words)
+    for key, word in words.items():
+        slots[f"a_{key}"] = _article(word)
+        slots[f"A_{key}"] = _article(word).capitalize()
+    slots["Position"] = words["position"][0].upper() + words["position"][1:]
+    return template.format(**slots)
+
+
+def _pick(rng: np.random.Generator, options: tuple[str, ...]) -> str:
+    return options[int(rng.integers(len(options)))]
+
+
+def _captions(content: _Content, rng: np.random.Generator) -> list[str]:
+    """Five human-style captions: one full template, then four others, all different templates."""
+    full = int(rng.integers(len(FULL_TEMPLATES)))
+    others = [t for i, t in enumerate(FULL_TEMPLATES) if i != full] + list(PARTIAL_TEMPLATES)
+    templates = [FULL_TEMPLATES[full]] + [others[i] for i in rng.choice(len(others), size=4, replace=False)]
+    captions = []
+    for template in templates:
+        words = {
+            "shape": content.shape,
+            "color": content.color,
+            "size": _pick(rng, SIZE_WORDS[content.size]),
+            "fill": _pick(rng, FILL_WORDS[content.fill]),
+            "position": _pick(rng, POSITION_WORDS[content.position]),
+            "background": _pick(rng, BACKGROUND_WORDS[content.background]),
+        }
+        captions.append(_render(template, words))
+    return captions
+
+
+def _pseudo_queries(content: _Content) -> list[str]:
+    """Five terse captioner-style queries naming every attribute."""
+    words = {field: getattr(content, field) for field in _Content.__dataclass_fields__}
+    return [template.format(**words) for template in PSEUDO_QUERY_TEMPLATES]
+
+
+def _save_image(job: tuple[str, _Content, tuple[int, int]]) -> None:
+    path, content, jitter = job
+    _draw(content, jitter).save(path, format="PNG")
+
+
+def _splits(num_images: int, rng: np.random.Generator) -> list[str]:
+    """About 80/10/10 train/val/test, spread over file order; at least one val and one test image."""
+    num_eval = max(1, round(0.1 * num_images))
+    order = rng.permutation(num_images)
+    splits = ["train"] * num_images
+    for i in order[:num_eval]:
+        splits[i] = "test"
+    for i in order[num_eval : 2 * num_eval]:
+        splits[i] = "val"
+    return splits
+
+
+def write_synthetic(
+    out_dir: str | os.PathLike, num_images: int = 1000, seed: int = 0, num_workers: int | None = None
+) -> Path:
+    """Write the synthetic dataset to `out_dir` (replaced atomically) and return `out_dir`.
+
+    `out_dir/dataset_synthetic.json` is the Karpathy JSON (image root: `out_dir`),
+    `out_dir/pseudo_queries.json` maps the file name of every val/test image to five queries.
+    The same `num_images` and `seed` give byte-identical files.
+    """
+    if not 3 <= num_images <= MAX_IMAGES:
+        raise GraceInputError(f"--num-images must be between 3 and {MAX_IMAGES}, got {num_images}")
+    rng = np.random.default_rng(seed)
+    contents = _contents(num_images, rng)
+    splits = _splits(num_images, rng)
+    jitters = [tuple(int(v) for v in rng.integers(-2, 3, size=2)) for _ in range(num_images)]
+    names = [f"synthetic_{i:06d}.png" for i in range(num_images)]
+
+    images, pseudo_queries, sentid = [], {}, 0
+    for i, (name, content, split) in enumerate(zip(names, contents, splits)):
+        sentences = []
+        for raw in _captions(content, rng):
+            tokens = raw.lower().replace(",", " ").replace(".", " ").split()
+            sentences.append({"tokens": tokens, "raw": raw, "imgid": i, "sentid": sentid})
+            sentid += 1
+        images.append(
+            {
+                "filepath": IMAGE_DIR,
+                "filename": name,
+                "imgid": i,
+                "split": split,
+                "sentids": [s["sentid"] for s in sentences],
+                "sentences": sentences,
+            }
+        )
+        if split != "train":
+            pseudo_queries[name] = _pseudo_queries(content)
+
+    out_dir = Path(out_dir)
+    with atomic_directory(out_dir) as tmp:
+        (tmp / IMAGE_DIR).mkdir()
+        jobs = [(str(tmp / IMAGE_DIR / name), c, j) for name, c, j in zip(names, contents, jitters)]
+        workers = num_workers or min(8, os.cpu_count() or 1)
+        if workers == 1:
+            for job in tqdm(jobs, desc="drawing"):
+                _save_image(job)
+        else:
+            with get_context("spawn").Pool(workers) as pool:  # no fork: the caller may hold torch/OpenMP threads
+                for _ in tqdm(pool.imap_unordered(_save_image, jobs, chunksize=64), total=len(jobs), desc="drawing"):
+                    pass
+        # compact like the real Karpathy files (and json's indenting encoder is slow and memory-hungry)
+        atomic_write_text(tmp / SYNTHETIC_JSON, json.dumps({"dataset": "synthetic", "images": images}))
+        write_pseudo_queries(tmp / PSEUDO_QUERIES_JSON, pseudo_queries)
+    return out_dir
+
+
+def main(argv: list[str] | None = None) -> int:
+    """`grace-hf synthetic OUT [--num-images N] [--seed S]`."""
+    parser = argparse.ArgumentParser(prog="grace-hf synthetic", description=__doc__.split("\n\n")[0])
+    parser.add_argument("output_dir", help="directory to write (replaced if it exists)")
+    parser.add_argument("--num-images", type=int, default=1000, help=f"number of images, at most {MAX_IMAGES}")
+    parser.add_argument("--seed", type=int, default=0, help="random seed; the same seed gives identical files")
+    parser.add_argument("--num-workers", type=int, default=None, help="processes drawing images")
+    args = parser.parse_args(argv)
+    out = write_synthetic(args.output_dir, args.num_images, args.seed, args.num_workers)
+    with open(out / SYNTHETIC_JSON, encoding="utf-8") as f:
+        splits = [image["split"] for image in json.load(f)["images"]]
+    counts = ", ".join(f"{s} {splits.count(s)}" for s in ("train", "val", "test"))
+    print(f"wrote {len(splits)} images ({counts}) to {out}")
+    return 0

@@ -1,0 +1,166 @@
+"""`grace-hf demo` / `make demo`: GRACE end to end on the built-in synthetic data, no GPU and no downloads.
+
+    grace-hf demo --output-dir demo_output                       # the best kind (structured), ~5 min on 2 cores
+    grace-hf demo --output-dir demo_output --kinds all            # every identifier kind beside the dense baseline
+
+Stages: synthetic data -> dense open_clip baseline (its image embeddings also feed the structured
+identifiers) -> prepare -> train the tiny Flamingo with `recipes/synthetic/<kind>.yaml` -> evaluate ->
+retrieve example queries -> `metrics.json`, `gallery.html`, `recall.png` and `comparison.md` in the output folder.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import time
+from pathlib import Path
+from typing import Any
+
+from grace_hf.compare import comparison_table
+from grace_hf.data.build import prepare
+from grace_hf.data.synthetic import PSEUDO_QUERIES_JSON, SYNTHETIC_JSON, write_synthetic
+from grace_hf.dense.train import DenseTrainingArgs, run_baseline
+from grace_hf.errors import GraceInputError
+from grace_hf.identifiers import IDENTIFIER_KINDS
+from grace_hf.io_utils import atomic_write_json, atomic_write_text
+from grace_hf.retrieval.evaluate import evaluate_model, load_eval_queries, write_recall_plot
+from grace_hf.retrieval.gallery import GalleryEntry, folder_image_loader, write_gallery
+from grace_hf.retrieval.retriever import GraceRetriever
+from grace_hf.training.args import parse_args
+from grace_hf.training.train import train
+
+__all__ = ["main", "run_demo"]
+
+RECIPES = Path(__file__).resolve().parents[1] / "recipes" / "synthetic"
+DEFAULT_KIND = "structured"
+NUM_GALLERY_QUERIES = 8
+
+
+def _log(message: str) -> None:
+    print(f"\n==> {message}", flush=True)
+
+
+def _recipe(kind: str) -> Path:
+    path = RECIPES / f"{kind}.yaml"
+    if not path.is_file():
+        raise GraceInputError(
+            f"{path}: no synthetic recipe for identifier kind {kind!r} (run from a grace_hf checkout)"
+        )
+    return path
+
+
+def _train_kind(kind: str, out: Path, data: Path, dense_dir: Path, max_steps: int | None) -> Path:
+    """Prepare the data for one identifier kind and train the tiny Flamingo on it; return the model directory."""
+    prepared = out / f"prepared-{kind}"
+    options: dict[str, Any] = {}
+    if kind == "structured":
+        options["image_features"] = dense_dir / "image_features.safetensors"
+    _log(f"prepare {kind} identifiers -> {prepared}")
+    prepare(data / SYNTHETIC_JSON, data, kind, prepared, pseudo_queries=data / PSEUDO_QUERIES_JSON, **options)
+
+    model_dir = out / f"model-{kind}"
+    _log(f"train the tiny Flamingo on {kind} identifiers (recipe {_recipe(kind)}) -> {model_dir}")
+    argv = ["--config", str(_recipe(kind)), "--data_dir", str(prepared), "--output_dir", str(model_dir)]
+    argv += ["--eval_num_queries", "0", "--report_to", "none", "--save_steps", "0"]
+    if max_steps is not None:
+        argv += ["--max_steps", str(max_steps)]
+    train(*parse_args(argv), command="grace-hf train " + " ".join(argv))
+    return model_dir
+
+
+def _evaluate(model_dir: Path, prepared: Path) -> tuple[dict[str, Any], list[dict[str, Any]], list[float]]:
+    queries, gold, candidates = load_eval_queries(prepared)
+    retriever = GraceRetriever.from_pretrained(model_dir, candidates=candidates)
+    metrics, records, curve = evaluate_model(retriever, queries, gold, distributed=False)
+    train_metrics = json.loads((model_dir / "metrics.json").read_text())
+    metrics.update(identifier_kind=train_metrics.get("identifier_kind"), train_seconds=train_metrics["train_seconds"])
+    metrics["recall_curve"] = curve
+    metrics["query_latency_ms"] = 1000.0 / metrics["queries_per_second"]
+    atomic_write_json(model_dir / "metrics.json", train_metrics | metrics)
+    return metrics, records, curve
+
+
+def _gallery(out: Path, model_dir: Path, data: Path, records: list[dict[str, Any]]) -> Path:
+    """Retrieve a few test captions again through the public API and show them with their images."""
+    picked = records[:: max(1, len(records) // NUM_GALLERY_QUERIES)][:NUM_GALLERY_QUERIES]
+    retriever = GraceRetriever.from_pretrained(model_dir)
+    results = retriever.retrieve([r["query"] for r in picked], top_k=5)
+    entries = [GalleryEntry(r["query"], hits, r["gold"]) for r, hits in zip(picked, results)]
+    return write_gallery(out / "gallery.html", entries, load_image=folder_image_loader(data), title="grace_hf demo")
+
+
+def run_demo(
+    output_dir: str | os.PathLike,
+    kinds: list[str],
+    num_images: int = 400,
+    seed: int = 0,
+    max_steps: int | None = None,
+) -> dict[str, Any]:
+    """Run every stage; return the metrics of the first kind in `kinds`."""
+    out = Path(output_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    start = time.perf_counter()
+    data = out / "data"
+    _log(f"write {num_images} synthetic images with captions and pseudo-queries -> {data}")
+    write_synthetic(data, num_images, seed)
+
+    dense_dir = out / "dense-clip"
+    _log(f"train the dense open_clip baseline -> {dense_dir}")
+    dense = run_baseline(
+        data / SYNTHETIC_JSON, data, dense_dir, data / PSEUDO_QUERIES_JSON, args=DenseTrainingArgs(seed=seed)
+    )
+
+    curves: dict[str, list[float]] = {"dense-clip": dense["recall_curve"]}
+    runs, first = [], None
+    for kind in kinds:
+        model_dir = _train_kind(kind, out, data, dense_dir, max_steps)
+        _log(f"evaluate {kind}: Recall@K over every test caption")
+        metrics, records, curves[kind] = _evaluate(model_dir, out / f"prepared-{kind}")
+        runs.append(model_dir)
+        if first is None:
+            first = metrics
+            atomic_write_json(out / "metrics.json", metrics)
+            lines = "".join(json.dumps(record, ensure_ascii=False) + "\n" for record in records)
+            atomic_write_text(out / "queries.jsonl", lines)
+            _log("retrieve example queries -> gallery.html")
+            _gallery(out, model_dir, data, records)
+
+    write_recall_plot(out / "recall.png", curves, title=f"synthetic, {num_images} images")
+    table = comparison_table([*runs, dense_dir])
+    atomic_write_text(out / "comparison.md", table)
+    _log(f"done in {time.perf_counter() - start:.0f} s\n\n{table}")
+    for name in ("metrics.json", "gallery.html", "recall.png", "comparison.md", "queries.jsonl"):
+        print(f"  {out / name}")
+    return first
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point of `grace-hf demo`."""
+    parser = argparse.ArgumentParser(prog="grace-hf demo", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--output-dir", default="demo_output", help="where everything is written")
+    parser.add_argument(
+        "--kinds",
+        nargs="+",
+        default=[DEFAULT_KIND],
+        help=f"identifier kinds to train, or 'all' ({', '.join(IDENTIFIER_KINDS)}); the first one fills the gallery",
+    )
+    parser.add_argument("--num-images", type=int, default=400, help="synthetic images (10%% test)")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--max-steps", type=int, default=None, help="override the recipes' training steps")
+    args = parser.parse_args(argv)
+    # with 'all', the best kind comes first and fills the gallery
+    kinds = (
+        [DEFAULT_KIND, *(k for k in IDENTIFIER_KINDS if k != DEFAULT_KIND)] if args.kinds == ["all"] else args.kinds
+    )
+    for kind in kinds:
+        if kind not in IDENTIFIER_KINDS:
+            raise GraceInputError(
+                f"--kinds: unknown identifier kind {kind!r} (expected {', '.join(IDENTIFIER_KINDS)})"
+            )
+    run_demo(args.output_dir, kinds, args.num_images, args.seed, args.max_steps)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,291 @@
+"""`grace-hf baseline-clip`: a dense open_clip dual encoder trained and evaluated on GRACE's data.
+
+    grace-hf baseline-clip --karpathy-json data/synthetic/dataset_synthetic.json --image-root data/synthetic \
+        --pseudo-queries data/synthetic/pseudo_queries.json --output-dir runs/dense-clip --config small
+
+Same data as the generative model: the training pairs are GRACE's query -> identifier pairs with
+the image in place of the identifier (human captions of train images, pseudo-queries of the other
+memorized images); the evaluation queries are the human captions of the test images and the
+candidates are the test images. Stages: seed -> data -> model -> train -> save -> evaluate.
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import os
+import time
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import open_clip
+import torch
+from torch.utils.data import DataLoader, Dataset
+from tqdm.auto import tqdm
+
+from grace_hf.data.karpathy import MEMORIZED_SPLITS, KarpathyCorpus, load_karpathy
+from grace_hf.data.pseudo_queries import load_pseudo_queries
+from grace_hf.dense.model import FEATURES_NAME, PRESETS, DualEncoder, resolve_model_config, save_image_features
+from grace_hf.errors import GraceInputError
+from grace_hf.io_utils import atomic_directory, atomic_write_json
+from grace_hf.retrieval.metrics import recall_at_k
+
+
+@dataclass
+class DenseTrainingArgs:
+    """Optimisation settings of the dual encoder.
+
+    An epoch shows every training image once, with one of its texts drawn at random, so a batch
+    never holds the same image twice (InfoNCE would count the copy as a negative).
+    """
+
+    epochs: int = 40
+    batch_size: int = 64
+    lr: float = 2e-3
+    weight_decay: float = 0.1
+    warmup_fraction: float = 0.1
+    seed: int = 0
+    num_workers: int = 0
+
+    def __post_init__(self) -> None:
+        if self.epochs < 1 or self.batch_size < 2 or self.lr <= 0:
+            raise GraceInputError("--epochs must be >= 1, --batch-size >= 2 and --lr > 0")
+
+
+def training_texts(corpus: KarpathyCorpus, pseudo_queries: Mapping[str, list[str]] | None) -> dict[str, list[str]]:
+    """Image key -> its training texts: human captions for train images, pseudo-queries for val/test.
+
+    Images without texts (val/test images when no pseudo-queries are given) are left out.
+    """
+    texts: dict[str, list[str]] = {}
+    for image in corpus.images:
+        if image.split == "train":
+            texts[image.key] = list(image.captions)
+        elif image.split in MEMORIZED_SPLITS and pseudo_queries and pseudo_queries.get(image.key):
+            texts[image.key] = list(pseudo_queries[image.key])
+    return texts
+
+
+class _PairDataset(Dataset):
+    """(pixel values, token ids) of a fixed list of (image path, text) pairs."""
+
+    def __init__(self, pairs: list[tuple[Path, str]], encoder: DualEncoder) -> None:
+        self.pairs = pairs
+        self.encoder = encoder
+
+    def __len__(self) -> int:
+        return len(self.pairs)
+
+    def __getitem__(self, index: int) -> tuple[torch.Tensor, torch.Tensor]:
+        path, text = self.pairs[index]
+        return self.encoder.pixel_values([path])[0], self.encoder.tokenizer([text])[0]
+
+
+def _param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict[str, Any]]:
+    # As open_clip's trainer: no decay on gains, biases, embeddings' scale and the logit scale.
+    decay, no_decay = [], []
+    for name, param in model.named_parameters():
+        exclude = param.ndim < 2 or "bn" in name or "ln" in name or "bias" in name or "logit_scale" in name
+        (no_decay if exclude else decay).append(param)
+    return [{"params": no_decay, "weight_decay": 0.0}, {"params": decay, "weight_decay": weight_decay}]
+
+
+def _warmup_cosine(total_steps: int, warmup_steps: int):
+    def factor(step: int) -> float:
+        if step < warmup_steps:
+            return (step + 1) / warmup_steps
+        progress = (step - warmup_steps) / max(1, total_steps - warmup_steps)
+        return 0.5 * (1.0 + math.cos(math.pi * progress))
+
+    return factor
+
+
+def train_dual_encoder(
+    encoder: DualEncoder,
+    image_paths: Mapping[str, Path],
+    texts: Mapping[str, list[str]],
+    args: DenseTrainingArgs,
+) -> list[float]:
+    """Train `encoder` in place with open_clip's `ClipLoss` and AdamW; returns the mean loss per epoch.
+
+    Deterministic for `args.seed` (data order and text choice come from one seeded generator).
+    """
+    keys = sorted(texts)
+    if len(keys) < 2:
+        raise GraceInputError(f"{len(keys)} training images with texts: the contrastive loss needs at least 2")
+    generator = torch.Generator().manual_seed(args.seed)
+    batches_per_epoch = math.ceil(len(keys) / args.batch_size)
+    total_steps = args.epochs * batches_per_epoch
+    optimizer = torch.optim.AdamW(_param_groups(encoder.model, args.weight_decay), lr=args.lr, betas=(0.9, 0.98))
+    schedule = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, _warmup_cosine(total_steps, max(1, round(args.warmup_fraction * total_steps)))
+    )
+    loss_fn = open_clip.ClipLoss()
+    epoch_losses: list[float] = []
+    encoder.model.train()
+    progress = tqdm(total=total_steps, desc="baseline-clip", unit="step", dynamic_ncols=True)
+    for _ in range(args.epochs):
+        order = torch.randperm(len(keys), generator=generator).tolist()
+        pairs = []
+        for i in order:
+            choices = texts[keys[i]]
+            pairs.append(
+                (image_paths[keys[i]], choices[torch.randint(len(choices), (1,), generator=generator).item()])
+            )
+        loader = DataLoader(
+            _PairDataset(pairs, encoder),
+            batch_size=args.batch_size,
+            num_workers=args.num_workers,
+            drop_last=len(pairs) % args.batch_size == 1,  # a batch of one has no negatives
+        )
+        losses = []
+        for pixel_values, input_ids in loader:
+            image_features, text_features, logit_scale = encoder.model(pixel_values, input_ids)  # (B, D), (B, D), ()
+            loss = loss_fn(image_features, text_features, logit_scale)
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(encoder.model.parameters(), 1.0)
+            optimizer.step()
+            schedule.step()
+            with torch.no_grad():  # CLIP's clamp: a temperature below 1/100 destabilises training
+                encoder.model.logit_scale.clamp_(0, math.log(100))
+            losses.append(loss.item())
+            progress.update()
+            progress.set_postfix(loss=f"{loss.item():.3f}")
+        epoch_losses.append(sum(losses) / len(losses))
+    progress.close()
+    encoder.model.eval()
+    return epoch_losses
+
+
+def evaluate_dual_encoder(
+    encoder: DualEncoder,
+    queries: Sequence[str],
+    gold: Sequence[str],
+    candidate_keys: Sequence[str],
+    candidate_features: torch.Tensor,
+    ks: Sequence[int] = (1, 5, 10),
+    batch_size: int = 32,
+) -> dict[str, Any]:
+    """Recall@K of text -> image retrieval by brute-force dot product, plus query speed.
+
+    `candidate_features` (M, D) are L2-normalised image embeddings (the index, built beforehand).
+    The query time covers tokenizing and encoding each query, scoring every candidate and taking
+    the top K, over batches of `batch_size` queries.
+    """
+    top_k = min(max(ks), len(candidate_keys))
+    rankings: list[list[str]] = []
+    start = time.perf_counter()
+    for i in range(0, len(queries), batch_size):
+        query_features = encoder.encode_texts(queries[i : i + batch_size])  # (B, D)
+        scores = query_features @ candidate_features.T  # (B, M)
+        top = scores.topk(top_k, dim=-1).indices  # (B, K)
+        rankings.extend([candidate_keys[j] for j in row] for row in top.tolist())
+    elapsed = time.perf_counter() - start
+    metrics = recall_at_k(rankings, list(gold), ks)
+    metrics.update(
+        num_queries=len(queries),
+        num_candidates=len(candidate_keys),
+        query_latency_ms=1000.0 * elapsed / max(1, len(queries)),
+        queries_per_second=len(queries) / elapsed if elapsed > 0 else None,
+        eval_batch_size=batch_size,
+    )
+    return metrics
+
+
+def run_baseline(
+    karpathy_json: str | os.PathLike,
+    image_root: str | os.PathLike,
+    output_dir: str | os.PathLike,
+    pseudo_queries: str | os.PathLike | None = None,
+    config: str | os.PathLike = "small",
+    args: DenseTrainingArgs | None = None,
+    eval_batch_size: int = 32,
+) -> dict[str, Any]:
+    """Train, save and evaluate the dense baseline; returns the metrics written to `metrics.json`."""
+    args = args or DenseTrainingArgs()
+    model_config = resolve_model_config(config)  # a bad --config fails before the data is read
+    torch.manual_seed(args.seed)
+
+    corpus = load_karpathy(karpathy_json, image_root)
+    memorized = corpus.memorized()  # restval images are not memorized, as in the original
+    test_images = corpus.split("test")
+    if not test_images:
+        raise GraceInputError(f"{karpathy_json}: no test images to evaluate on")
+    queries = load_pseudo_queries(pseudo_queries, corpus) if pseudo_queries else None
+    texts = training_texts(corpus, queries)
+    image_paths = {image.key: image.path for image in memorized}
+
+    encoder = DualEncoder.from_config(model_config)
+    start = time.perf_counter()
+    epoch_losses = train_dual_encoder(encoder, image_paths, texts, args)
+    train_seconds = time.perf_counter() - start
+
+    with atomic_directory(output_dir) as out:
+        encoder.save(out)
+        features = encoder.encode_images([image.path for image in memorized])  # (N, D)
+        save_image_features(out / FEATURES_NAME, features, [image.key for image in memorized])
+        row = {image.key: i for i, image in enumerate(memorized)}
+        candidate_keys = [image.key for image in test_images]
+        eval_queries = [(caption, image.key) for image in test_images for caption in image.captions]
+        metrics = {"method": "dense-clip"}
+        metrics |= evaluate_dual_encoder(
+            encoder,
+            [query for query, _ in eval_queries],
+            [key for _, key in eval_queries],
+            candidate_keys,
+            features[[row[key] for key in candidate_keys]],
+            batch_size=eval_batch_size,
+        )
+        metrics |= {
+            "train_seconds": train_seconds,
+            "train_images": len(texts),
+            "train_pairs": sum(len(t) for t in texts.values()),
+            "epochs": args.epochs,
+            "batch_size": args.batch_size,
+            "lr": args.lr,
+            "seed": args.seed,
+            "epoch_losses": epoch_losses,
+        }
+        atomic_write_json(out / "metrics.json", metrics)
+    return metrics
+
+
+def _parser() -> argparse.ArgumentParser:
+    defaults = DenseTrainingArgs()
+    parser = argparse.ArgumentParser(prog="grace-hf baseline-clip", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--karpathy-json", required=True, help="Karpathy-format split JSON")
+    parser.add_argument("--image-root", required=True, help="folder the JSON's image paths are relative to")
+    parser.add_argument("--pseudo-queries", default=None, help="pseudo-queries JSON ({file_name: [query, ...]})")
+    parser.add_argument("--output-dir", required=True, help="where the model, features and metrics go")
+    parser.add_argument("--config", default="small", help=f"a preset ({', '.join(PRESETS)}) or an open_clip JSON")
+    parser.add_argument("--epochs", type=int, default=defaults.epochs)
+    parser.add_argument("--batch-size", type=int, default=defaults.batch_size)
+    parser.add_argument("--lr", type=float, default=defaults.lr)
+    parser.add_argument("--weight-decay", type=float, default=defaults.weight_decay)
+    parser.add_argument("--seed", type=int, default=defaults.seed)
+    parser.add_argument("--num-workers", type=int, default=defaults.num_workers, help="image loading processes")
+    parser.add_argument("--eval-batch-size", type=int, default=32, help="queries encoded per batch at test time")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point of `grace-hf baseline-clip`."""
+    ns = _parser().parse_args(argv)
+    args = DenseTrainingArgs(
+        epochs=ns.epochs,
+        batch_size=ns.batch_size,
+        lr=ns.lr,
+        weight_decay=ns.weight_decay,
+        seed=ns.seed,
+        num_workers=ns.num_workers,
+    )
+    metrics = run_baseline(
+        ns.karpathy_json, ns.image_root, ns.output_dir, ns.pseudo_queries, ns.config, args, ns.eval_batch_size
+    )
+    recalls = ", ".join(f"R@{k} {100 * metrics[f'recall@{k}']:.1f}" for k in (1, 5, 10))
+    print(f"dense-clip: {recalls} on {metrics['num_queries']} queries; trained in {metrics['train_seconds']:.0f} s")
+    print(f"wrote {ns.output_dir}")
+    return 0

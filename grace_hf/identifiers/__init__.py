@@ -1,0 +1,14 @@
+"""Image identifiers: the five kinds of DESIGN.md §3 behind one registry, and the `IdentifierIndex` they produce.
+
+Example:
+    >>> from grace_hf.data.karpathy import load_karpathy
+    >>> from grace_hf.identifiers import build_identifiers
+    >>> corpus = load_karpathy("data/synthetic/dataset_synthetic.json", "data/synthetic")
+    >>> index = build_identifiers("structured", corpus, pixel_features=True)
+    >>> index.save("identifiers.json")
+"""
+
+from grace_hf.identifiers.index import IDENTIFIERS_FILE, IdentifierIndex
+from grace_hf.identifiers.registry import IDENTIFIER_KINDS, build_identifiers
+
+__all__ = ["IDENTIFIER_KINDS", "IDENTIFIERS_FILE", "IdentifierIndex", "build_identifiers"]

@@ -1,0 +1,60 @@
+"""Semantic identifiers: captions as identifiers (DESIGN.md §3).
+
+A train image is named by its human captions, any other memorized image by its pseudo-queries
+(its human captions are the evaluation queries, so they must not leak into training). Texts are
+lower-cased with whitespace collapsed. A text that names two images stays with the earlier image
+in file order and is dropped from the later one; the drops are reported. An image left without
+any text is an error.
+"""
+
+from __future__ import annotations
+
+from grace_hf.data.karpathy import KarpathyImage
+from grace_hf.errors import GraceInputError
+from grace_hf.identifiers.index import IdentifierIndex
+
+__all__ = ["normalize", "build"]
+
+MAX_REPORTED = 20  # collisions listed by name in the report; all are counted
+
+
+def normalize(text: str) -> str:
+    """Lower-case and collapse whitespace: `' A  Dog\\n'` -> `'a dog'`."""
+    return " ".join(text.lower().split())
+
+
+def build(images: list[KarpathyImage], pseudo_queries: dict[str, list[str]] | None = None) -> IdentifierIndex:
+    """Identifiers from human captions (train) and pseudo-queries (val, test); `report` lists collisions."""
+    pseudo_queries = pseudo_queries or {}
+    owner: dict[str, str] = {}
+    result: dict[str, list[str]] = {}
+    dropped: list[dict[str, str]] = []
+    num_dropped = 0
+    for image in images:
+        if image.split == "train":
+            texts = image.captions
+        elif image.key in pseudo_queries:
+            texts = pseudo_queries[image.key]
+        else:
+            raise GraceInputError(
+                f"semantic identifiers: {image.split} image {image.key!r} has no pseudo-queries (pass --pseudo-queries)"
+            )
+        kept: list[str] = []
+        for text in dict.fromkeys(normalize(t) for t in texts):
+            if text in owner:
+                num_dropped += 1
+                if len(dropped) < MAX_REPORTED:
+                    dropped.append({"identifier": text, "kept_by": owner[text], "dropped_from": image.key})
+                continue
+            owner[text] = image.key
+            kept.append(text)
+        if not kept:
+            raise GraceInputError(
+                f"semantic identifiers: every text of image {image.key!r} also names an earlier image "
+                f"(e.g. {normalize(texts[0])!r} names {owner[normalize(texts[0])]!r})"
+                if texts
+                else f"semantic identifiers: image {image.key!r} has no caption"
+            )
+        result[image.key] = kept
+    report = {"collisions_dropped": num_dropped, "collision_examples": dropped}
+    return IdentifierIndex("semantic", result, report=report)

@@ -1,0 +1,124 @@
+"""A self-contained HTML page of retrieval results: each query with its ranked images as thumbnails (data URIs),
+the gold image framed in green when it is known."""
+
+from __future__ import annotations
+
+import base64
+import html
+import io
+import os
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+from PIL import Image
+
+from grace_hf.io_utils import atomic_write_text
+from grace_hf.retrieval.retriever import RetrievedImage
+
+__all__ = ["GalleryEntry", "dataset_image_loader", "folder_image_loader", "render_gallery", "write_gallery"]
+
+ImageLoader = Callable[[str], "Image.Image | None"]
+
+_STYLE = """
+body { font-family: system-ui, sans-serif; margin: 24px; color: #222; }
+section { margin-bottom: 28px; }
+h2 { font-size: 16px; margin: 0 0 4px; }
+.gold-key { color: #555; font-size: 13px; margin-bottom: 8px; }
+.hits { display: flex; flex-wrap: wrap; gap: 10px; }
+figure { margin: 0; width: SIZEpx; font-size: 11px; text-align: center; word-break: break-all; }
+figure img, figure .missing { width: SIZEpx; height: SIZEpx; object-fit: cover; border: 4px solid #ddd;
+  box-sizing: border-box; display: block; background: #f2f2f2; }
+figure.gold img, figure.gold .missing { border-color: #1a9c3b; }
+figure.gold figcaption { color: #1a9c3b; font-weight: bold; }
+figure.absent { opacity: 0.6; }
+.missing { line-height: SIZEpx; color: #999; }
+"""
+
+
+@dataclass
+class GalleryEntry:
+    """One query, its ranked results, and its gold image key if known."""
+
+    query: str
+    hits: Sequence[RetrievedImage]
+    gold: str | None = None
+
+
+def _thumbnail(image: Image.Image | None, size: int) -> str:
+    if image is None:
+        return '<div class="missing">no image</div>'
+    thumb = image.convert("RGB")
+    thumb.thumbnail((size, size))
+    buffer = io.BytesIO()
+    thumb.save(buffer, format="PNG")
+    return f'<img alt="" src="data:image/png;base64,{base64.b64encode(buffer.getvalue()).decode()}">'
+
+
+def _figure(key: str, caption: str, classes: str, load_image: ImageLoader | None, size: int) -> str:
+    image = load_image(key) if load_image is not None else None
+    return (
+        f'<figure class="{classes}" title="{html.escape(key)}">{_thumbnail(image, size)}'
+        f"<figcaption>{html.escape(caption)}</figcaption></figure>"
+    )
+
+
+def render_gallery(
+    entries: Sequence[GalleryEntry],
+    load_image: ImageLoader | None = None,
+    title: str = "GRACE retrieval",
+    size: int = 112,
+) -> str:
+    """The page as a string; `load_image(image_key)` gives the picture of a key (None: a placeholder)."""
+    sections = []
+    for entry in entries:
+        figures = []
+        for rank, hit in enumerate(entry.hits, start=1):
+            is_gold = hit.image_key == entry.gold
+            caption = f"{rank}. {hit.image_key}" + (" (gold)" if is_gold else "") + f" · {hit.score:.2f}"
+            figures.append(_figure(hit.image_key, caption, "gold" if is_gold else "", load_image, size))
+        if entry.gold is not None and all(hit.image_key != entry.gold for hit in entry.hits):
+            figures.append(_figure(entry.gold, f"gold, not retrieved: {entry.gold}", "gold absent", load_image, size))
+        gold_line = f'<div class="gold-key">gold: {html.escape(entry.gold)}</div>' if entry.gold is not None else ""
+        sections.append(
+            f"<section><h2>{html.escape(entry.query)}</h2>{gold_line}"
+            f'<div class="hits">{"".join(figures) or "no results"}</div></section>'
+        )
+    return (
+        f'<!DOCTYPE html>\n<html lang="en"><head><meta charset="utf-8"><title>{html.escape(title)}</title>'
+        f"<style>{_STYLE.replace('SIZE', str(size))}</style></head>\n<body><h1>{html.escape(title)}</h1>\n"
+        + "\n".join(sections)
+        + "\n</body></html>\n"
+    )
+
+
+def write_gallery(path: str | os.PathLike, entries: Sequence[GalleryEntry], **kwargs) -> Path:
+    """Write `render_gallery(entries, **kwargs)` to `path` atomically; return the path."""
+    atomic_write_text(path, render_gallery(entries, **kwargs))
+    return Path(path)
+
+
+def folder_image_loader(image_root: str | os.PathLike) -> ImageLoader:
+    """Images as files `<image_root>/<image key>` (the Karpathy layout); None where a file is missing."""
+    root = Path(image_root)
+
+    def load(key: str) -> Image.Image | None:
+        path = root / key
+        return Image.open(path) if path.is_file() else None
+
+    return load
+
+
+def dataset_image_loader(data: str | os.PathLike) -> ImageLoader:
+    """Images from the `i2id` split of a prepared dataset (which embeds them); None for unknown keys."""
+    from grace_hf.data.build import load_prepared
+
+    split = load_prepared(data)["i2id"]
+    row_of: dict[str, int] = {}
+    for row, key in enumerate(split["image_key"]):
+        row_of.setdefault(key, row)
+
+    def load(key: str) -> Image.Image | None:
+        return split[row_of[key]]["image"] if key in row_of else None
+
+    return load

@@ -1,0 +1,78 @@
+"""`grace-hf retrieve`: ranked images for text queries, printed, and optionally an HTML page of thumbnails.
+
+    grace-hf retrieve --model runs/synthetic-structured --top-k 5 "a red circle" "two green squares"
+    grace-hf retrieve --model runs/synthetic-structured --data data/synthetic/prepared --num-queries 8 \\
+        --html runs/gallery.html        # test captions with their gold image marked
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from grace_hf.errors import GraceInputError
+from grace_hf.retrieval.evaluate import load_eval_queries
+from grace_hf.retrieval.gallery import GalleryEntry, dataset_image_loader, folder_image_loader, write_gallery
+from grace_hf.retrieval.retriever import GraceRetriever
+
+__all__ = ["main"]
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="grace-hf retrieve", description=__doc__.split("\n\n")[0])
+    parser.add_argument("queries", nargs="*", help="text queries")
+    parser.add_argument("--model", required=True, help="trained model directory or Hub id")
+    parser.add_argument("--top-k", type=int, default=10, help="images per query (at most --num-beams)")
+    parser.add_argument("--num-beams", type=int, default=None, help="beams per query (default: max(10, top-k))")
+    parser.add_argument("--length-penalty", type=float, default=0.0, help="see `grace-hf evaluate --help`")
+    parser.add_argument("--batch-size", type=int, default=16, help="queries per generate call")
+    parser.add_argument(
+        "--data", default=None, help="prepared dataset: rank its test images, take queries (with gold) from it"
+    )
+    parser.add_argument("--num-queries", type=int, default=8, help="with --data: how many of its queries (8)")
+    parser.add_argument("--image-root", default=None, help="folder of the image files, for thumbnails")
+    parser.add_argument("--html", default=None, help="write a page of the results with thumbnails here")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    queries: list[str] = list(args.queries)
+    gold: list[str | None] = [None] * len(queries)
+    candidates = None
+    if args.data is not None:
+        data_queries, data_gold, candidates = load_eval_queries(args.data, limit=args.num_queries)
+        queries += data_queries
+        gold += data_gold
+    if not queries:
+        raise GraceInputError("no queries: give some on the command line, or --data with --num-queries")
+    retriever = GraceRetriever.from_pretrained(
+        args.model,
+        num_beams=args.num_beams or max(10, args.top_k),
+        length_penalty=args.length_penalty,
+        batch_size=args.batch_size,
+        candidates=candidates,
+    )
+    results = retriever.retrieve(queries, top_k=args.top_k)
+    for query, key, hits in zip(queries, gold, results):
+        print(f"query: {query}" + (f"   [gold: {key}]" if key else ""))
+        for rank, hit in enumerate(hits, start=1):
+            mark = "  <- gold" if hit.image_key == key else ""
+            print(f"  {rank:>2}. {hit.image_key}  id {hit.identifier}  score {hit.score:.3f}{mark}")
+        if not hits:
+            print("  (no identifier was generated)")
+    if args.html:
+        if args.image_root:
+            loader = folder_image_loader(args.image_root)
+        elif args.data:
+            loader = dataset_image_loader(args.data)
+        else:
+            loader = None
+        entries = [GalleryEntry(q, hits, key) for q, key, hits in zip(queries, gold, results)]
+        path = write_gallery(args.html, entries, load_image=loader, title=f"GRACE retrieval: {args.model}")
+        print(f"wrote {path}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

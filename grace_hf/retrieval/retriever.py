@@ -1,0 +1,376 @@
+"""`GraceRetriever`: text queries -> ranked images, by beam search constrained to the collection's identifier trie.
+
+>>> retriever = GraceRetriever.from_pretrained("runs/synthetic-structured")
+>>> hits = retriever.retrieve(["a red circle on a blue background"], top_k=5)[0]
+>>> [(hit.image_key, round(hit.score, 2)) for hit in hits]
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from transformers import GenerationConfig
+
+from grace_hf.errors import GraceInputError
+from grace_hf.identifiers import IdentifierIndex
+from grace_hf.io_utils import atomic_directory, atomic_write_json
+from grace_hf.retrieval.trie import IdentifierTrie
+
+__all__ = ["GRACE_CONFIG_FILE", "TRIE_FILE", "GraceRetriever", "RetrievedImage", "build_identifier_trie"]
+
+logger = logging.getLogger(__name__)
+
+GRACE_CONFIG_FILE = "grace_config.json"
+TRIE_FILE = "identifier_trie.safetensors"
+QUERY_IMAGE_MODES = ("none", "blank")
+_UNLIMITED = 10**9  # tokenizers without a real limit report ~1e30
+
+
+@dataclass(frozen=True)
+class RetrievedImage:
+    """One ranked result: the image, the identifier the model wrote for it, and that beam's score (the identifier's
+    log-probability divided by length ** length_penalty)."""
+
+    image_key: str
+    identifier: str
+    score: float
+
+
+def _fingerprint(processor: Any, identifiers: Sequence[str]) -> str:
+    """Hash of the tokenizer and the ordered identifiers: a trie built from them answers for exactly these."""
+    tokenizer = json.loads(processor.tokenizer.backend_tokenizer.to_str())
+    tokenizer.pop("padding", None), tokenizer.pop("truncation", None)  # call-time state, not the tokenization
+    digest = hashlib.sha256(json.dumps(tokenizer, sort_keys=True).encode())
+    digest.update(json.dumps(list(identifiers), ensure_ascii=False).encode())
+    return digest.hexdigest()
+
+
+def build_identifier_trie(processor: Any, identifiers: Sequence[str]) -> IdentifierTrie:
+    """The trie over the token sequences of `id <identifier><|endofchunk|>`, fingerprinted for caching."""
+    sequences = processor.identifier_token_ids(list(identifiers))
+    eoc = processor.end_of_chunk_token_id
+    for identifier, sequence in zip(identifiers, sequences):
+        if eoc in sequence[:-1]:
+            raise GraceInputError(f"identifier {identifier!r} contains the end-of-chunk token")
+    return IdentifierTrie(sequences, metadata={"fingerprint": _fingerprint(processor, identifiers)})
+
+
+def _model_limit(processor: Any) -> int | None:
+    limit = getattr(processor.tokenizer, "model_max_length", None)
+    return int(limit) if limit and limit < _UNLIMITED else None
+
+
+class GraceRetriever:
+    """Rank images for text queries with a GRACE model: the prompt `caption:<query><image>` is continued by beam
+    search that may only write identifiers of the candidate images; the beams, best first, are the ranking.
+
+    Args:
+        model: a `FlamingoForConditionalGeneration` (or any generating model with the same inputs).
+        processor: its `FlamingoProcessor`.
+        index: the `IdentifierIndex` the model memorized (identifier -> image).
+        num_beams: beams = ranked identifiers per query (clamped to the number of candidate identifiers).
+        length_penalty: beam score = log-probability / length ** length_penalty. 0.0 (default) ranks by the
+            identifier's probability and keeps beam search's early stop exact; the original GRACE used -2.0,
+            which favours shorter identifiers (it only matters when identifiers differ in length).
+        query_image: "none" (text-only prompt) or "blank" (the constant gray image, as the model was trained with
+            `t2id_image: blank`); `from_pretrained` reads it from `grace_config.json`.
+        candidates: image keys to rank; default `index.collection` (the test images), or every image when empty.
+        batch_size: queries per `generate` call.
+        max_length: the model's token limit (default: the tokenizer's `model_max_length`, if it sets one). A query
+            whose prompt plus the longest identifier would exceed it is cut at the end to fit, with a warning.
+        trie: a prebuilt trie for these candidates (used only if its fingerprint matches, else rebuilt).
+    """
+
+    def __init__(
+        self,
+        model: Any,
+        processor: Any,
+        index: IdentifierIndex,
+        num_beams: int = 10,
+        length_penalty: float = 0.0,
+        query_image: str = "none",
+        candidates: Sequence[str] | None = None,
+        batch_size: int = 16,
+        max_length: int | None = None,
+        trie: IdentifierTrie | None = None,
+    ):
+        if query_image not in QUERY_IMAGE_MODES:
+            raise GraceInputError(f"query_image must be one of {QUERY_IMAGE_MODES}, got {query_image!r}")
+        if num_beams < 1 or batch_size < 1:
+            raise GraceInputError(f"num_beams and batch_size must be >= 1, got {num_beams} and {batch_size}")
+        self.model, self.processor, self.index = model, processor, index
+        self.length_penalty, self.query_image, self.batch_size = length_penalty, query_image, batch_size
+        self.candidates = list(candidates if candidates is not None else index.collection or index.images)
+        unknown = [key for key in self.candidates if key not in index.images]
+        if unknown:
+            raise GraceInputError(f"candidates: unknown image key {unknown[0]!r} (not in the model's identifiers)")
+        if not self.candidates:
+            raise GraceInputError("no candidate images to rank")
+        self.identifiers = [identifier for key in self.candidates for identifier in index.images[key]]
+        self.identifier_images = [key for key in self.candidates for _ in index.images[key]]
+        fingerprint = _fingerprint(processor, self.identifiers)
+        if trie is None or trie.metadata.get("fingerprint") != fingerprint:
+            trie = build_identifier_trie(processor, self.identifiers)
+        self.trie = trie
+        vocab_size = model.config.get_text_config().vocab_size
+        if trie.vocab_bound > vocab_size:
+            raise GraceInputError(
+                f"identifier token id {trie.vocab_bound - 1} is outside the model's vocabulary ({vocab_size}); "
+                "was the model resized after adding the identifier tokens?"
+            )
+        self.num_beams = min(num_beams, len(self.identifiers))
+        self.max_length = max_length if max_length is not None else _model_limit(processor)
+        self._blank_features: torch.Tensor | None = None
+        self._engine = None
+
+    @classmethod
+    def from_pretrained(
+        cls,
+        model_dir_or_hub_id: str | os.PathLike,
+        *,
+        device: torch.device | str | None = None,
+        dtype: torch.dtype | str | None = None,
+        accelerator: Any = None,
+        **kwargs: Any,
+    ) -> GraceRetriever:
+        """Load the model, processor, identifier index and query-image mode from a model directory or Hub repo.
+
+        `accelerator`: an `accelerate.Accelerator`, created before this call, whose DeepSpeed plugin (ZeRO-3)
+        shards the model across the processes of `accelerate launch`; every process must then call `retrieve`
+        (`distributed=True`). Without it the model goes to `device` (default: this process's accelerate device).
+        Other keyword arguments go to `GraceRetriever(...)`; a cached `identifier_trie.safetensors` is used when
+        it matches the candidates and tokenizer.
+        """
+        from accelerate import PartialState
+
+        from grace_hf.models.flamingo import FlamingoForConditionalGeneration, FlamingoProcessor
+
+        directory = _resolve_model_dir(model_dir_or_hub_id)
+        grace_config = _read_grace_config(directory)
+        kwargs.setdefault("query_image", grace_config.get("query_image", "none"))
+        processor = FlamingoProcessor.from_pretrained(directory)
+        index = IdentifierIndex.load(directory)
+        model = FlamingoForConditionalGeneration.from_pretrained(directory, dtype=dtype)
+        model.eval()
+        engine = None
+        if accelerator is not None and accelerator.distributed_type == "DEEPSPEED":
+            engine, model = _prepare_for_deepspeed_inference(accelerator, model, kwargs.get("batch_size", 16))
+        else:
+            model.to(device if device is not None else PartialState().device)
+        trie_path = directory / TRIE_FILE
+        if "trie" not in kwargs and trie_path.is_file():
+            kwargs["trie"] = IdentifierTrie.load(trie_path)
+        retriever = cls(model, processor, index, **kwargs)
+        retriever._engine = engine  # keeps the DeepSpeed engine (and its sharding hooks) alive with the retriever
+        return retriever
+
+    def save_pretrained(self, directory: str | os.PathLike) -> None:
+        """Write a self-contained model directory: weights, processor, identifiers, `grace_config.json` and the trie
+        of the default candidates (so loading skips tokenizing the identifiers)."""
+        with atomic_directory(directory) as tmp:
+            self.model.save_pretrained(tmp)
+            self.processor.save_pretrained(tmp)
+            self.index.save(tmp)
+            atomic_write_json(
+                tmp / GRACE_CONFIG_FILE, {"query_image": self.query_image, "identifier_kind": self.index.kind}
+            )
+            self.trie.save(tmp / TRIE_FILE)
+
+    # queries -> model inputs
+    def _check_queries(self, queries: Sequence[str]) -> list[str]:
+        checked = []
+        for position, query in enumerate(queries):
+            if not isinstance(query, str):
+                raise GraceInputError(f"queries[{position}]: expected a string, got {type(query).__name__}")
+            if not query.strip():
+                raise GraceInputError(f"queries[{position}]: empty query")
+            checked.append(query)
+        return checked
+
+    def _prompt_length(self, query: str) -> int:
+        return len(self.processor.tokenizer(self.processor.query_prompt(query)).input_ids)
+
+    def _fit(self, query: str) -> str:
+        """`query`, or its longest beginning whose prompt leaves room for the longest identifier."""
+        budget = None if self.max_length is None else self.max_length - self.trie.max_depth
+        if budget is None or self._prompt_length(query) <= budget:
+            return query
+        if self._prompt_length("") > budget:
+            raise GraceInputError(
+                f"the model's limit of {self.max_length} tokens leaves no room for a query next to "
+                f"{self.trie.max_depth}-token identifiers"
+            )
+        fits, too_long = 0, len(query)  # longest prefix (in characters) that fits, by bisection
+        while too_long - fits > 1:
+            middle = (fits + too_long) // 2
+            fits, too_long = (middle, too_long) if self._prompt_length(query[:middle]) <= budget else (fits, middle)
+        return query[:fits].rstrip()
+
+    def _inputs(self, queries: list[str]) -> dict[str, torch.Tensor]:
+        prompts = [self.processor.query_prompt(query) for query in queries]
+        batch = self.processor(text=prompts, padding_side="left", return_tensors="pt")
+        inputs = {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"]}
+        device = next(self.model.parameters()).device
+        inputs = {name: tensor.to(device) for name, tensor in inputs.items()}
+        if self.query_image == "blank":
+            inputs["image_features"] = self._blank_image_features().expand(len(queries), -1, -1, -1)
+        return inputs
+
+    def _blank_image_features(self) -> torch.Tensor:
+        """Features of the constant gray image, encoded once: (1, 1, num_latents, dim)."""
+        if self._blank_features is None:
+            pixel_values = self.processor.image_processor([self.processor.blank_image()], return_tensors="pt")[
+                "pixel_values"
+            ][:, None, None]  # (1, 1, 1, C, H, W)
+            parameter = next(self.model.parameters())
+            with torch.no_grad():
+                self._blank_features = self.model.get_image_features(
+                    pixel_values.to(device=parameter.device, dtype=parameter.dtype)
+                )
+        return self._blank_features
+
+    # search
+    def _generation_config(self) -> GenerationConfig:
+        return GenerationConfig(
+            num_beams=self.num_beams,
+            num_return_sequences=self.num_beams,
+            max_new_tokens=self.trie.max_depth,
+            length_penalty=self.length_penalty,
+            do_sample=False,
+            early_stopping=False,
+            eos_token_id=self.processor.end_of_chunk_token_id,
+            pad_token_id=self.processor.pad_token_id,
+            return_dict_in_generate=True,
+            output_scores=True,
+            output_logits=self.num_beams == 1,  # greedy search returns no sequence scores: computed from these
+            use_cache=True,
+        )
+
+    @torch.no_grad()
+    def _search(self, queries: list[str], top_k: int) -> list[list[RetrievedImage]]:
+        inputs = self._inputs(queries)
+        prompt_length = inputs["input_ids"].shape[1]
+        output = self.model.generate(
+            **inputs,
+            generation_config=self._generation_config(),
+            logits_processor=[self.trie.logits_processor(prompt_length)],
+        )
+        found = self.trie.lookup(
+            output.sequences[:, prompt_length:], end_token_id=self.processor.end_of_chunk_token_id
+        )
+        found = found.view(len(queries), self.num_beams).tolist()  # identifier index per beam, best first
+        scores = output.sequences_scores if self.num_beams > 1 else self._greedy_scores(output, prompt_length)
+        scores = scores.float().view(len(queries), self.num_beams).tolist()
+        results = []
+        for beams, beam_scores in zip(found, scores):
+            ranked: dict[str, RetrievedImage] = {}
+            for position, score in zip(beams, beam_scores):
+                # beams that spell no identifier (fewer finished than num_beams) are dropped; the query still counts
+                if position < 0 or score == float("-inf"):
+                    continue
+                image_key = self.identifier_images[position]
+                if image_key not in ranked and len(ranked) < top_k:
+                    ranked[image_key] = RetrievedImage(image_key, self.identifiers[position], score)
+            results.append(list(ranked.values()))
+        return results
+
+    def _greedy_scores(self, output: Any, prompt_length: int) -> torch.Tensor:
+        """Beam search's score for one beam: log-probability of the tokens up to the first end token, divided by
+        length ** length_penalty. (B,)"""
+        tokens = output.sequences[:, prompt_length:]  # (B, T)
+        log_probs = torch.stack(output.logits, dim=1).float().log_softmax(-1)  # (B, T, V)
+        token_log_probs = log_probs.gather(2, tokens[..., None])[..., 0]  # (B, T)
+        is_end = tokens == self.processor.end_of_chunk_token_id
+        length = torch.where(is_end.any(1), is_end.long().argmax(1) + 1, tokens.shape[1])  # (B,)
+        inside = torch.arange(tokens.shape[1], device=tokens.device)[None] < length[:, None]  # (B, T)
+        return (token_log_probs * inside).sum(1) / length.float() ** self.length_penalty
+
+    def retrieve(
+        self,
+        queries: Sequence[str] | str,
+        top_k: int = 10,
+        batch_size: int | None = None,
+        distributed: bool = False,
+    ) -> list[list[RetrievedImage]]:
+        """For each query, up to `min(top_k, num_beams)` distinct images, best first.
+
+        `distributed=True` under `accelerate launch`: each process takes a shard of the queries and every process
+        gets all results back, in query order; every process must call it (a collective). Under DeepSpeed ZeRO-3
+        the shards are padded to equal length so that all processes run `generate` in lockstep.
+        """
+        queries = self._check_queries([queries] if isinstance(queries, str) else list(queries))
+        if top_k < 1:
+            raise GraceInputError(f"top_k must be >= 1, got {top_k}")
+        fitted = [self._fit(query) for query in queries]
+        cut = sum(a != b for a, b in zip(queries, fitted))
+        if cut:
+            logger.warning(f"{cut} queries were cut to fit the model's limit of {self.max_length} tokens")
+        if not distributed:
+            return self._retrieve_local(fitted, top_k, batch_size)
+        from accelerate import PartialState
+        from accelerate.utils import gather_object
+
+        state = PartialState()
+        if state.num_processes == 1:
+            return self._retrieve_local(fitted, top_k, batch_size)
+        with state.split_between_processes(list(range(len(fitted))), apply_padding=True) as positions:
+            local = self._retrieve_local([fitted[i] for i in positions], top_k, batch_size)
+            rows = [
+                (i, [(hit.image_key, hit.identifier, hit.score) for hit in hits]) for i, hits in zip(positions, local)
+            ]
+        gathered = dict(gather_object(rows))  # padding repeats the last query: the dict keeps one copy
+        return [[RetrievedImage(*hit) for hit in gathered[i]] for i in range(len(fitted))]
+
+    def _retrieve_local(self, queries: list[str], top_k: int, batch_size: int | None) -> list[list[RetrievedImage]]:
+        size = batch_size or self.batch_size
+        results: list[list[RetrievedImage]] = []
+        for start in range(0, len(queries), size):
+            results.extend(self._search(queries[start : start + size], top_k))
+        return results
+
+
+def _resolve_model_dir(model_dir_or_hub_id: str | os.PathLike) -> Path:
+    """A local model directory, or the local snapshot of a Hub repo (downloaded unless HF_HUB_OFFLINE=1)."""
+    path = Path(model_dir_or_hub_id)
+    if path.is_dir():
+        return path
+    from huggingface_hub import snapshot_download
+
+    try:
+        return Path(snapshot_download(str(model_dir_or_hub_id)))
+    except (ValueError, OSError) as err:
+        raise GraceInputError(
+            f"{model_dir_or_hub_id}: not a model directory, and not a Hub model that can be fetched ({err})"
+        ) from None
+
+
+def _read_grace_config(directory: Path) -> dict[str, Any]:
+    path = directory / GRACE_CONFIG_FILE
+    if not path.is_file():
+        return {}
+    try:
+        config = json.loads(path.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as err:
+        raise GraceInputError(f"{path}: not valid JSON: {err}") from None
+    if not isinstance(config, dict):
+        raise GraceInputError(f"{path}: expected a JSON object")
+    return config
+
+
+def _prepare_for_deepspeed_inference(accelerator: Any, model: Any, batch_size: int) -> tuple[Any, Any]:
+    """Wrap `model` in a DeepSpeed engine (ZeRO-3 shards its parameters); return the engine and the module to
+    generate with (its forward gathers the shards through the engine's hooks)."""
+    config = accelerator.state.deepspeed_plugin.deepspeed_config
+    if config.get("train_micro_batch_size_per_gpu", "auto") == "auto":
+        # without a dataloader accelerate cannot infer it; inference does not use it
+        config["train_micro_batch_size_per_gpu"] = batch_size
+    engine = accelerator.prepare(model)
+    return engine, accelerator.unwrap_model(engine)

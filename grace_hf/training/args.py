@@ -1,0 +1,216 @@
+"""Training arguments: three dataclasses filled from a YAML recipe, then from command-line flags of the same names.
+
+`--config recipe.yaml` sets the defaults, every other flag overrides one field (the TRL / alignment-handbook
+pattern). A key that names no field, in the recipe or on the command line, is an error that names it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Literal
+
+import yaml
+from transformers import HfArgumentParser, SchedulerType
+
+from grace_hf.errors import GraceInputError
+
+REPORT_TO_CHOICES = ("all", "none", "tensorboard", "wandb")
+
+
+@dataclass
+class ModelArguments:
+    """Which Flamingo to train and how to build it."""
+
+    model_name_or_path: str | None = field(
+        default=None,
+        metadata={"help": "A model directory or Hub id (e.g. converted OpenFlamingo-3B weights)."},
+    )
+    model_preset: str | None = field(
+        default=None,
+        metadata={"help": "Build a fresh model from this FlamingoConfig preset (e.g. 'tiny') instead of loading one."},
+    )
+    config_overrides: str | None = field(
+        default=None,
+        metadata={"help": "FlamingoConfig fields to override on the preset: a JSON object (a mapping in YAML)."},
+    )
+    tokenizer_vocab_size: int = field(
+        default=2000,
+        metadata={"help": "With `model_preset`: size of the BPE tokenizer trained on the dataset's texts."},
+    )
+    freeze_vision: bool = field(default=True, metadata={"help": "Keep the vision tower frozen."})
+    gradient_checkpointing: bool = field(default=False, metadata={"help": "Recompute activations in backward."})
+
+    def __post_init__(self) -> None:
+        if (self.model_name_or_path is None) == (self.model_preset is None):
+            raise GraceInputError("give exactly one of model_name_or_path and model_preset")
+        if isinstance(self.config_overrides, str):
+            try:
+                self.config_overrides = json.loads(self.config_overrides)
+            except json.JSONDecodeError as err:
+                raise GraceInputError(f"config_overrides: not a JSON object: {err}") from None
+        if self.config_overrides is not None and not isinstance(self.config_overrides, dict):
+            raise GraceInputError(f"config_overrides: expected a mapping, got {self.config_overrides!r}")
+        if self.config_overrides and self.model_preset is None:
+            raise GraceInputError("config_overrides only applies to a model_preset")
+
+
+@dataclass
+class DataArguments:
+    """What to train on: a prepared dataset (retrieval) or a Karpathy JSON (captioner)."""
+
+    task: Literal["retrieval", "captioner"] = field(
+        default="retrieval",
+        metadata={"help": "'retrieval': i2id + t2id on a prepared dataset; 'captioner': train image -> caption."},
+    )
+    data_dir: str | None = field(default=None, metadata={"help": "A dataset directory written by `grace-hf prepare`."})
+    karpathy_json: str | None = field(default=None, metadata={"help": "captioner: the Karpathy-format JSON."})
+    image_root: str | None = field(default=None, metadata={"help": "captioner: the folder the JSON's paths start in."})
+    t2id_image: Literal["none", "blank"] = field(
+        default="none",
+        metadata={"help": "Image input of t2id samples: 'none' (text only) or 'blank' (the original's pad image)."},
+    )
+    max_query_words: int = field(default=25, metadata={"help": "Queries are cut to this many words in training."})
+    i2id_flip: bool = field(default=True, metadata={"help": "Random horizontal flip of the images (deterministic)."})
+    eval_num_queries: int = field(
+        default=1000, metadata={"help": "Test queries used for Recall@K (evenly spread; 0 = no evaluation)."}
+    )
+
+    def __post_init__(self) -> None:
+        if self.task == "retrieval" and self.data_dir is None:
+            raise GraceInputError("task 'retrieval' needs data_dir (a directory written by `grace-hf prepare`)")
+        if self.task == "captioner" and (self.karpathy_json is None or self.image_root is None):
+            raise GraceInputError("task 'captioner' needs karpathy_json and image_root")
+        if self.max_query_words < 1:
+            raise GraceInputError(f"max_query_words must be >= 1, got {self.max_query_words}")
+        if self.eval_num_queries < 0:
+            raise GraceInputError(f"eval_num_queries must be >= 0, got {self.eval_num_queries}")
+
+
+@dataclass
+class GraceTrainingArguments:
+    """The optimisation, its schedule and what the run writes (DESIGN.md §4 defaults)."""
+
+    output_dir: str = field(metadata={"help": "The model directory; checkpoints go to <output_dir>/checkpoints."})
+    seed: int = field(default=42, metadata={"help": "Seeds the model init, the data order and the augmentation."})
+    max_steps: int = field(default=-1, metadata={"help": "Optimizer steps; overrides num_epochs when > 0."})
+    num_epochs: float = field(
+        default=5.0, metadata={"help": "Passes over the i2id rows (the t2id rows when i2id is off; captions)."}
+    )
+    batch_size_i2id: int = field(default=16, metadata={"help": "i2id samples per process per step."})
+    batch_size_t2id: int = field(default=48, metadata={"help": "t2id samples per process per step."})
+    batch_size_caption: int = field(default=32, metadata={"help": "captioner: samples per process per step."})
+    loss_weight_i2id: float = field(default=1.0, metadata={"help": "Weight of the i2id loss; 0 switches it off."})
+    loss_weight_t2id: float = field(default=1.0, metadata={"help": "Weight of the t2id loss; 0 switches it off."})
+    learning_rate: float = field(default=1e-4, metadata={"help": "AdamW peak learning rate."})
+    lr_scheduler_type: str = field(default="linear", metadata={"help": "A `transformers.get_scheduler` name."})
+    warmup_steps: int = field(default=500, metadata={"help": "Linear warm-up steps."})
+    weight_decay: float = field(default=0.1, metadata={"help": "AdamW weight decay, on gated cross-attention only."})
+    max_grad_norm: float = field(default=1.0, metadata={"help": "Gradient clipping (0 = off)."})
+    logging_steps: int = field(default=10, metadata={"help": "Log losses every N steps."})
+    eval_steps: int = field(default=0, metadata={"help": "Recall@K every N steps (0 = only at the end)."})
+    eval_batch_size: int = field(default=16, metadata={"help": "Queries per beam-search batch in evaluation."})
+    num_beams: int = field(default=10, metadata={"help": "Beams of the constrained search in evaluation."})
+    save_steps: int = field(default=500, metadata={"help": "Checkpoint every N steps (0 = never)."})
+    save_total_limit: int = field(default=2, metadata={"help": "Keep the last K checkpoints (0 = keep all)."})
+    resume_from_checkpoint: str | None = field(
+        default=None, metadata={"help": "'latest' or a checkpoint directory to continue from."}
+    )
+    dataloader_num_workers: int = field(default=0, metadata={"help": "Worker processes per data stream."})
+    torch_num_threads: int = field(
+        default=0, metadata={"help": "CPU threads of each process's torch ops (0 = torch's default; tiny models: 1)."}
+    )
+    report_to: list[str] = field(
+        default_factory=lambda: ["all"],
+        metadata={"help": f"Trackers, any of {REPORT_TO_CHOICES}; 'all' = those installed."},
+    )
+    push_to_hub: str | None = field(default=None, metadata={"help": "Push the final directory to this Hub repo."})
+
+    def __post_init__(self) -> None:
+        if isinstance(self.report_to, str):
+            self.report_to = [self.report_to]
+        unknown = sorted(set(self.report_to) - set(REPORT_TO_CHOICES))
+        if unknown:
+            raise GraceInputError(f"report_to: unknown tracker(s) {unknown}; choose from {list(REPORT_TO_CHOICES)}")
+        if self.max_steps <= 0 and self.num_epochs <= 0:
+            raise GraceInputError("set max_steps > 0 or num_epochs > 0")
+        if min(self.loss_weight_i2id, self.loss_weight_t2id) < 0:
+            raise GraceInputError("loss weights must be >= 0")
+        if self.loss_weight_i2id == 0 and self.loss_weight_t2id == 0:
+            raise GraceInputError("both loss weights are 0: nothing to train")
+        for name in ("batch_size_i2id", "batch_size_t2id", "batch_size_caption", "eval_batch_size", "num_beams"):
+            if getattr(self, name) < 1:
+                raise GraceInputError(f"{name} must be >= 1, got {getattr(self, name)}")
+        for name in (
+            "warmup_steps",
+            "logging_steps",
+            "eval_steps",
+            "save_steps",
+            "save_total_limit",
+            "torch_num_threads",
+        ):
+            if getattr(self, name) < 0:
+                raise GraceInputError(f"{name} must be >= 0, got {getattr(self, name)}")
+        schedulers = [s.value for s in SchedulerType]
+        if self.lr_scheduler_type not in schedulers:
+            raise GraceInputError(f"lr_scheduler_type: unknown {self.lr_scheduler_type!r}; choose from {schedulers}")
+
+
+ARGUMENT_CLASSES = (ModelArguments, DataArguments, GraceTrainingArguments)
+
+
+def _load_recipe(path: str) -> dict:
+    try:
+        recipe = yaml.safe_load(Path(path).read_text(encoding="utf-8"))
+    except OSError as err:
+        raise GraceInputError(f"{path}: cannot read the recipe: {err.strerror}") from None
+    except yaml.YAMLError as err:
+        raise GraceInputError(f"{path}: not valid YAML: {err}") from None
+    if recipe is None:
+        return {}
+    if not isinstance(recipe, dict):
+        raise GraceInputError(f"{path}: a recipe is a mapping of argument names to values")
+    return recipe
+
+
+def build_parser() -> HfArgumentParser:
+    """The parser of the three argument dataclasses (plus `--config`)."""
+    parser = HfArgumentParser(
+        ARGUMENT_CLASSES, description="Train GRACE (or its captioner) with Accelerate.", allow_abbrev=False
+    )
+    parser.add_argument("--config", help="A YAML recipe: its keys set the defaults, flags override them.")
+    return parser
+
+
+def parse_args(
+    argv: list[str] | None = None,
+) -> tuple[ModelArguments, DataArguments, GraceTrainingArguments]:
+    """Parse `--config recipe.yaml` plus overrides into (model, data, training) arguments.
+
+    Example:
+        >>> parse_args(["--config", "recipes/synthetic/structured.yaml", "--max_steps", "10"])
+    """
+    pre = argparse.ArgumentParser(add_help=False, allow_abbrev=False)
+    pre.add_argument("--config")
+    known, _ = pre.parse_known_args(argv)
+    parser = build_parser()
+    if known.config is not None:
+        actions = {action.dest: action for action in parser._actions}
+        recipe = _load_recipe(known.config)
+        for key, value in recipe.items():
+            action = actions.get(key)
+            if action is None or key in ("config", "help"):
+                raise GraceInputError(f"{known.config}: unknown key {key!r}")
+            if action.choices is not None and value not in action.choices:
+                raise GraceInputError(f"{known.config}: {key}: {value!r} is not one of {list(action.choices)}")
+            action.default = value
+            action.required = False
+    *dataclasses, remaining = parser.parse_args_into_dataclasses(
+        args=argv, return_remaining_strings=True, look_for_args_file=False
+    )
+    if remaining:
+        raise GraceInputError(f"unknown argument(s): {' '.join(remaining)}")
+    model_args, data_args, training_args = (obj for obj in dataclasses if not isinstance(obj, argparse.Namespace))
+    return model_args, data_args, training_args

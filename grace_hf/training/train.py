@@ -1,0 +1,338 @@
+"""`grace-hf train`: teach a Flamingo to memorize images as identifiers and to retrieve them from text (GRACE).
+
+    grace-hf train --config recipes/synthetic/structured.yaml
+    accelerate launch --config_file accelerate_configs/deepspeed_zero3.yaml -m grace_hf.train \\
+        --config recipes/flickr30k/structured.yaml --output_dir runs/flickr30k-structured
+
+Each optimizer step sums the i2id loss and the t2id loss (DESIGN.md §4), with one backward of the sum. Stages:
+seed -> data -> model -> optimizer/schedule -> resume -> train (log, evaluate, checkpoint) -> save -> push.
+`task: captioner` trains the same model on train image -> caption pairs instead (for `grace-hf pseudo-queries`).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import functools
+import json
+import math
+import os
+import shlex
+import sys
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import torch
+from accelerate import Accelerator
+from accelerate.utils import DistributedDataParallelKwargs, InitProcessGroupKwargs, ProjectConfiguration, set_seed
+from tqdm.auto import tqdm
+from transformers import get_scheduler
+
+from grace_hf.training.args import DataArguments, GraceTrainingArguments, ModelArguments, parse_args
+from grace_hf.training.checkpoints import TRAINER_STATE_FILE, resolve_checkpoint, save_checkpoint
+from grace_hf.training.data import TrainingData, load_training_data, stream_batches
+from grace_hf.training.evaluation import evaluate_recall
+from grace_hf.training.model_card import render_model_card
+from grace_hf.training.modeling import build_model_and_processor, count_parameters, optimizer_parameter_groups
+from grace_hf.training.saving import push_directory, save_model_directory
+
+__all__ = ["LOG_HISTORY_FILE", "configure_deepspeed", "create_accelerator", "main", "step_loss", "train"]
+
+LOG_HISTORY_FILE = "logs/log_history.jsonl"
+
+
+def step_loss(
+    model: Any,
+    batches: dict[str, dict[str, torch.Tensor]],
+    weights: dict[str, float],
+    no_sync: Callable[[], contextlib.AbstractContextManager] = contextlib.nullcontext,
+) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """The step's loss, `sum_task weights[task] * loss(batches[task])`, and each task's (detached) loss.
+
+    Every forward but the last runs under `no_sync` (DDP's: the one backward of the sum then reduces once).
+    """
+    total, losses = None, {}
+    for position, (name, batch) in enumerate(batches.items()):
+        context = no_sync() if position < len(batches) - 1 else contextlib.nullcontext()
+        with context:
+            loss = model(**batch).loss
+        losses[name] = loss.detach()
+        total = weights[name] * loss if total is None else total + weights[name] * loss
+    return total, losses
+
+
+def create_accelerator(
+    report_to: list[str] | None = None, output_dir: str | None = None, find_unused_parameters: bool = False
+) -> Accelerator:
+    """The run's `Accelerator`: its launch (plain, DDP, DeepSpeed; GPUs or CPU) comes from `accelerate launch`.
+
+    On a machine without GPUs a launched run uses gloo, and plain DDP processes are made MULTI_CPU (Accelerate would
+    otherwise count one process per rank and never synchronise the gradients); DeepSpeed keeps its own type.
+    """
+    handlers: list = [DistributedDataParallelKwargs(find_unused_parameters=find_unused_parameters)]
+    cpu = False
+    if not torch.cuda.is_available() and int(os.environ.get("LOCAL_RANK", -1)) != -1:
+        handlers.append(InitProcessGroupKwargs(backend="gloo"))
+        cpu = os.environ.get("ACCELERATE_USE_DEEPSPEED", "false").lower() != "true"
+    trackers = [] if report_to is None or "none" in report_to else report_to
+    project = ProjectConfiguration(project_dir=output_dir, logging_dir=f"{output_dir}/logs") if output_dir else None
+    return Accelerator(
+        cpu=cpu,
+        log_with=("all" if "all" in trackers else trackers) or None,
+        project_config=project,
+        kwargs_handlers=handlers,
+    )
+
+
+def configure_deepspeed(accelerator: Accelerator, micro_batch_size: int, max_grad_norm: float) -> None:
+    """Fill the DeepSpeed values the config leaves to the script (no dataloader is passed to `prepare`)."""
+    plugin = accelerator.state.deepspeed_plugin
+    if plugin is None:
+        return
+    config = plugin.deepspeed_config
+    if config.get("train_micro_batch_size_per_gpu", "auto") == "auto":
+        config["train_micro_batch_size_per_gpu"] = micro_batch_size
+    if config.get("gradient_clipping", "auto") == "auto":
+        config["gradient_clipping"] = max_grad_norm
+
+
+def _total_steps(args: GraceTrainingArguments, data: TrainingData, world_size: int) -> int:
+    if args.max_steps > 0:
+        return args.max_steps
+    main = data.streams[0]  # i2id when on, else t2id; the captions for the captioner
+    return max(1, math.ceil(args.num_epochs * len(main.rows) / (main.batch_size * world_size)))
+
+
+def _hyperparameters(*arguments: Any) -> dict[str, Any]:
+    """All arguments as tracker-friendly scalars."""
+    flat = {}
+    for obj in arguments:
+        for key, value in dataclasses.asdict(obj).items():
+            flat[key] = value if isinstance(value, (int, float, str, bool)) else json.dumps(value)
+    return flat
+
+
+class _Trainer:
+    """One run's state; `run()` goes through the stages of the module docstring."""
+
+    def __init__(
+        self, model_args: ModelArguments, data_args: DataArguments, args: GraceTrainingArguments, command: str
+    ) -> None:
+        self.model_args, self.data_args, self.args, self.command = model_args, data_args, args, command
+        self.started = time.monotonic()
+        if args.torch_num_threads:
+            torch.set_num_threads(args.torch_num_threads)
+        self.data = load_training_data(data_args, args)
+        # t2id without an image and no i2id leaves the perceiver and cross-attention without gradients
+        uses_images = any(s.name != "t2id" for s in self.data.streams) or data_args.t2id_image == "blank"
+        self.accelerator = create_accelerator(args.report_to, args.output_dir, find_unused_parameters=not uses_images)
+        set_seed(args.seed)
+        new_tokens = self.data.index.new_tokens if self.data.index is not None else []
+        self.model, self.processor = build_model_and_processor(model_args, self.data.tokenizer_texts, new_tokens)
+        self.num_steps = _total_steps(args, self.data, self.accelerator.num_processes)
+        optimizer = torch.optim.AdamW(optimizer_parameter_groups(self.model, args.weight_decay), lr=args.learning_rate)
+        # stepped here once per optimizer step (not prepared: Accelerate would step it once per process)
+        self.scheduler = get_scheduler(
+            args.lr_scheduler_type, optimizer, num_warmup_steps=args.warmup_steps, num_training_steps=self.num_steps
+        )
+        configure_deepspeed(self.accelerator, sum(s.batch_size for s in self.data.streams), args.max_grad_norm)
+        self.model, self.optimizer = self.accelerator.prepare(self.model, optimizer)
+        self.step, self.previous_seconds = 0, 0.0
+
+    # resume
+    def resume(self) -> None:
+        path = resolve_checkpoint(self.args.output_dir, self.args.resume_from_checkpoint)
+        self.accelerator.load_state(str(path))
+        state = json.loads((path / TRAINER_STATE_FILE).read_text(encoding="utf-8"))
+        self.scheduler.load_state_dict(state["scheduler"])
+        self.step, self.previous_seconds = state["step"], state["train_seconds"]
+        if state["world_size"] != self.accelerator.num_processes:
+            self.accelerator.print(
+                f"warning: {path} was written by {state['world_size']} processes, resuming with "
+                f"{self.accelerator.num_processes}: the data order differs from an unbroken run"
+            )
+        self.accelerator.print(f"resumed from {path} at step {self.step}")
+
+    def _append_log(self, record: dict[str, Any]) -> None:
+        """One JSON line per logging step in `<output_dir>/logs/log_history.jsonl` (kept across resumes)."""
+        if self.accelerator.is_main_process:
+            path = Path(self.args.output_dir) / LOG_HISTORY_FILE
+            path.parent.mkdir(parents=True, exist_ok=True)
+            with path.open("a", encoding="utf-8") as f:
+                f.write(json.dumps(record) + "\n")
+
+    def _train_seconds(self) -> float:
+        return self.previous_seconds + time.monotonic() - self.started
+
+    def _batches(self) -> dict[str, Iterator[dict]]:
+        accelerator = self.accelerator
+        return {
+            stream.name: stream_batches(
+                stream,
+                self.processor,
+                self.data_args,
+                seed=self.args.seed + position,
+                rank=accelerator.process_index,
+                world_size=accelerator.num_processes,
+                start_step=self.step,
+                num_workers=self.args.dataloader_num_workers,
+            )
+            for position, stream in enumerate(self.data.streams)
+        }
+
+    # evaluate
+    def evaluate(self) -> dict[str, float]:
+        """Recall@K on the evaluation queries; every process searches a shard of them."""
+        if self.data.index is None or not self.data.eval_queries:
+            return {}
+        return evaluate_recall(
+            self.accelerator.unwrap_model(self.model),
+            self.processor,
+            self.data.index,
+            self.data.eval_queries,
+            self.data.eval_gold,
+            query_image=self.data_args.t2id_image,
+            num_beams=self.args.num_beams,
+            batch_size=self.args.eval_batch_size,
+            distributed=self.accelerator.num_processes > 1,
+        )
+
+    # train
+    def train(self) -> dict[str, float]:
+        """Run the remaining steps; return the mean losses of the last logging window."""
+        args, accelerator = self.args, self.accelerator
+        weights = {stream.name: stream.weight for stream in self.data.streams}
+        iterators = self._batches()
+        no_sync = (
+            functools.partial(accelerator.no_sync, self.model)
+            if isinstance(self.model, torch.nn.parallel.DistributedDataParallel)
+            else contextlib.nullcontext
+        )
+        sums = {name: torch.zeros((), device=accelerator.device) for name in weights}
+        window, last_logged = 0, {}
+        self.model.train()
+        progress = tqdm(
+            total=self.num_steps, initial=self.step, disable=not accelerator.is_local_main_process, desc="train"
+        )
+        while self.step < self.num_steps:
+            batches = {
+                name: {key: value.to(accelerator.device) for key, value in next(iterator).items()}
+                for name, iterator in iterators.items()
+            }
+            total, losses = step_loss(self.model, batches, weights, no_sync)
+            accelerator.backward(total)
+            grad_norm = None
+            if args.max_grad_norm > 0:
+                grad_norm = accelerator.clip_grad_norm_(self.model.parameters(), args.max_grad_norm)
+            self.optimizer.step()
+            self.scheduler.step()
+            self.optimizer.zero_grad(set_to_none=True)
+            self.step += 1
+            progress.update(1)
+            for name, loss in losses.items():
+                sums[name] += loss
+            window += 1
+
+            if args.logging_steps and (self.step % args.logging_steps == 0 or self.step == self.num_steps):
+                means = {name: accelerator.reduce(value / window, "mean").item() for name, value in sums.items()}
+                logs = {f"loss_{name}": value for name, value in means.items()}
+                logs["loss"] = sum(weights[name] * value for name, value in means.items())
+                logs["lr"] = self.scheduler.get_last_lr()[0]
+                if grad_norm is not None:
+                    logs["grad_norm"] = float(grad_norm)
+                accelerator.log(logs, step=self.step)
+                self._append_log({"step": self.step, **logs})
+                progress.set_postfix({key: f"{value:.4g}" for key, value in logs.items() if key.startswith("loss")})
+                sums = {name: torch.zeros_like(value) for name, value in sums.items()}
+                window, last_logged = 0, logs
+            if args.eval_steps and self.step % args.eval_steps == 0 and self.step < self.num_steps:
+                metrics = self.evaluate()
+                if metrics:
+                    accelerator.log({f"eval/{key}": value for key, value in metrics.items()}, step=self.step)
+                    accelerator.print(f"step {self.step}: {metrics}")
+            if args.save_steps and self.step % args.save_steps == 0:
+                trainer_state = {
+                    "scheduler": self.scheduler.state_dict(),
+                    "world_size": accelerator.num_processes,
+                    "train_seconds": self._train_seconds(),
+                }
+                save_checkpoint(accelerator, args.output_dir, self.step, trainer_state, args.save_total_limit)
+        progress.close()
+        return last_logged
+
+    # save
+    def save(self, metrics: dict[str, Any]) -> None:
+        kind = self.data.index.kind if self.data.index is not None else None
+        grace_config = None
+        if self.data_args.task == "retrieval":
+            grace_config = {"query_image": self.data_args.t2id_image, "identifier_kind": kind}
+        hyperparameters = {
+            key: value
+            for key, value in _hyperparameters(self.model_args, self.data_args, self.args).items()
+            if key not in ("output_dir", "resume_from_checkpoint", "push_to_hub", "report_to")
+        }
+        hyperparameters["num_processes"] = self.accelerator.num_processes
+        card = render_model_card(
+            task=self.data_args.task,
+            identifier_kind=kind,
+            base_model=self.model_args.model_name_or_path or f"preset {self.model_args.model_preset} (from scratch)",
+            hyperparameters=hyperparameters,
+            metrics=metrics,
+            launch_command=self.command,
+        )
+        save_model_directory(
+            self.accelerator,
+            self.model,
+            self.processor,
+            self.args.output_dir,
+            index=self.data.index,
+            grace_config=grace_config,
+            metrics=metrics,
+            model_card=card,
+        )
+
+    def run(self) -> dict[str, Any]:
+        args, accelerator = self.args, self.accelerator
+        accelerator.init_trackers("grace_hf", config=_hyperparameters(self.model_args, self.data_args, args))
+        sizes = count_parameters(accelerator.unwrap_model(self.model))
+        accelerator.print(
+            f"{self.data_args.task}: {self.num_steps} steps x {accelerator.num_processes} processes; streams "
+            + ", ".join(
+                f"{s.name} ({len(s.rows)} rows, batch {s.batch_size}, weight {s.weight})" for s in self.data.streams
+            )
+            + f"; {sizes['trainable']:,} of {sizes['total']:,} parameters trained"
+        )
+        if args.resume_from_checkpoint:
+            self.resume()
+        last_logs = self.train()
+        metrics: dict[str, Any] = {f"train_{key}": value for key, value in last_logs.items()}
+        metrics.update(self.evaluate())
+        if self.data.index is not None:
+            metrics["identifier_kind"] = self.data.index.kind
+            metrics["num_eval_queries"] = len(self.data.eval_queries)
+        metrics.update(steps=self.step, num_processes=accelerator.num_processes, train_seconds=self._train_seconds())
+        self.save(metrics)
+        accelerator.print(f"saved {args.output_dir}: {json.dumps(metrics)}")
+        if args.push_to_hub and accelerator.is_main_process:
+            accelerator.print(f"pushed: {push_directory(args.output_dir, args.push_to_hub)}")
+        accelerator.wait_for_everyone()
+        accelerator.end_training()
+        return metrics
+
+
+def train(
+    model_args: ModelArguments, data_args: DataArguments, args: GraceTrainingArguments, command: str = "grace-hf train"
+) -> dict[str, Any]:
+    """Train, save `args.output_dir` (a model directory `GraceRetriever.from_pretrained` loads) and return the
+    final metrics (Recall@K on the evaluation queries, train time)."""
+    return _Trainer(model_args, data_args, args, command).run()
+
+
+def main(argv: list[str] | None = None) -> int:
+    """`grace-hf train --config recipe.yaml [--field value ...]`."""
+    argv = sys.argv[1:] if argv is None else list(argv)
+    model_args, data_args, args = parse_args(argv)
+    train(model_args, data_args, args, command=shlex.join(["grace-hf", "train", *argv]))
+    return 0

@@ -1,0 +1,74 @@
+"""The pseudo-query captioner: trained by the same loop (`task: captioner`), then `grace-hf pseudo-queries`."""
+
+import json
+
+import pytest
+import yaml
+from accelerate.state import AcceleratorState, GradientState, PartialState
+
+from grace_hf.data import captioner
+from grace_hf.data.karpathy import load_karpathy
+from grace_hf.data.pseudo_queries import load_pseudo_queries
+from grace_hf.data.synthetic import write_synthetic
+from grace_hf.errors import GraceInputError
+from grace_hf.training import train as train_module
+
+
+@pytest.fixture(scope="module")
+def trained_captioner(tmp_path_factory):
+    root = tmp_path_factory.mktemp("captioner")
+    raw = write_synthetic(root / "raw", num_images=24, seed=1)
+    recipe = {
+        "task": "captioner",
+        "karpathy_json": str(raw / "dataset_synthetic.json"),
+        "image_root": str(raw),
+        "model_preset": "tiny",
+        "tokenizer_vocab_size": 300,
+        "output_dir": str(root / "captioner"),
+        "max_steps": 8,
+        "batch_size_caption": 8,
+        "learning_rate": 3e-3,
+        "warmup_steps": 1,
+        "save_steps": 0,
+        "report_to": "none",
+    }
+    (root / "captioner.yaml").write_text(yaml.safe_dump(recipe))
+    try:
+        assert train_module.main(["--config", str(root / "captioner.yaml")]) == 0
+    finally:
+        AcceleratorState._reset_state(reset_partial_state=True)
+        GradientState._reset_state()
+        PartialState._reset_state()
+    return raw, root / "captioner"
+
+
+def test_captioner_directory_has_no_retrieval_files(trained_captioner):
+    _, model_dir = trained_captioner
+    assert (model_dir / "model.safetensors").is_file() and (model_dir / "tokenizer.json").is_file()
+    assert not (model_dir / "identifiers.json").exists() and not (model_dir / "grace_config.json").exists()
+    assert "captioner" in (model_dir / "README.md").read_text()
+    assert json.loads((model_dir / "metrics.json").read_text())["train_loss_caption"] > 0
+
+
+def test_pseudo_queries_for_every_val_and_test_image(trained_captioner, tmp_path):
+    raw, model_dir = trained_captioner
+    output = tmp_path / "pseudo.json"
+    argv = ["--model", str(model_dir), "--karpathy-json", str(raw / "dataset_synthetic.json")]
+    argv += ["--image-root", str(raw), "--output", str(output), "--max-new-tokens", "8", "--batch-size", "4"]
+    assert captioner.main(argv) == 0
+    corpus = load_karpathy(raw / "dataset_synthetic.json", raw)
+    queries = load_pseudo_queries(output, corpus)  # the format `prepare` reads
+    expected = [image.key for image in corpus.images if image.split in ("val", "test")]
+    assert list(queries) == expected
+    assert all(len(texts) <= 5 and len(set(texts)) == len(texts) for texts in queries.values())
+    assert any(queries.values())
+    raw_file = json.loads(output.read_text())
+    assert set(raw_file) == {key.rsplit("/", 1)[-1] for key in expected}  # keyed by file name, as the original
+
+
+def test_more_queries_than_beams_is_refused(trained_captioner, tmp_path):
+    raw, model_dir = trained_captioner
+    argv = ["--model", str(model_dir), "--karpathy-json", str(raw / "dataset_synthetic.json")]
+    argv += ["--image-root", str(raw), "--output", str(tmp_path / "p.json"), "--num-queries", "6"]
+    with pytest.raises(GraceInputError, match="cannot exceed --num-beams"):
+        captioner.main(argv)

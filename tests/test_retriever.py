@@ -1,0 +1,162 @@
+"""GraceRetriever on a tiny random model directory: exact identifiers, exhaustive beams equal teacher-forced
+log-probabilities, batching, errors on bad input, the cached trie, and the query-image modes."""
+
+import json
+import logging
+
+import pytest
+import torch
+
+from grace_hf.errors import GraceInputError
+from grace_hf.identifiers import IdentifierIndex
+from grace_hf.retrieval import GraceRetriever, IdentifierTrie
+from grace_hf.retrieval import retriever as retriever_module
+
+IMAGES = [f"images/{n:03d}.png" for n in range(12)]
+QUERIES = ["a red square", "two blue circles on a green field", "a small yellow triangle"]
+
+
+def build_tiny_model_dir(directory, kind="numeric", query_image="none", seed=0):
+    """A complete GRACE model directory with random weights: model, processor, identifiers.json, grace_config.json."""
+    from grace_hf.models.flamingo import FlamingoConfig, FlamingoForConditionalGeneration, FlamingoProcessor
+
+    if kind == "numeric":  # identifiers share prefixes and one is a prefix of others ("1" / "1 0", "1 1")
+        images = {key: [" ".join(str(n))] for n, key in enumerate(IMAGES)}
+    else:  # semantic: several identifiers per image, of different lengths
+        images = {key: [f"shape {n}", f"a picture of shape number {n}"] for n, key in enumerate(IMAGES)}
+    texts = QUERIES + [f"id {ids[0]}" for ids in images.values()] + [f"id {i}" for ids in images.values() for i in ids]
+    processor = FlamingoProcessor.from_texts(texts, image_size=32, vocab_size=300)
+    torch.manual_seed(seed)
+    config = FlamingoConfig.from_preset("tiny", text_config={"vocab_size": len(processor.tokenizer)})
+    model = FlamingoForConditionalGeneration(config)
+    model.save_pretrained(directory)
+    processor.save_pretrained(directory)
+    IdentifierIndex(kind, images, [], collection=IMAGES[4:]).save(directory)
+    (directory / "grace_config.json").write_text(json.dumps({"query_image": query_image, "identifier_kind": kind}))
+    return directory
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory):
+    return build_tiny_model_dir(tmp_path_factory.mktemp("tiny_grace"))
+
+
+@pytest.fixture(scope="module")
+def retriever(model_dir):
+    return GraceRetriever.from_pretrained(model_dir, device="cpu")
+
+
+def test_results_are_distinct_collection_images_best_first(retriever):
+    results = retriever.retrieve(QUERIES, top_k=5)
+    identifier_to_image = retriever.index.identifier_to_image()
+    assert len(results) == len(QUERIES)
+    for hits in results:
+        assert len(hits) == 5
+        keys = [hit.image_key for hit in hits]
+        assert len(set(keys)) == len(keys) and set(keys) <= set(IMAGES[4:])  # only the collection (test) images
+        assert all(identifier_to_image[hit.identifier] == hit.image_key for hit in hits)
+        scores = [hit.score for hit in hits]
+        assert scores == sorted(scores, reverse=True) and all(s < 0 for s in scores)
+
+
+def teacher_forced_log_prob(retriever, query, identifier):
+    """log P(`id <identifier><|endofchunk|>` | `caption:<query><image>`) by one forward pass."""
+    processor = retriever.processor
+    prompt = processor(text=[processor.query_prompt(query)], return_tensors="pt")["input_ids"]
+    tokens = torch.tensor(processor.identifier_token_ids([identifier]))  # (1, L)
+    with torch.no_grad():
+        logits = retriever.model(input_ids=torch.cat([prompt, tokens], dim=1)).logits  # (1, P + L, V)
+    log_probs = logits[0, prompt.shape[1] - 1 : -1].log_softmax(-1)  # (L, V)
+    return log_probs.gather(1, tokens.T).sum().item()
+
+
+def test_exhaustive_beams_equal_teacher_forced_log_probabilities(retriever):
+    """With as many beams as identifiers the search is exhaustive: each score must be log P(identifier | prompt)."""
+    query = QUERIES[1]
+    hits = retriever.retrieve([query], top_k=100)[0]
+    assert len(hits) == len(retriever.identifiers)  # 10 beams, clamped to the 8 candidate identifiers
+    expected = {
+        identifier: teacher_forced_log_prob(retriever, query, identifier) for identifier in retriever.identifiers
+    }
+    ranked = sorted(expected, key=expected.get, reverse=True)
+    assert [hit.identifier for hit in hits] == ranked
+    for hit in hits:
+        assert hit.score == pytest.approx(expected[hit.identifier], abs=1e-4)
+
+
+def test_batching_does_not_change_results(retriever):
+    one_by_one = [retriever.retrieve([q], top_k=4)[0] for q in QUERIES]
+    batched = retriever.retrieve(QUERIES, top_k=4, batch_size=3)
+    for single, together in zip(one_by_one, batched):
+        assert [h.image_key for h in single] == [h.image_key for h in together]
+        assert [h.score for h in single] == pytest.approx([h.score for h in together], abs=1e-4)
+
+
+def test_bad_queries_and_candidates(model_dir, retriever):
+    with pytest.raises(GraceInputError, match=r"queries\[1\]: empty query"):
+        retriever.retrieve(["a dog", "   "])
+    with pytest.raises(GraceInputError, match="top_k must be >= 1"):
+        retriever.retrieve(["a dog"], top_k=0)
+    with pytest.raises(GraceInputError, match="unknown image key 'nope.png'"):
+        GraceRetriever(retriever.model, retriever.processor, retriever.index, candidates=["nope.png"])
+    with pytest.raises(GraceInputError, match="query_image must be one of"):
+        GraceRetriever(retriever.model, retriever.processor, retriever.index, query_image="photo")
+    with pytest.raises(GraceInputError, match="not a model directory"):
+        GraceRetriever.from_pretrained(model_dir / "missing")
+
+
+def test_too_long_query_is_cut_to_fit(retriever, caplog):
+    limited = GraceRetriever(retriever.model, retriever.processor, retriever.index, max_length=16, trie=retriever.trie)
+    long_query = " ".join(["a red square"] * 30)
+    with caplog.at_level(logging.WARNING, logger="grace_hf.retrieval.retriever"):
+        hits = limited.retrieve([long_query], top_k=3)[0]
+    assert "1 queries were cut to fit the model's limit of 16 tokens" in caplog.text
+    assert len(hits) == 3
+    fitted = limited._fit(long_query)
+    assert long_query.startswith(fitted) and limited._prompt_length(fitted) + limited.trie.max_depth <= 16
+    tiny_limit = GraceRetriever(retriever.model, retriever.processor, retriever.index, max_length=4)
+    with pytest.raises(GraceInputError, match="leaves no room for a query"):
+        tiny_limit.retrieve(["a red square"])
+
+
+def test_explicit_candidates_and_beam_clamp(retriever):
+    small = GraceRetriever(retriever.model, retriever.processor, retriever.index, candidates=IMAGES[:2], num_beams=10)
+    assert small.num_beams == 2
+    hits = small.retrieve(["a red square"], top_k=10)[0]
+    assert sorted(hit.image_key for hit in hits) == IMAGES[:2]
+    # one candidate: one beam, i.e. greedy search, whose score must still be the identifier's log-probability
+    single = GraceRetriever(retriever.model, retriever.processor, retriever.index, candidates=IMAGES[1:2])
+    assert single.num_beams == 1
+    (hit,) = single.retrieve(["a red square"])[0]
+    assert hit.image_key == IMAGES[1]
+    assert hit.score == pytest.approx(teacher_forced_log_prob(retriever, "a red square", hit.identifier), abs=1e-4)
+
+
+def test_saved_trie_is_reused_and_stale_one_rebuilt(tmp_path, retriever, monkeypatch):
+    retriever.save_pretrained(tmp_path / "saved")
+    assert (tmp_path / "saved" / "identifier_trie.safetensors").is_file()
+
+    def no_build(*args):
+        raise AssertionError("the cached trie should have been used")
+
+    monkeypatch.setattr(retriever_module, "build_identifier_trie", no_build)
+    loaded = GraceRetriever.from_pretrained(tmp_path / "saved", device="cpu")
+    assert loaded.trie.metadata == retriever.trie.metadata
+    monkeypatch.undo()
+    other = GraceRetriever.from_pretrained(tmp_path / "saved", device="cpu", candidates=IMAGES[:3])
+    assert len(other.trie) == 3  # the saved trie was for other candidates: rebuilt
+    stale = IdentifierTrie([[1, 2]], metadata={"fingerprint": "old"})
+    rebuilt = GraceRetriever(retriever.model, retriever.processor, retriever.index, trie=stale)
+    assert rebuilt.trie is not stale and len(rebuilt.trie) == len(retriever.trie)
+
+
+def test_blank_query_image_and_semantic_identifiers(tmp_path):
+    directory = build_tiny_model_dir(tmp_path / "semantic", kind="semantic", query_image="blank", seed=1)
+    retriever = GraceRetriever.from_pretrained(directory, device="cpu", num_beams=6)
+    assert retriever.query_image == "blank"
+    hits = retriever.retrieve(QUERIES[:2], top_k=6)
+    identifier_to_image = retriever.index.identifier_to_image()
+    for query_hits in hits:
+        keys = [hit.image_key for hit in query_hits]
+        assert len(keys) == len(set(keys)) >= 3  # two identifiers per image, one entry per image
+        assert all(identifier_to_image[hit.identifier] == hit.image_key for hit in query_hits)

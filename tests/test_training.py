@@ -1,0 +1,345 @@
+"""Training: arguments, data order, the two-task step, checkpoints, a tiny run and kill-and-resume."""
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+from accelerate.state import AcceleratorState, GradientState, PartialState
+from accelerate.utils import set_seed
+from safetensors.torch import load_file
+
+from grace_hf.data.build import prepare
+from grace_hf.data.collate import GraceCollator
+from grace_hf.data.synthetic import write_synthetic
+from grace_hf.errors import GraceInputError
+from grace_hf.training import parse_args
+from grace_hf.training import train as train_module
+from grace_hf.training.checkpoints import list_checkpoints, resolve_checkpoint, save_checkpoint
+from grace_hf.training.data import load_training_data
+from grace_hf.training.modeling import build_model_and_processor, optimizer_parameter_groups
+from grace_hf.training.sampling import StepBatchSampler
+from grace_hf.training.train import step_loss
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def tiny_recipe(data_dir, output_dir, **overrides) -> dict:
+    """A recipe that trains the tiny preset for a few steps on the 24-image synthetic set."""
+    recipe = {
+        "model_preset": "tiny",
+        "tokenizer_vocab_size": 300,
+        "data_dir": str(data_dir),
+        "output_dir": str(output_dir),
+        "max_steps": 6,
+        "batch_size_i2id": 4,
+        "batch_size_t2id": 8,
+        "learning_rate": 2e-3,
+        "warmup_steps": 1,
+        "logging_steps": 1,
+        "save_steps": 2,
+        "save_total_limit": 0,
+        "eval_num_queries": 4,
+        "num_beams": 2,
+        "report_to": "none",
+        "seed": 0,
+    }
+    recipe.update(overrides)
+    return recipe
+
+
+def write_recipe(path, recipe) -> str:
+    Path(path).write_text(yaml.safe_dump(recipe), encoding="utf-8")
+    return str(path)
+
+
+def reset_accelerate():
+    """Forget the Accelerate singletons so the next in-process run starts like a fresh process."""
+    AcceleratorState._reset_state(reset_partial_state=True)
+    GradientState._reset_state()
+    PartialState._reset_state()
+
+
+def run_training(argv):
+    try:
+        assert train_module.main(argv) == 0
+    finally:
+        reset_accelerate()
+
+
+@pytest.fixture(scope="session")
+def prepared(tmp_path_factory):
+    """A prepared 24-image synthetic dataset with structured identifiers."""
+    root = tmp_path_factory.mktemp("synthetic")
+    write_synthetic(root / "raw", num_images=24, seed=0)
+    return prepare(
+        root / "raw" / "dataset_synthetic.json",
+        root / "raw",
+        "structured",
+        root / "prepared",
+        pseudo_queries=root / "raw" / "pseudo_queries.json",
+        pixel_features=True,
+    )
+
+
+# arguments
+
+
+def test_recipe_sets_defaults_and_flags_override(tmp_path, prepared):
+    config = write_recipe(tmp_path / "r.yaml", tiny_recipe(prepared, tmp_path / "out", t2id_image="blank"))
+    model_args, data_args, args = parse_args(
+        ["--config", config, "--max_steps", "9", "--seed", "3", "--output_dir", "elsewhere", "--data_dir", "d"]
+    )
+    assert (args.max_steps, args.seed, args.output_dir, data_args.data_dir) == (9, 3, "elsewhere", "d")
+    assert (model_args.model_preset, data_args.t2id_image, args.learning_rate) == ("tiny", "blank", 2e-3)
+    assert args.report_to == ["none"]
+
+
+def test_unknown_keys_are_errors_naming_the_key(tmp_path, prepared):
+    config = write_recipe(tmp_path / "r.yaml", tiny_recipe(prepared, tmp_path / "out", learning_rat=1.0))
+    with pytest.raises(GraceInputError, match="unknown key 'learning_rat'"):
+        parse_args(["--config", config])
+    config = write_recipe(tmp_path / "r.yaml", tiny_recipe(prepared, tmp_path / "out"))
+    with pytest.raises(GraceInputError, match="--warmup 3"):
+        parse_args(["--config", config, "--warmup", "3"])
+    with pytest.raises(GraceInputError, match="t2id_image: 'gray' is not one of"):
+        parse_args(["--config", write_recipe(tmp_path / "r.yaml", tiny_recipe(prepared, "o", t2id_image="gray"))])
+
+
+def test_cross_field_checks(tmp_path, prepared):
+    config = write_recipe(tmp_path / "r.yaml", tiny_recipe(prepared, tmp_path / "out"))
+    with pytest.raises(GraceInputError, match="both loss weights are 0"):
+        parse_args(["--config", config, "--loss_weight_i2id", "0", "--loss_weight_t2id", "0"])
+    with pytest.raises(GraceInputError, match="exactly one of model_name_or_path and model_preset"):
+        parse_args(["--config", config, "--model_name_or_path", "some/model"])
+    with pytest.raises(GraceInputError, match="lr_scheduler_type: unknown 'linearr'"):
+        parse_args(["--config", config, "--lr_scheduler_type", "linearr"])
+
+
+# data order
+
+
+def test_data_order_is_a_function_of_the_step():
+    unbroken = iter(StepBatchSampler(10, 3, seed=1))
+    batches = [next(unbroken) for _ in range(8)]
+    resumed = iter(StepBatchSampler(10, 3, seed=1, start_step=5))
+    assert [next(resumed) for _ in range(3)] == batches[5:]
+    # every row once per epoch, a new order for the next epoch
+    epoch0 = [index for batch in batches for index, epoch in batch if epoch == 0]
+    epoch1 = [index for batch in batches for index, epoch in batch if epoch == 1]
+    assert sorted(epoch0) == list(range(10)) and sorted(epoch1) == list(range(10)) and epoch0 != epoch1
+
+
+def test_processes_read_disjoint_slices_of_the_global_batch():
+    single = iter(StepBatchSampler(24, 8, seed=0))
+    ranks = [iter(StepBatchSampler(24, 4, seed=0, rank=r, world_size=2)) for r in range(2)]
+    for _ in range(5):
+        first, second = next(ranks[0]), next(ranks[1])
+        assert not set(first) & set(second)
+        assert first + second == next(single)
+
+
+# the step
+
+
+def test_two_task_step_equals_the_sum_of_the_two_losses(prepared, tmp_path):
+    model_args, data_args, args = parse_args(
+        ["--config", write_recipe(tmp_path / "r.yaml", tiny_recipe(prepared, "o"))]
+    )
+    data = load_training_data(data_args, args)
+    torch.manual_seed(0)
+    model, processor = build_model_and_processor(model_args, data.tokenizer_texts, data.index.new_tokens)
+    rows = {s.name: [dict(s.rows[i]) for i in range(3)] for s in data.streams}
+    batches = {name: GraceCollator(processor, name, t2id_image="blank")(rows[name]) for name in rows}
+    weights = {"i2id": 0.5, "t2id": 2.0}
+
+    total, losses = step_loss(model, batches, weights)
+    total.backward()
+    summed = {name: p.grad.clone() for name, p in model.named_parameters() if p.grad is not None}
+    model.zero_grad()
+    expected = 0.0
+    for name, batch in batches.items():
+        loss = model(**batch).loss
+        (weights[name] * loss).backward()
+        expected += weights[name] * loss.item()
+        assert losses[name].item() == pytest.approx(loss.item(), rel=1e-6)
+    separate = {name: p.grad for name, p in model.named_parameters() if p.grad is not None}
+    assert total.item() == pytest.approx(expected, rel=1e-6)
+    assert summed.keys() == separate.keys()
+    for name in summed:
+        torch.testing.assert_close(summed[name], separate[name], rtol=1e-5, atol=1e-7)
+
+
+def test_weight_decay_only_on_gated_cross_attention(prepared, tmp_path):
+    model_args, data_args, args = parse_args(
+        ["--config", write_recipe(tmp_path / "r.yaml", tiny_recipe(prepared, "o"))]
+    )
+    data = load_training_data(data_args, args)
+    model, _ = build_model_and_processor(model_args, data.tokenizer_texts, data.index.new_tokens)
+    decay, no_decay = optimizer_parameter_groups(model, 0.1)
+    names = {id(p): n for n, p in model.named_parameters()}
+    decayed = [names[id(p)] for p in decay["params"]]
+    assert decayed and all(".gated_cross_attn." in n and "gate" not in n.rsplit(".", 1)[-1] for n in decayed)
+    assert decay["weight_decay"] == 0.1 and no_decay["weight_decay"] == 0.0
+    assert not any(n.startswith("model.vision_model.") for n in map(names.get, map(id, no_decay["params"])))
+
+
+# checkpoints
+
+
+class _FakeAccelerator:
+    """Enough of an Accelerator for `save_checkpoint`; `fail` makes `save_state` die half-way."""
+
+    is_main_process = True
+
+    def __init__(self, fail=False):
+        self.fail = fail
+
+    def wait_for_everyone(self):
+        pass
+
+    def save_state(self, path):
+        (Path(path) / "model.safetensors").write_text("weights")
+        if self.fail:
+            raise RuntimeError("killed while saving")
+
+
+def test_checkpoints_are_atomic_and_pruned(tmp_path):
+    for step in (2, 4, 6):
+        save_checkpoint(_FakeAccelerator(), tmp_path, step, {"scheduler": {}}, total_limit=2)
+    assert [step for step, _ in list_checkpoints(tmp_path)] == [4, 6]
+    with pytest.raises(RuntimeError):
+        save_checkpoint(_FakeAccelerator(fail=True), tmp_path, 8, {"scheduler": {}}, total_limit=2)
+    assert resolve_checkpoint(tmp_path, "latest").name == "step-6"
+    assert json.loads((tmp_path / "checkpoints/step-6/trainer_state.json").read_text())["step"] == 6
+    with pytest.raises(GraceInputError, match="no checkpoint to resume from"):
+        resolve_checkpoint(tmp_path / "empty", "latest")
+
+
+# whole runs
+
+KILL_AFTER_STEP_4 = textwrap.dedent(
+    """
+    import os, signal, sys
+    import grace_hf.training.train as train
+
+    save = train.save_checkpoint
+
+    def save_then_die(accelerator, output_dir, step, *args, **kwargs):
+        path = save(accelerator, output_dir, step, *args, **kwargs)
+        if step == 4:
+            os.kill(os.getpid(), signal.SIGKILL)
+        return path
+
+    train.save_checkpoint = save_then_die
+    sys.exit(train.main(sys.argv[1:]))
+    """
+)
+
+
+def _pushed_copy(destination):
+    """HfApi methods that write into `destination` instead of the network."""
+
+    def create_repo(self, repo_id, **kwargs):
+        (destination / repo_id).mkdir(parents=True, exist_ok=True)
+
+    def upload_folder(self, repo_id, folder_path, ignore_patterns=(), **kwargs):
+        ignore = shutil.ignore_patterns(*(pattern.split("/")[0] for pattern in ignore_patterns))
+        shutil.copytree(folder_path, destination / repo_id, ignore=ignore, dirs_exist_ok=True)
+        return f"file://{destination / repo_id}"
+
+    return create_repo, upload_folder
+
+
+@pytest.fixture(scope="module")
+def reference_run(prepared, tmp_path_factory):
+    """An unbroken 6-step run (also pushed to a fake Hub)."""
+    root = tmp_path_factory.mktemp("reference")
+    recipe = write_recipe(root / "recipe.yaml", tiny_recipe(prepared, root / "out"))
+    hub = root / "hub"
+    create_repo, upload_folder = _pushed_copy(hub)
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr("huggingface_hub.HfApi.create_repo", create_repo)
+        patch.setattr("huggingface_hub.HfApi.upload_folder", upload_folder)
+        run_training(["--config", recipe, "--push_to_hub", "me/grace-tiny"])
+    return root / "out", recipe, hub / "me/grace-tiny"
+
+
+def _log(output_dir):
+    lines = (Path(output_dir) / train_module.LOG_HISTORY_FILE).read_text().splitlines()
+    return [json.loads(line) for line in lines]
+
+
+def test_tiny_run_learns_and_writes_a_model_directory(reference_run, prepared):
+    output_dir, recipe, _ = reference_run
+    log = _log(output_dir)
+    assert [record["step"] for record in log] == [1, 2, 3, 4, 5, 6]
+    assert log[-1]["loss"] < log[0]["loss"] - 0.5
+    for name in ("config.json", "model.safetensors", "generation_config.json", "tokenizer.json", "identifiers.json"):
+        assert (output_dir / name).is_file(), name
+    assert json.loads((output_dir / "grace_config.json").read_text()) == {
+        "query_image": "none",
+        "identifier_kind": "structured",
+    }
+    metrics = json.loads((output_dir / "metrics.json").read_text())
+    assert metrics["identifier_kind"] == "structured" and metrics["steps"] == 6 and metrics["train_seconds"] > 0
+    assert {"recall@1", "recall@5", "recall@10"} <= metrics.keys()
+    assert (output_dir / "README.md").read_text().startswith("---\n")
+    assert [step for step, _ in list_checkpoints(output_dir)] == [2, 4, 6]
+
+    # every trained parameter moved, the frozen vision tower did not
+    model_args, data_args, args = parse_args(["--config", recipe])
+    data = load_training_data(data_args, args)
+    set_seed(args.seed)
+    initial, _ = build_model_and_processor(model_args, data.tokenizer_texts, data.index.new_tokens)
+    trained = load_file(output_dir / "model.safetensors")
+    for name, parameter in initial.named_parameters():
+        if name not in trained:
+            continue  # the tied lm_head
+        moved = not torch.equal(parameter.detach(), trained[name])
+        assert moved == parameter.requires_grad, name
+
+
+def test_saved_directory_retrieves_and_pushes(reference_run):
+    from grace_hf.retrieval import GraceRetriever
+
+    output_dir, _, pushed = reference_run
+    assert (pushed / "README.md").is_file() and not (pushed / "checkpoints").exists()
+    for directory in (output_dir, pushed):
+        retriever = GraceRetriever.from_pretrained(directory)
+        hits = retriever.retrieve(["a red circle"], top_k=2)[0]
+        assert hits and all(hit.image_key in retriever.index.collection for hit in hits)
+
+
+@pytest.mark.slow
+def test_kill_and_resume_ends_with_the_same_weights(reference_run, tmp_path, prepared):
+    reference_dir, _, _ = reference_run
+    recipe = write_recipe(tmp_path / "recipe.yaml", tiny_recipe(prepared, tmp_path / "out"))
+    script = tmp_path / "kill_after_4.py"
+    script.write_text(KILL_AFTER_STEP_4)
+    killed = subprocess.run(
+        [sys.executable, str(script), "--config", recipe],
+        cwd=ROOT,
+        env={**os.environ, "HF_HUB_OFFLINE": "1"},
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert killed.returncode == -signal.SIGKILL, killed.stderr[-2000:]
+    assert [step for step, _ in list_checkpoints(tmp_path / "out")] == [2, 4]
+    assert not (tmp_path / "out" / "model.safetensors").exists()
+
+    run_training(["--config", recipe, "--resume_from_checkpoint", "latest"])
+    resumed = load_file(tmp_path / "out" / "model.safetensors")
+    reference = load_file(reference_dir / "model.safetensors")
+    assert resumed.keys() == reference.keys()
+    for name in reference:
+        assert torch.equal(resumed[name], reference[name]), name
+    assert [r["loss"] for r in _log(tmp_path / "out")] == [r["loss"] for r in _log(reference_dir)]
