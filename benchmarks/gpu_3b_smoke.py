@@ -14,6 +14,7 @@ import time
 import torch
 
 from grace_hf.models.flamingo import FlamingoConfig, FlamingoForConditionalGeneration
+from grace_hf.retrieval.trie import IdentifierTrie
 
 
 def build_model(preset: str, device: torch.device, dtype: torch.dtype) -> FlamingoForConditionalGeneration:
@@ -33,16 +34,11 @@ def build_model(preset: str, device: torch.device, dtype: torch.dtype) -> Flamin
     return model
 
 
-def make_identifier_trie(num_identifiers: int, length: int, vocab_size: int, end_id: int, seed: int = 0):
-    """Random identifier token sequences (each ends with `end_id`) and the prefix -> next-tokens table."""
+def random_identifiers(num_identifiers: int, length: int, vocab_size: int, end_id: int, seed: int = 0) -> list[list[int]]:
+    """Random identifier token sequences, each ending with `end_id`."""
     generator = torch.Generator().manual_seed(seed)
     sequences = torch.randint(3, vocab_size, (num_identifiers, length), generator=generator).tolist()
-    allowed: dict[tuple[int, ...], set[int]] = {}
-    for sequence in sequences:
-        sequence = [*sequence, end_id]
-        for i in range(len(sequence)):
-            allowed.setdefault(tuple(sequence[:i]), set()).add(sequence[i])
-    return sequences, {prefix: sorted(tokens) for prefix, tokens in allowed.items()}
+    return [[*sequence, end_id] for sequence in sequences]
 
 
 def peak_memory_gib(device: torch.device) -> float:
@@ -117,7 +113,7 @@ def main(argv: list[str] | None = None) -> int:
     if device.type == "cuda":
         torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats(device)
-    identifiers, allowed = make_identifier_trie(1000, 6, vocab, config.end_of_chunk_token_id)
+    trie = IdentifierTrie(random_identifiers(1000, 6, vocab, config.end_of_chunk_token_id))
     prompt = torch.randint(3, vocab, (args.queries, 12), device=device)
     prompt[:, -1] = config.media_token_id
     prompt[0, :3] = config.pad_token_id
@@ -125,9 +121,6 @@ def main(argv: list[str] | None = None) -> int:
     mask[0, :3] = 0
     prompt_pixels = torch.randn(args.queries, 1, 1, 3, size, size, device=device, dtype=dtype)
     prompt_length = prompt.shape[1]
-
-    def prefix_allowed_tokens(batch_id: int, sequence: torch.Tensor) -> list[int]:
-        return allowed.get(tuple(sequence[prompt_length:].tolist()), [config.pad_token_id])
 
     sync(device)
     start = time.perf_counter()
@@ -138,7 +131,7 @@ def main(argv: list[str] | None = None) -> int:
         num_beams=args.num_beams,
         num_return_sequences=args.num_beams,
         max_new_tokens=7,
-        prefix_allowed_tokens_fn=prefix_allowed_tokens,
+        logits_processor=[trie.logits_processor(prompt_length)],
         eos_token_id=config.end_of_chunk_token_id,
         pad_token_id=config.pad_token_id,
         length_penalty=-2.0,
@@ -148,8 +141,7 @@ def main(argv: list[str] | None = None) -> int:
     sync(device)
     generate_seconds = time.perf_counter() - start
     generated = out.sequences[:, prompt_length:]
-    known = {tuple(s) for s in identifiers}
-    valid = sum(tuple(g[:6].tolist()) in known for g in generated)
+    valid = int((trie.lookup(generated, end_token_id=config.end_of_chunk_token_id) >= 0).sum())
     new_tokens = generated.numel()
     print(
         f"generate: {args.queries} queries x {args.num_beams} beams in {generate_seconds:.2f}s -> "

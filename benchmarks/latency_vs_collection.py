@@ -72,7 +72,7 @@ def main() -> None:
     queries = (QUERIES * (args.queries // len(QUERIES) + 1))[: args.queries]
     print(f"torch threads: {args.threads}; tiny Flamingo, {args.num_beams} beams, batch 1; dense dim {args.dim}\n")
     header = (
-        f"{'images':>8} | {'id tokens':>9} | {'trie build':>10} | {'trie MB':>7} | "
+        f"{'images':>8} | {'id tokens':>9} | {'index build':>11} | {'trie MB':>7} | "
         f"{'GRACE ms/query':>14} | {'dense ms/query':>14} | {'GRACE / dense':>13}"
     )
     print(header)
@@ -88,7 +88,7 @@ def main() -> None:
         query_vectors = torch.nn.functional.normalize(torch.randn(args.queries, 1, args.dim), dim=-1)  # (Q, 1, D)
         dense_ms = median_ms(functools.partial(dense_top10, vectors), list(query_vectors))
         print(
-            f"{size:>8,} | {retriever.trie.max_depth:>9} | {build:>9.2f}s | {retriever.trie.nbytes / 2**20:>7.2f} | "
+            f"{size:>8,} | {retriever.trie.max_depth:>9} | {build:>10.2f}s | {retriever.trie.nbytes / 2**20:>7.2f} | "
             f"{grace_ms:>14.1f} | {dense_ms:>14.2f} | {grace_ms / dense_ms:>12.1f}x",
             flush=True,
         )

@@ -158,7 +158,9 @@ def worker(shape: str, steps: int, warmup: int, result_path: str) -> None:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--shapes", nargs="+", default=["tiny", "medium"], choices=sorted(SHAPES))
-    parser.add_argument("--backends", nargs="+", default=["ddp", "zero2", "zero3"], choices=["single", "ddp", "zero2", "zero3"])
+    parser.add_argument(
+        "--backends", nargs="+", default=["ddp", "zero2", "zero3"], choices=["single", "ddp", "zero2", "zero3"]
+    )
     parser.add_argument("--num-processes", type=int, default=2)
     parser.add_argument("--steps", type=int, default=10, help="timed steps")
     parser.add_argument("--warmup", type=int, default=2, help="untimed steps first")
@@ -172,8 +174,10 @@ def main(argv: list[str] | None = None) -> int:
     import torch
 
     gpu = torch.cuda.is_available()
-    print(f"device: {torch.cuda.get_device_name() if gpu else f'CPU ({os.cpu_count()} cores)'}; {args.steps} timed steps")
-    print(f"| shape | back-end | processes | samples/s | s/step |\n| --- | --- | --- | --- | --- |")
+    print(
+        f"device: {torch.cuda.get_device_name() if gpu else f'CPU ({os.cpu_count()} cores)'}; {args.steps} timed steps"
+    )
+    print("| shape | back-end | processes | samples/s | s/step |\n| --- | --- | --- | --- | --- |")
     for shape in args.shapes:
         if shape == "3b" and not gpu:
             print("| 3b | - | - | skipped: needs a GPU | |")

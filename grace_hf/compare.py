@@ -83,7 +83,9 @@ def comparison_table(run_dirs: Sequence[str | os.PathLike]) -> str:
 def main(argv: list[str] | None = None) -> int:
     """Entry point of `grace-hf compare`."""
     parser = argparse.ArgumentParser(prog="grace-hf compare", description=__doc__.split("\n\n")[0])
-    parser.add_argument("run_dirs", nargs="+", metavar="RUN_DIR", help="run directories with a metrics.json (or the file)")
+    parser.add_argument(
+        "run_dirs", nargs="+", metavar="RUN_DIR", help="run directories with a metrics.json (or the file)"
+    )
     parser.add_argument("--output", default=None, help="also write the table to this Markdown file")
     args = parser.parse_args(argv)
     table = comparison_table(args.run_dirs)

@@ -3,6 +3,7 @@ log-probabilities, batching, errors on bad input, the cached trie, and the query
 
 import json
 import logging
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -103,6 +104,14 @@ def test_bad_queries_and_candidates(model_dir, retriever):
         GraceRetriever(retriever.model, retriever.processor, retriever.index, query_image="photo")
     with pytest.raises(GraceInputError, match="not a model directory"):
         GraceRetriever.from_pretrained(model_dir / "missing")
+
+
+def test_identifier_tokens_outside_the_model_vocabulary(retriever):
+    from grace_hf.models.flamingo import FlamingoConfig
+
+    small = SimpleNamespace(config=FlamingoConfig.from_preset("tiny", text_config={"vocab_size": 8}))
+    with pytest.raises(GraceInputError, match=r"outside the model's vocabulary \(8\)"):
+        GraceRetriever(small, retriever.processor, retriever.index)
 
 
 def test_too_long_query_is_cut_to_fit(retriever, caplog):

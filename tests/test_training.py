@@ -102,6 +102,13 @@ def test_recipe_sets_defaults_and_flags_override(tmp_path, prepared):
     assert args.report_to == ["none"]
 
 
+def test_recipe_can_switch_off_a_flag_that_defaults_to_true(tmp_path, prepared):
+    config = write_recipe(tmp_path / "r.yaml", tiny_recipe(prepared, tmp_path / "out", i2id_flip=False))
+    assert parse_args(["--config", config])[1].i2id_flip is False
+    assert parse_args(["--config", config, "--i2id_flip"])[1].i2id_flip is True
+    assert parse_args(["--config", config, "--no_freeze_vision"])[0].freeze_vision is False
+
+
 def test_unknown_keys_are_errors_naming_the_key(tmp_path, prepared):
     config = write_recipe(tmp_path / "r.yaml", tiny_recipe(prepared, tmp_path / "out", learning_rat=1.0))
     with pytest.raises(GraceInputError, match="unknown key 'learning_rat'"):

@@ -314,7 +314,7 @@ def write_synthetic(
             for job in tqdm(jobs, desc="drawing"):
                 _save_image(job)
         else:
-            with get_context("spawn").Pool(workers) as pool:  # no fork: the caller may hold torch/OpenMP threads
+            with get_context("fork").Pool(workers) as pool:  # fork: callers need no __main__ guard
                 for _ in tqdm(pool.imap_unordered(_save_image, jobs, chunksize=64), total=len(jobs), desc="drawing"):
                     pass
         # compact like the real Karpathy files (and json's indenting encoder is slow and memory-hungry)

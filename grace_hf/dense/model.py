@@ -31,7 +31,8 @@ FEATURES_NAME = "image_features.safetensors"
 
 _VOCAB_SIZE = 49408  # open_clip's SimpleTokenizer vocabulary, bundled with the package
 
-# open_clip model configs (the `model_cfg` of open_clip's JSON files) sized for 64x64 images on a CPU.
+# open_clip model configs (the `model_cfg` of open_clip's JSON files) sized for 64x64 images on a CPU. `tiny` trains
+# on 400 synthetic images in about a minute on 2 cores; `small` costs about 8x as much per step, for more data or time.
 PRESETS: dict[str, dict[str, Any]] = {
     "tiny": {
         "embed_dim": 64,
@@ -110,12 +111,12 @@ class DualEncoder:
         return self.config["embed_dim"]
 
     def pixel_values(self, paths: Sequence[str | os.PathLike]) -> torch.Tensor:
-        """Load and preprocess images.  # (N, 3, H, W)"""
+        """Load and preprocess images into one (N, 3, H, W) batch."""
         return torch.stack([self.transform(open_rgb(path)) for path in paths])
 
     @torch.no_grad()
     def encode_images(self, paths: Sequence[str | os.PathLike], batch_size: int = 256) -> torch.Tensor:
-        """L2-normalised image embeddings, in the order of `paths`.  # (N, D)"""
+        """L2-normalised image embeddings (N, D), in the order of `paths`."""
         self.model.eval()
         chunks = [
             self.model.encode_image(self.pixel_values(paths[i : i + batch_size]), normalize=True)
@@ -125,7 +126,7 @@ class DualEncoder:
 
     @torch.no_grad()
     def encode_texts(self, texts: Sequence[str], batch_size: int = 1024) -> torch.Tensor:
-        """L2-normalised text embeddings, in the order of `texts`.  # (N, D)"""
+        """L2-normalised text embeddings (N, D), in the order of `texts`."""
         self.model.eval()
         chunks = [
             self.model.encode_text(self.tokenizer(list(texts[i : i + batch_size])), normalize=True)

@@ -1,7 +1,7 @@
 """`grace-hf baseline-clip`: a dense open_clip dual encoder trained and evaluated on GRACE's data.
 
     grace-hf baseline-clip --karpathy-json data/synthetic/dataset_synthetic.json --image-root data/synthetic \
-        --pseudo-queries data/synthetic/pseudo_queries.json --output-dir runs/dense-clip --config small
+        --pseudo-queries data/synthetic/pseudo_queries.json --output-dir runs/dense-clip --config tiny --epochs 50
 
 Same data as the generative model: the training pairs are GRACE's query -> identifier pairs with
 the image in place of the identifier (human captions of train images, pseudo-queries of the other
@@ -15,7 +15,7 @@ import argparse
 import math
 import os
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -27,10 +27,17 @@ from tqdm.auto import tqdm
 
 from grace_hf.data.karpathy import MEMORIZED_SPLITS, KarpathyCorpus, load_karpathy
 from grace_hf.data.pseudo_queries import load_pseudo_queries
-from grace_hf.dense.model import FEATURES_NAME, PRESETS, DualEncoder, resolve_model_config, save_image_features
+from grace_hf.dense.model import (
+    FEATURES_NAME,
+    PRESETS,
+    DualEncoder,
+    open_rgb,
+    resolve_model_config,
+    save_image_features,
+)
 from grace_hf.errors import GraceInputError
 from grace_hf.io_utils import atomic_directory, atomic_write_json
-from grace_hf.retrieval.metrics import recall_at_k
+from grace_hf.retrieval.metrics import recall_at_k, recall_curve
 
 
 @dataclass
@@ -41,9 +48,9 @@ class DenseTrainingArgs:
     never holds the same image twice (InfoNCE would count the copy as a negative).
     """
 
-    epochs: int = 40
-    batch_size: int = 64
-    lr: float = 2e-3
+    epochs: int = 50
+    batch_size: int = 32
+    lr: float = 1e-3
     weight_decay: float = 0.1
     warmup_fraction: float = 0.1
     seed: int = 0
@@ -69,22 +76,22 @@ def training_texts(corpus: KarpathyCorpus, pseudo_queries: Mapping[str, list[str
 
 
 class _PairDataset(Dataset):
-    """(pixel values, token ids) of a fixed list of (image path, text) pairs."""
+    """(pixel values (3, H, W), token ids (L,)) of a fixed list of (image path, text) pairs."""
 
     def __init__(self, pairs: list[tuple[Path, str]], encoder: DualEncoder) -> None:
         self.pairs = pairs
-        self.encoder = encoder
+        self.transform, self.tokenizer = encoder.transform, encoder.tokenizer  # not the model: workers get a copy
 
     def __len__(self) -> int:
         return len(self.pairs)
 
     def __getitem__(self, index: int) -> tuple[torch.Tensor, torch.Tensor]:
         path, text = self.pairs[index]
-        return self.encoder.pixel_values([path])[0], self.encoder.tokenizer([text])[0]
+        return self.transform(open_rgb(path)), self.tokenizer([text])[0]
 
 
 def _param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict[str, Any]]:
-    # As open_clip's trainer: no decay on gains, biases, embeddings' scale and the logit scale.
+    # As open_clip's trainer: no weight decay on norms, biases, other 1-D parameters and the logit scale.
     decay, no_decay = [], []
     for name, param in model.named_parameters():
         exclude = param.ndim < 2 or "bn" in name or "ln" in name or "bias" in name or "logit_scale" in name
@@ -92,7 +99,7 @@ def _param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict[str,
     return [{"params": no_decay, "weight_decay": 0.0}, {"params": decay, "weight_decay": weight_decay}]
 
 
-def _warmup_cosine(total_steps: int, warmup_steps: int):
+def _warmup_cosine(total_steps: int, warmup_steps: int) -> Callable[[int], float]:
     def factor(step: int) -> float:
         if step < warmup_steps:
             return (step + 1) / warmup_steps
@@ -102,44 +109,56 @@ def _warmup_cosine(total_steps: int, warmup_steps: int):
     return factor
 
 
+@dataclass
+class TrainingResult:
+    """What a training run did: the mean loss of each epoch, the optimizer steps and the wall time."""
+
+    epoch_losses: list[float]
+    steps: int
+    seconds: float
+
+
+def _epoch_pairs(
+    keys: list[str], image_paths: Mapping[str, Path], texts: Mapping[str, list[str]], generator: torch.Generator
+) -> list[tuple[Path, str]]:
+    """Every image once, in a random order, each with one of its texts drawn at random."""
+    pairs = []
+    for i in torch.randperm(len(keys), generator=generator).tolist():
+        choices = texts[keys[i]]
+        pairs.append((image_paths[keys[i]], choices[int(torch.randint(len(choices), (1,), generator=generator))]))
+    return pairs
+
+
 def train_dual_encoder(
     encoder: DualEncoder,
     image_paths: Mapping[str, Path],
     texts: Mapping[str, list[str]],
     args: DenseTrainingArgs,
-) -> list[float]:
-    """Train `encoder` in place with open_clip's `ClipLoss` and AdamW; returns the mean loss per epoch.
+) -> TrainingResult:
+    """Train `encoder` in place with open_clip's `ClipLoss` (symmetric InfoNCE) and AdamW.
 
-    Deterministic for `args.seed` (data order and text choice come from one seeded generator).
+    Warmup then cosine decay of the learning rate, gradient clipping at 1.0. Deterministic for
+    `args.seed` (data order and text choice come from one seeded generator; seed torch before
+    building the encoder for a reproducible initialisation).
     """
     keys = sorted(texts)
     if len(keys) < 2:
         raise GraceInputError(f"{len(keys)} training images with texts: the contrastive loss needs at least 2")
     generator = torch.Generator().manual_seed(args.seed)
-    batches_per_epoch = math.ceil(len(keys) / args.batch_size)
-    total_steps = args.epochs * batches_per_epoch
+    drop_last = len(keys) % args.batch_size == 1  # a batch of one has no negatives
+    total_steps = args.epochs * (len(keys) // args.batch_size + (len(keys) % args.batch_size > 1))
     optimizer = torch.optim.AdamW(_param_groups(encoder.model, args.weight_decay), lr=args.lr, betas=(0.9, 0.98))
     schedule = torch.optim.lr_scheduler.LambdaLR(
         optimizer, _warmup_cosine(total_steps, max(1, round(args.warmup_fraction * total_steps)))
     )
     loss_fn = open_clip.ClipLoss()
     epoch_losses: list[float] = []
+    start = time.perf_counter()
     encoder.model.train()
     progress = tqdm(total=total_steps, desc="baseline-clip", unit="step", dynamic_ncols=True)
     for _ in range(args.epochs):
-        order = torch.randperm(len(keys), generator=generator).tolist()
-        pairs = []
-        for i in order:
-            choices = texts[keys[i]]
-            pairs.append(
-                (image_paths[keys[i]], choices[torch.randint(len(choices), (1,), generator=generator).item()])
-            )
-        loader = DataLoader(
-            _PairDataset(pairs, encoder),
-            batch_size=args.batch_size,
-            num_workers=args.num_workers,
-            drop_last=len(pairs) % args.batch_size == 1,  # a batch of one has no negatives
-        )
+        pairs = _PairDataset(_epoch_pairs(keys, image_paths, texts, generator), encoder)
+        loader = DataLoader(pairs, batch_size=args.batch_size, num_workers=args.num_workers, drop_last=drop_last)
         losses = []
         for pixel_values, input_ids in loader:
             image_features, text_features, logit_scale = encoder.model(pixel_values, input_ids)  # (B, D), (B, D), ()
@@ -157,7 +176,7 @@ def train_dual_encoder(
         epoch_losses.append(sum(losses) / len(losses))
     progress.close()
     encoder.model.eval()
-    return epoch_losses
+    return TrainingResult(epoch_losses=epoch_losses, steps=total_steps, seconds=time.perf_counter() - start)
 
 
 def evaluate_dual_encoder(
@@ -169,7 +188,7 @@ def evaluate_dual_encoder(
     ks: Sequence[int] = (1, 5, 10),
     batch_size: int = 32,
 ) -> dict[str, Any]:
-    """Recall@K of text -> image retrieval by brute-force dot product, plus query speed.
+    """Recall@K of text -> image retrieval by brute-force dot product (and `recall_curve`: K = 1 .. max K), plus speed.
 
     `candidate_features` (M, D) are L2-normalised image embeddings (the index, built beforehand).
     The query time covers tokenizing and encoding each query, scoring every candidate and taking
@@ -186,6 +205,7 @@ def evaluate_dual_encoder(
     elapsed = time.perf_counter() - start
     metrics = recall_at_k(rankings, list(gold), ks)
     metrics.update(
+        recall_curve=recall_curve(rankings, list(gold), max(ks)),
         num_queries=len(queries),
         num_candidates=len(candidate_keys),
         query_latency_ms=1000.0 * elapsed / max(1, len(queries)),
@@ -200,7 +220,7 @@ def run_baseline(
     image_root: str | os.PathLike,
     output_dir: str | os.PathLike,
     pseudo_queries: str | os.PathLike | None = None,
-    config: str | os.PathLike = "small",
+    config: str | os.PathLike = "tiny",
     args: DenseTrainingArgs | None = None,
     eval_batch_size: int = 32,
 ) -> dict[str, Any]:
@@ -214,14 +234,12 @@ def run_baseline(
     test_images = corpus.split("test")
     if not test_images:
         raise GraceInputError(f"{karpathy_json}: no test images to evaluate on")
-    queries = load_pseudo_queries(pseudo_queries, corpus) if pseudo_queries else None
-    texts = training_texts(corpus, queries)
+    pseudo = load_pseudo_queries(pseudo_queries, corpus) if pseudo_queries else None
+    texts = training_texts(corpus, pseudo)
     image_paths = {image.key: image.path for image in memorized}
 
     encoder = DualEncoder.from_config(model_config)
-    start = time.perf_counter()
-    epoch_losses = train_dual_encoder(encoder, image_paths, texts, args)
-    train_seconds = time.perf_counter() - start
+    result = train_dual_encoder(encoder, image_paths, texts, args)
 
     with atomic_directory(output_dir) as out:
         encoder.save(out)
@@ -240,14 +258,15 @@ def run_baseline(
             batch_size=eval_batch_size,
         )
         metrics |= {
-            "train_seconds": train_seconds,
+            "train_seconds": result.seconds,
+            "train_steps": result.steps,
             "train_images": len(texts),
             "train_pairs": sum(len(t) for t in texts.values()),
             "epochs": args.epochs,
             "batch_size": args.batch_size,
             "lr": args.lr,
             "seed": args.seed,
-            "epoch_losses": epoch_losses,
+            "epoch_losses": result.epoch_losses,
         }
         atomic_write_json(out / "metrics.json", metrics)
     return metrics
@@ -260,20 +279,25 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--image-root", required=True, help="folder the JSON's image paths are relative to")
     parser.add_argument("--pseudo-queries", default=None, help="pseudo-queries JSON ({file_name: [query, ...]})")
     parser.add_argument("--output-dir", required=True, help="where the model, features and metrics go")
-    parser.add_argument("--config", default="small", help=f"a preset ({', '.join(PRESETS)}) or an open_clip JSON")
-    parser.add_argument("--epochs", type=int, default=defaults.epochs)
-    parser.add_argument("--batch-size", type=int, default=defaults.batch_size)
-    parser.add_argument("--lr", type=float, default=defaults.lr)
+    parser.add_argument("--config", default="tiny", help=f"a preset ({', '.join(PRESETS)}) or an open_clip JSON")
+    parser.add_argument("--epochs", type=int, default=defaults.epochs, help="passes over the training images")
+    parser.add_argument("--batch-size", type=int, default=defaults.batch_size, help="images (with one text each)")
+    parser.add_argument("--lr", type=float, default=defaults.lr, help="peak AdamW learning rate (warmup + cosine)")
     parser.add_argument("--weight-decay", type=float, default=defaults.weight_decay)
-    parser.add_argument("--seed", type=int, default=defaults.seed)
+    parser.add_argument("--seed", type=int, default=defaults.seed, help="initialisation, data order, text choice")
     parser.add_argument("--num-workers", type=int, default=defaults.num_workers, help="image loading processes")
     parser.add_argument("--eval-batch-size", type=int, default=32, help="queries encoded per batch at test time")
+    parser.add_argument(
+        "--num-threads", type=int, default=None, help="torch CPU threads (1 is best on a busy machine)"
+    )
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
     """Entry point of `grace-hf baseline-clip`."""
     ns = _parser().parse_args(argv)
+    if ns.num_threads:
+        torch.set_num_threads(ns.num_threads)
     args = DenseTrainingArgs(
         epochs=ns.epochs,
         batch_size=ns.batch_size,

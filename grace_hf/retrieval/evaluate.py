@@ -52,7 +52,7 @@ def load_eval_queries(data: str | os.PathLike, limit: int | None = None) -> tupl
     if not queries:
         raise GraceInputError(f"{data}: the 'queries' split is empty")
     identifiers_path = Path(data) / IDENTIFIERS_FILE
-    if not identifiers_path.is_file():
+    if not Path(data).is_dir():  # a Hub dataset repo keeps identifiers.json beside the splits
         from huggingface_hub import hf_hub_download
 
         identifiers_path = Path(hf_hub_download(str(data), IDENTIFIERS_FILE, repo_type="dataset"))

@@ -261,7 +261,7 @@ class GraceRetriever:
         output = self.model.generate(
             **inputs,
             generation_config=self._generation_config(),
-            logits_processor=[self.trie.logits_processor(prompt_length)],
+            logits_processor=[self.trie.logits_processor(prompt_length, dead_token_id=self.processor.pad_token_id)],
         )
         found = self.trie.lookup(
             output.sequences[:, prompt_length:], end_token_id=self.processor.end_of_chunk_token_id
@@ -269,12 +269,14 @@ class GraceRetriever:
         found = found.view(len(queries), self.num_beams).tolist()  # identifier index per beam, best first
         scores = output.sequences_scores if self.num_beams > 1 else self._greedy_scores(output, prompt_length)
         scores = scores.float().view(len(queries), self.num_beams).tolist()
+        # Beam search fills the slots it could not fill with a finished identifier with beams whose log-probability
+        # carries a -1e9 penalty (they may repeat a finished identifier): those are dropped, the query still counts.
+        filler = -0.5e9 / self.trie.max_depth ** max(self.length_penalty, 0.0)
         results = []
         for beams, beam_scores in zip(found, scores):
             ranked: dict[str, RetrievedImage] = {}
             for position, score in zip(beams, beam_scores):
-                # beams that spell no identifier (fewer finished than num_beams) are dropped; the query still counts
-                if position < 0 or score == float("-inf"):
+                if position < 0 or score <= filler:
                     continue
                 image_key = self.identifier_images[position]
                 if image_key not in ranked and len(ranked) < top_k:

@@ -135,9 +135,10 @@ class IdentifierTrie:
         _, terminal = self.tables(sequences.device)
         return torch.where(node >= 0, terminal[node.clamp(min=0)].long(), -1)
 
-    def logits_processor(self, prompt_length: int) -> TrieLogitsProcessor:
-        """A `LogitsProcessor` that allows only trie continuations of the tokens after `prompt_length`."""
-        return TrieLogitsProcessor(self, prompt_length)
+    def logits_processor(self, prompt_length: int, dead_token_id: int | None = None) -> TrieLogitsProcessor:
+        """A `LogitsProcessor` that allows only trie continuations of the tokens after `prompt_length`; see
+        `TrieLogitsProcessor` for `dead_token_id`."""
+        return TrieLogitsProcessor(self, prompt_length, dead_token_id)
 
     def save(self, path: str | os.PathLike) -> None:
         """Write the tables and metadata to one safetensors file."""
@@ -177,13 +178,16 @@ class TrieLogitsProcessor(LogitsProcessor):
 
     Each row's tokens after `prompt_length` are walked from the trie root; its scores keep their values at the
     allowed next tokens and become -inf elsewhere (exactly `scores + mask` of `PrefixConstrainedLogitsProcessor`).
-    A row that left the trie or finished a leaf gets -inf everywhere. Any number of rows (beams, returned
-    sequences) at once, on the scores' device; returns a new tensor.
+    A dead row (it left the trie or finished a leaf: in beam search a finished or filler beam, whose score is
+    already -1e9 or -inf) may only take `dead_token_id` (e.g. the pad token, so filler beams feed the model
+    padding), or nothing when it is None. Any number of rows (beams, returned sequences) at once, on the scores'
+    device; returns a new tensor.
     """
 
-    def __init__(self, trie: IdentifierTrie, prompt_length: int):
+    def __init__(self, trie: IdentifierTrie, prompt_length: int, dead_token_id: int | None = None):
         self.trie = trie
         self.prompt_length = prompt_length
+        self.dead_token_id = dead_token_id
 
     def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor) -> torch.FloatTensor:
         if self.trie.vocab_bound > scores.shape[-1]:
@@ -194,18 +198,30 @@ class TrieLogitsProcessor(LogitsProcessor):
         keys, _ = self.trie.tables(scores.device)
         node = self.trie.walk(input_ids[:, self.prompt_length :].to(scores.device))  # (R,)
         start, count = self.trie.edge_ranges(node)  # (R,), (R,)
-        if int(count.sum()) * 4 <= scores.numel():
-            rows, edges = _expand_ranges(start, count)  # (A,), (A,) one entry per allowed (row, token)
-            flat = rows * scores.shape[-1] + keys.take(edges) % self.trie.vocab_bound  # (A,) into scores.view(-1)
+        widest = int(count.max())
+        if widest * 4 <= scores.shape[-1]:
+            # (R, C) edge slots; a row's unused slots repeat its first allowed token (or the dead token), so the
+            # scatter writes the same value twice instead of needing a ragged index
+            slot = torch.arange(max(widest, 1), device=scores.device)  # (C,)
+            edges = (start[:, None] + slot).clamp(max=keys.numel() - 1)  # (R, C); past a row's edges: unused
+            tokens = keys.take(edges) % self.trie.vocab_bound
+            dead = self.dead_token_id if self.dead_token_id is not None else 0
+            first = torch.where(count > 0, tokens[:, 0], dead)  # (R,)
+            tokens = torch.where(slot < count[:, None], tokens, first[:, None])  # (R, C)
+            values = scores.gather(1, tokens)  # (R, C)
+            if self.dead_token_id is None:  # a dead row writes -inf where everything is -inf already
+                values = values.masked_fill((count == 0)[:, None], -math.inf)
             processed = torch.full(scores.shape, -math.inf, dtype=scores.dtype, device=scores.device)
-            processed.view(-1).scatter_(0, flat, scores.reshape(-1).take(flat))
-            return processed
-        # Rows that each allow a large share of the vocabulary (e.g. one new token per image): one boolean row
-        # per distinct node instead of an index per allowed (row, token).
+            return processed.scatter_(1, tokens, values)
+        # Rows that allow a large share of the vocabulary (e.g. one new token per image): one boolean row per
+        # distinct node.
         nodes, inverse = torch.unique(node, return_inverse=True)  # (U,), (R,)
-        owners, edges = _expand_ranges(*self.trie.edge_ranges(nodes))
+        node_start, node_count = self.trie.edge_ranges(nodes)
+        owners, edges = _expand_ranges(node_start, node_count)
         allowed = torch.zeros((nodes.numel(), scores.shape[-1]), dtype=torch.bool, device=scores.device)  # (U, V)
-        allowed[owners, keys[edges] % self.trie.vocab_bound] = True
+        allowed[owners, keys.take(edges) % self.trie.vocab_bound] = True
+        if self.dead_token_id is not None:
+            allowed[node_count == 0, self.dead_token_id] = True
         return scores.masked_fill(~allowed[inverse], -math.inf)
 
 

@@ -123,8 +123,10 @@ class GraceTrainingArguments:
         default=0, metadata={"help": "CPU threads of each process's torch ops (0 = torch's default; tiny models: 1)."}
     )
     report_to: list[str] = field(
-        default_factory=lambda: ["all"],
-        metadata={"help": f"Trackers, any of {REPORT_TO_CHOICES}; 'all' = those installed."},
+        default_factory=lambda: ["tensorboard"],
+        metadata={
+            "help": f"Trackers, any of {REPORT_TO_CHOICES} ('all' = every one installed); missing ones skipped."
+        },
     )
     push_to_hub: str | None = field(default=None, metadata={"help": "Push the final directory to this Hub repo."})
 
@@ -197,16 +199,19 @@ def parse_args(
     known, _ = pre.parse_known_args(argv)
     parser = build_parser()
     if known.config is not None:
-        actions = {action.dest: action for action in parser._actions}
         recipe = _load_recipe(known.config)
+        # a bool field has two actions (`--flag`, `--no_flag`) on one dest: every action of the key gets the value
+        actions: dict[str, list[argparse.Action]] = {}
+        for action in parser._actions:
+            actions.setdefault(action.dest, []).append(action)
         for key, value in recipe.items():
-            action = actions.get(key)
-            if action is None or key in ("config", "help"):
+            if key not in actions or key in ("config", "help"):
                 raise GraceInputError(f"{known.config}: unknown key {key!r}")
-            if action.choices is not None and value not in action.choices:
-                raise GraceInputError(f"{known.config}: {key}: {value!r} is not one of {list(action.choices)}")
-            action.default = value
-            action.required = False
+            for action in actions[key]:
+                if action.choices is not None and value not in action.choices:
+                    raise GraceInputError(f"{known.config}: {key}: {value!r} is not one of {list(action.choices)}")
+                action.required = False
+        parser.set_defaults(**recipe)
     *dataclasses, remaining = parser.parse_args_into_dataclasses(
         args=argv, return_remaining_strings=True, look_for_args_file=False
     )

@@ -308,11 +308,16 @@ class _Trainer:
             self.resume()
         last_logs = self.train()
         metrics: dict[str, Any] = {f"train_{key}": value for key, value in last_logs.items()}
+        # wall time from start-up to the last step (checkpoints and evaluations during training included)
+        metrics.update(steps=self.step, num_processes=accelerator.num_processes, train_seconds=self._train_seconds())
+        started_eval = time.monotonic()
         metrics.update(self.evaluate())
         if self.data.index is not None:
-            metrics["identifier_kind"] = self.data.index.kind
-            metrics["num_eval_queries"] = len(self.data.eval_queries)
-        metrics.update(steps=self.step, num_processes=accelerator.num_processes, train_seconds=self._train_seconds())
+            metrics.update(
+                identifier_kind=self.data.index.kind,
+                num_eval_queries=len(self.data.eval_queries),
+                eval_seconds=time.monotonic() - started_eval,
+            )
         self.save(metrics)
         accelerator.print(f"saved {args.output_dir}: {json.dumps(metrics)}")
         if args.push_to_hub and accelerator.is_main_process:
