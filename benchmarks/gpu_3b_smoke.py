@@ -34,7 +34,9 @@ def build_model(preset: str, device: torch.device, dtype: torch.dtype) -> Flamin
     return model
 
 
-def random_identifiers(num_identifiers: int, length: int, vocab_size: int, end_id: int, seed: int = 0) -> list[list[int]]:
+def random_identifiers(
+    num_identifiers: int, length: int, vocab_size: int, end_id: int, seed: int = 0
+) -> list[list[int]]:
     """Random identifier token sequences, each ending with `end_id`."""
     generator = torch.Generator().manual_seed(seed)
     sequences = torch.randint(3, vocab_size, (num_identifiers, length), generator=generator).tolist()

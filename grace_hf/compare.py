@@ -11,14 +11,13 @@ keys `recall@1/5/10`, `num_queries`, `queries_per_second`, optional `train_secon
 from __future__ import annotations
 
 import argparse
-import json
 import os
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
 from grace_hf.errors import GraceInputError
-from grace_hf.io_utils import atomic_write_text
+from grace_hf.io_utils import atomic_write_text, read_json
 
 COLUMNS = ("run", "method", "R@1", "R@5", "R@10", "queries", "train time (s)", "latency (ms/query)")
 
@@ -30,10 +29,7 @@ def load_run_metrics(run: str | os.PathLike) -> dict[str, Any]:
         path = path / "metrics.json"
     if not path.is_file():
         raise GraceInputError(f"{run}: no metrics.json (not an evaluated run directory)")
-    try:
-        metrics = json.loads(path.read_text(encoding="utf-8"))
-    except json.JSONDecodeError as err:
-        raise GraceInputError(f"{path}: not valid JSON ({err})") from err
+    metrics = read_json(path, "metrics file")
     if not isinstance(metrics, dict):
         raise GraceInputError(f"{path}: expected a JSON object, got {type(metrics).__name__}")
     return metrics

@@ -37,8 +37,11 @@ DEFAULT_KIND = "structured"
 NUM_GALLERY_QUERIES = 8
 
 
+_START = time.perf_counter()
+
+
 def _log(message: str) -> None:
-    print(f"\n==> {message}", flush=True)
+    print(f"\n==> [{time.perf_counter() - _START:5.0f} s] {message}", flush=True)
 
 
 def _recipe(kind: str) -> Path:
@@ -93,7 +96,7 @@ def _gallery(out: Path, model_dir: Path, data: Path, records: list[dict[str, Any
 def run_demo(
     output_dir: str | os.PathLike,
     kinds: list[str],
-    num_images: int = 400,
+    num_images: int = 500,
     seed: int = 0,
     max_steps: int | None = None,
 ) -> dict[str, Any]:
@@ -145,7 +148,7 @@ def main(argv: list[str] | None = None) -> int:
         default=[DEFAULT_KIND],
         help=f"identifier kinds to train, or 'all' ({', '.join(IDENTIFIER_KINDS)}); the first one fills the gallery",
     )
-    parser.add_argument("--num-images", type=int, default=400, help="synthetic images (10%% test)")
+    parser.add_argument("--num-images", type=int, default=500, help="synthetic images (10%% test)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--max-steps", type=int, default=None, help="override the recipes' training steps")
     args = parser.parse_args(argv)

@@ -15,14 +15,6 @@ from grace_hf.models.flamingo.tokenization import train_tokenizer
 VOCAB = 300
 
 
-@pytest.fixture(scope="module", autouse=True)
-def single_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def tiny_config() -> FlamingoConfig:
     return FlamingoConfig.from_preset("tiny", text_config={"vocab_size": VOCAB})
 

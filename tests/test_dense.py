@@ -28,15 +28,6 @@ MICRO = {
 }
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    # Tensors this small gain nothing from a second thread, and on a busy machine the thread handoffs cost 10x.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 @pytest.fixture(scope="module")
 def synthetic(tmp_path_factory):
     root = write_synthetic(tmp_path_factory.mktemp("synthetic"), 40, seed=0, num_workers=1)

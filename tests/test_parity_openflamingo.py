@@ -3,7 +3,6 @@ transformers' MptForCausalLM for the decoder without QK LayerNorm."""
 
 import re
 
-import pytest
 import torch
 from open_flamingo.src.helpers import GatedCrossAttentionBlock, PerceiverResampler
 from transformers import MptConfig, MptForCausalLM
@@ -17,14 +16,6 @@ from grace_hf.models.flamingo.modeling_flamingo import (
 )
 
 MEDIA = 1
-
-
-@pytest.fixture(scope="module", autouse=True)
-def single_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 def load_renamed(module: torch.nn.Module, reference_state: dict, source_prefix: str, target_prefix: str) -> None:

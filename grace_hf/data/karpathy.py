@@ -7,7 +7,6 @@ The file holds `images[]`, each with `filename`, an optional `filepath` (COCO: `
 
 from __future__ import annotations
 
-import json
 import os
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -17,6 +16,7 @@ from PIL import Image
 from tqdm import tqdm
 
 from grace_hf.errors import GraceInputError
+from grace_hf.io_utils import read_json
 
 __all__ = ["SPLITS", "MEMORIZED_SPLITS", "KarpathyImage", "KarpathyCorpus", "load_karpathy", "verify_images"]
 
@@ -149,13 +149,7 @@ def load_karpathy(
         {'train': 29000, 'val': 1014, 'test': 1000, 'restval': 0}
     """
     json_path, image_root = Path(json_path), Path(image_root)
-    try:
-        with open(json_path, encoding="utf-8") as f:
-            data = json.load(f)
-    except FileNotFoundError:
-        raise GraceInputError(f"{json_path}: Karpathy JSON not found") from None
-    except (json.JSONDecodeError, UnicodeDecodeError) as err:
-        raise GraceInputError(f"{json_path}: not valid JSON: {err}") from None
+    data = read_json(json_path, "Karpathy JSON")
     if not isinstance(data, dict) or not isinstance(data.get("images"), list):
         raise GraceInputError(f"{json_path}: expected an object with an 'images' list")
     if not data["images"]:

@@ -7,13 +7,12 @@ evaluation queries (DESIGN.md §3).
 
 from __future__ import annotations
 
-import json
 import os
 from collections.abc import Mapping
 
 from grace_hf.data.karpathy import KarpathyCorpus
 from grace_hf.errors import GraceInputError
-from grace_hf.io_utils import atomic_write_json
+from grace_hf.io_utils import atomic_write_json, read_json
 
 __all__ = ["load_pseudo_queries", "write_pseudo_queries"]
 
@@ -24,13 +23,7 @@ def load_pseudo_queries(path: str | os.PathLike, corpus: KarpathyCorpus) -> dict
     A name in the file is an image's file name (as in the original) or its full image key.
     Unknown or ambiguous names, non-string or empty queries are a `GraceInputError`.
     """
-    try:
-        with open(path, encoding="utf-8") as f:
-            data = json.load(f)
-    except FileNotFoundError:
-        raise GraceInputError(f"{path}: pseudo-query file not found") from None
-    except (json.JSONDecodeError, UnicodeDecodeError) as err:
-        raise GraceInputError(f"{path}: not valid JSON: {err}") from None
+    data = read_json(path, "pseudo-query file")
     if not isinstance(data, dict):
         raise GraceInputError(f"{path}: expected an object mapping image file names to lists of queries")
 

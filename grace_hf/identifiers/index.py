@@ -9,7 +9,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from grace_hf.errors import GraceInputError
-from grace_hf.io_utils import atomic_write_text
+from grace_hf.io_utils import atomic_write_text, read_json
 
 __all__ = ["IDENTIFIERS_FILE", "IdentifierIndex"]
 
@@ -102,13 +102,7 @@ class IdentifierIndex:
     def load(cls, path_or_dir: str | os.PathLike) -> IdentifierIndex:
         """Read `identifiers.json` (or `<dir>/identifiers.json`) and validate it."""
         path = _resolve(path_or_dir)
-        try:
-            with open(path, encoding="utf-8") as f:
-                data = json.load(f)
-        except FileNotFoundError:
-            raise GraceInputError(f"{path}: identifier file not found") from None
-        except (json.JSONDecodeError, UnicodeDecodeError) as err:
-            raise GraceInputError(f"{path}: not valid JSON: {err}") from None
+        data = read_json(path, "identifier file")
         if not isinstance(data, dict) or not isinstance(data.get("images"), dict) or "kind" not in data:
             raise GraceInputError(f"{path}: expected an object with 'kind' and 'images'")
         for key, identifiers in data["images"].items():

@@ -19,7 +19,7 @@ import os
 import sys
 import tempfile
 import time
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -105,19 +105,21 @@ def _record(query: str, gold: str, hits: list[RetrievedImage]) -> dict[str, Any]
     }
 
 
-def write_recall_plot(path: str | os.PathLike, curve: Sequence[float], title: str) -> None:
-    """Recall@K against K as a PNG, written atomically."""
+def write_recall_plot(path: str | os.PathLike, curves: Mapping[str, Sequence[float]], title: str) -> None:
+    """Recall@K against K, one line per named curve, as a PNG written atomically."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     path = Path(path)
-    ks = range(1, len(curve) + 1)
     fig, ax = plt.subplots(figsize=(5, 3.5))
-    ax.plot(ks, [100 * r for r in curve], marker="o")
-    ax.set(xlabel="K", ylabel="Recall@K (%)", title=title, ylim=(0, 100), xticks=list(ks))
+    for name, curve in curves.items():
+        ax.plot(range(1, len(curve) + 1), [100 * r for r in curve], marker="o", label=name)
+    max_k = max(len(curve) for curve in curves.values())
+    ax.set(xlabel="K", ylabel="Recall@K (%)", title=title, ylim=(0, 100), xticks=list(range(1, max_k + 1)))
     ax.grid(alpha=0.3)
+    ax.legend(loc="lower right")
     fig.tight_layout()
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".png", dir=path.parent)
     os.close(fd)
@@ -195,7 +197,7 @@ def main(argv: list[str] | None = None) -> int:
         atomic_write_json(output, metrics)
         lines = "".join(json.dumps(record, ensure_ascii=False) + "\n" for record in records)
         atomic_write_text(output.with_name(f"{output.stem}_queries.jsonl"), lines)
-        write_recall_plot(output.with_name(f"{output.stem}_recall.png"), curve, Path(args.model).name)
+        write_recall_plot(output.with_name(f"{output.stem}_recall.png"), {Path(args.model).name: curve}, "Recall@K")
         summary = ", ".join(f"R@{k} {100 * metrics[f'recall@{k}']:.1f}" for k in KS)
         print(
             f"evaluate: {summary} on {metrics['num_queries']} queries, {metrics['num_candidates']} candidates "

@@ -21,7 +21,7 @@ from transformers import GenerationConfig
 
 from grace_hf.errors import GraceInputError
 from grace_hf.identifiers import IdentifierIndex
-from grace_hf.io_utils import atomic_directory, atomic_write_json
+from grace_hf.io_utils import atomic_directory, atomic_write_json, read_json
 from grace_hf.retrieval.trie import IdentifierTrie
 
 __all__ = ["GRACE_CONFIG_FILE", "TRIE_FILE", "GraceRetriever", "RetrievedImage", "build_identifier_trie"]
@@ -358,10 +358,7 @@ def _read_grace_config(directory: Path) -> dict[str, Any]:
     path = directory / GRACE_CONFIG_FILE
     if not path.is_file():
         return {}
-    try:
-        config = json.loads(path.read_text(encoding="utf-8"))
-    except json.JSONDecodeError as err:
-        raise GraceInputError(f"{path}: not valid JSON: {err}") from None
+    config = read_json(path, "GRACE config")
     if not isinstance(config, dict):
         raise GraceInputError(f"{path}: expected a JSON object")
     return config
