@@ -315,12 +315,14 @@ def test_tiny_run_learns_and_writes_a_model_directory(reference_run, prepared):
 
 
 def test_saved_directory_retrieves_and_pushes(reference_run):
-    from grace_hf.retrieval import GraceRetriever
+    from grace_hf.retrieval import GraceRetriever, IdentifierTrie
 
     output_dir, _, pushed = reference_run
     assert (pushed / "README.md").is_file() and not (pushed / "checkpoints").exists()
     for directory in (output_dir, pushed):
         retriever = GraceRetriever.from_pretrained(directory)
+        saved_trie = IdentifierTrie.load(directory / "identifier_trie.safetensors")
+        assert retriever.trie.metadata == saved_trie.metadata  # the saved trie is current, so it was used
         hits = retriever.retrieve(["a red circle"], top_k=2)[0]
         assert hits and all(hit.image_key in retriever.index.collection for hit in hits)
 

@@ -5,6 +5,7 @@ Layout of `<output_dir>` after a run (DESIGN.md "A trained model directory"):
     config.json, model.safetensors, generation_config.json   the weights (`save_pretrained`)
     tokenizer files, preprocessor/processor config           the processor
     identifiers.json, grace_config.json                      retrieval runs: the index and the query-image mode
+    identifier_trie.safetensors                              retrieval runs: the trie of the collection's identifiers
     metrics.json, README.md                                  final scores and train time; the model card
     checkpoints/step-<N>/                                    resumable training states (kept, not pushed)
     logs/                                                    tracker logs (kept, not pushed)
@@ -21,10 +22,10 @@ from typing import Any
 
 from grace_hf.identifiers import IdentifierIndex
 from grace_hf.io_utils import atomic_directory, atomic_write_json, atomic_write_text
+from grace_hf.retrieval.retriever import GRACE_CONFIG_FILE, TRIE_FILE, GraceRetriever
 
-__all__ = ["GRACE_CONFIG_FILE", "METRICS_FILE", "NOT_PUSHED", "push_directory", "save_model_directory"]
+__all__ = ["METRICS_FILE", "NOT_PUSHED", "push_directory", "save_model_directory"]
 
-GRACE_CONFIG_FILE = "grace_config.json"
 METRICS_FILE = "metrics.json"
 NOT_PUSHED = ["checkpoints/*", "logs/*"]
 
@@ -50,6 +51,8 @@ def save_model_directory(
             processor.save_pretrained(tmp)
             if index is not None:
                 index.save(tmp)
+                # the trie of the default candidates, so loading the retriever skips tokenizing the identifiers
+                GraceRetriever(accelerator.unwrap_model(model), processor, index).trie.save(tmp / TRIE_FILE)
             if grace_config is not None:
                 atomic_write_json(tmp / GRACE_CONFIG_FILE, grace_config)
             atomic_write_json(tmp / METRICS_FILE, metrics)
