@@ -7,6 +7,7 @@ at every depth of a decode (rows = prefixes of random identifiers) and averaged;
 `--vocab` tokens (50280 = OpenFlamingo's tokenizer; the tiny preset's is 512).
 
     python benchmarks/trie_speed.py [--sizes 10000 100000 1000000] [--vocab 50280 512] [--threads 1]
+    python benchmarks/trie_speed.py --device cuda --vocab 50280      # the masking step on a GPU
 """
 
 from __future__ import annotations
@@ -30,6 +31,11 @@ def numeric_identifiers(count: int) -> list[list[int]]:
     return [[ID_TOKEN, *(FIRST_DIGIT + int(d) for d in str(n)), END_TOKEN] for n in range(count)]
 
 
+def _sync() -> None:
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+
+
 def timed(fn, *args, repeats: int = 1, warmup: bool = False) -> tuple[float, object]:
     """Best wall time (seconds) of `repeats` back-to-back calls `fn(*args)`, after an optional warm-up call, and
     the last result. Best-of: on a shared machine the noise only ever adds time."""
@@ -37,8 +43,10 @@ def timed(fn, *args, repeats: int = 1, warmup: bool = False) -> tuple[float, obj
     result = fn(*args) if warmup else None
     best = float("inf")
     for _ in range(repeats):
+        _sync()
         start = time.perf_counter()
         result = fn(*args)
+        _sync()
         best = min(best, time.perf_counter() - start)
     return best, result
 
@@ -55,7 +63,7 @@ def held_memory(build, *args) -> int:
     return held
 
 
-def masking_step_times(trie, reference, sequences, vocab: int, rows: int, num_beams: int, repeats: int):
+def masking_step_times(trie, reference, sequences, vocab: int, rows: int, num_beams: int, repeats: int, device):
     """Mean time (s) of one masking step over the depths of a decode, ours and transformers'."""
     rng = random.Random(0)
     depth = max(map(len, sequences))
@@ -64,8 +72,10 @@ def masking_step_times(trie, reference, sequences, vocab: int, rows: int, num_be
     prompt_length = 4
     ours_total = theirs_total = 0.0
     for step in range(depth):
-        input_ids = torch.tensor([[PAD_TOKEN] * prompt_length + s[:step] for s in picked])  # (R, P + step)
-        scores = torch.randn(rows, vocab).log_softmax(-1)  # (R, V)
+        input_ids = torch.tensor(
+            [[PAD_TOKEN] * prompt_length + s[:step] for s in picked], device=device
+        )  # (R, P+step)
+        scores = torch.randn(rows, vocab, device=device).log_softmax(-1)  # (R, V)
         ours = trie.logits_processor(prompt_length)
         theirs = PrefixConstrainedLogitsProcessor(
             reference.prefix_allowed_tokens_fn(prompt_length, PAD_TOKEN), num_beams
@@ -85,11 +95,14 @@ def main() -> None:
     parser.add_argument("--beams", type=int, default=10)
     parser.add_argument("--repeats", type=int, default=10, help="masking calls per depth (best is kept)")
     parser.add_argument("--threads", type=int, default=1, help="torch CPU threads (1: steady timings on a busy box)")
+    parser.add_argument("--device", default="cpu", help="where the scores live: cpu or cuda")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
     rows = args.queries * args.beams
-    print(f"torch threads: {torch.get_num_threads()}; masking step: {args.queries} queries x {args.beams} beams\n")
+    print(
+        f"device {args.device}, torch threads: {torch.get_num_threads()}; masking step: {args.queries} queries x {args.beams} beams\n"
+    )
     header = (
         f"{'identifiers':>11} | {'build ours':>10} | {'build dict':>10} | {'memory ours':>11} | {'memory dict':>11} | "
         + " | ".join(f"{f'mask ours V={v}':>16} | {f'mask HF V={v}':>16} | {'speedup':>7}" for v in args.vocab)
@@ -110,7 +123,9 @@ def main() -> None:
             f"{memory_dict / 2**20:>8.1f} MB",
         ]
         for vocab in args.vocab:
-            ours, theirs = masking_step_times(trie, reference, sequences, vocab, rows, args.beams, args.repeats)
+            ours, theirs = masking_step_times(
+                trie, reference, sequences, vocab, rows, args.beams, args.repeats, torch.device(args.device)
+            )
             cells += [f"{1e3 * ours:>13.2f} ms", f"{1e3 * theirs:>13.2f} ms", f"{theirs / ours:>6.1f}x"]
         print(" | ".join(cells), flush=True)
         del trie, reference
