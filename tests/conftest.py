@@ -16,3 +16,21 @@ def single_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="session")
+def prepared(tmp_path_factory):
+    """A prepared 24-image synthetic dataset with structured identifiers (for the training tests)."""
+    from grace_hf.data.build import prepare  # imported here: HF_HUB_OFFLINE must be set before huggingface_hub loads
+    from grace_hf.data.synthetic import write_synthetic
+
+    root = tmp_path_factory.mktemp("synthetic")
+    write_synthetic(root / "raw", num_images=24, seed=0)
+    return prepare(
+        root / "raw" / "dataset_synthetic.json",
+        root / "raw",
+        "structured",
+        root / "prepared",
+        pseudo_queries=root / "raw" / "pseudo_queries.json",
+        pixel_features=True,
+    )

@@ -16,9 +16,7 @@ from accelerate.state import AcceleratorState, GradientState, PartialState
 from accelerate.utils import set_seed
 from safetensors.torch import load_file
 
-from grace_hf.data.build import prepare
 from grace_hf.data.collate import GraceCollator
-from grace_hf.data.synthetic import write_synthetic
 from grace_hf.errors import GraceInputError
 from grace_hf.training import parse_args
 from grace_hf.training import train as train_module
@@ -73,21 +71,6 @@ def run_training(argv):
         assert train_module.main(argv) == 0
     finally:
         reset_accelerate()
-
-
-@pytest.fixture(scope="session")
-def prepared(tmp_path_factory):
-    """A prepared 24-image synthetic dataset with structured identifiers."""
-    root = tmp_path_factory.mktemp("synthetic")
-    write_synthetic(root / "raw", num_images=24, seed=0)
-    return prepare(
-        root / "raw" / "dataset_synthetic.json",
-        root / "raw",
-        "structured",
-        root / "prepared",
-        pseudo_queries=root / "raw" / "pseudo_queries.json",
-        pixel_features=True,
-    )
 
 
 # arguments

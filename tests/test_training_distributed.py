@@ -12,9 +12,6 @@ import pytest
 import yaml
 from safetensors.torch import load_file
 
-from grace_hf.data.build import prepare
-from grace_hf.data.synthetic import write_synthetic
-
 pytestmark = pytest.mark.slow
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -82,20 +79,6 @@ def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
-
-
-@pytest.fixture(scope="module")
-def prepared(tmp_path_factory):
-    root = tmp_path_factory.mktemp("synthetic")
-    write_synthetic(root / "raw", num_images=24, seed=0)
-    return prepare(
-        root / "raw" / "dataset_synthetic.json",
-        root / "raw",
-        "structured",
-        root / "prepared",
-        pseudo_queries=root / "raw" / "pseudo_queries.json",
-        pixel_features=True,
-    )
 
 
 def _recipe(path, prepared, output_dir, **overrides) -> str:
