@@ -14,10 +14,10 @@ Writes `metrics.json` (`--output`), `<stem>_queries.jsonl` (one line per query: 
 from __future__ import annotations
 
 import argparse
+import io
 import json
 import os
 import sys
-import tempfile
 import time
 from collections.abc import Mapping, Sequence
 from pathlib import Path
@@ -25,7 +25,7 @@ from typing import Any
 
 from grace_hf.errors import GraceInputError
 from grace_hf.identifiers import IDENTIFIERS_FILE, IdentifierIndex
-from grace_hf.io_utils import atomic_write_json, atomic_write_text
+from grace_hf.io_utils import atomic_write_bytes, atomic_write_json, atomic_write_text
 from grace_hf.retrieval.metrics import recall_at_k, recall_curve
 from grace_hf.retrieval.retriever import GraceRetriever, RetrievedImage
 
@@ -112,7 +112,6 @@ def write_recall_plot(path: str | os.PathLike, curves: Mapping[str, Sequence[flo
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    path = Path(path)
     fig, ax = plt.subplots(figsize=(5, 3.5))
     for name, curve in curves.items():
         ax.plot(range(1, len(curve) + 1), [100 * r for r in curve], marker="o", label=name)
@@ -121,14 +120,12 @@ def write_recall_plot(path: str | os.PathLike, curves: Mapping[str, Sequence[flo
     ax.grid(alpha=0.3)
     ax.legend(loc="lower right")
     fig.tight_layout()
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".png", dir=path.parent)
-    os.close(fd)
+    buffer = io.BytesIO()
     try:
-        fig.savefig(tmp, dpi=100)
-        os.replace(tmp, path)
+        fig.savefig(buffer, format="png", dpi=100)
     finally:
         plt.close(fig)
-        Path(tmp).unlink(missing_ok=True)
+    atomic_write_bytes(path, buffer.getvalue())
 
 
 def build_parser() -> argparse.ArgumentParser:
