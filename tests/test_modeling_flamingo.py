@@ -56,13 +56,13 @@ class FlamingoTester:
 
 
 @pytest.fixture(scope="module")
-def tester():
+def model_tester():
     return FlamingoTester()
 
 
-def test_forward_shapes_and_loss(tester):
-    model = tester.model()
-    inputs = tester.inputs(with_labels=True)
+def test_forward_shapes_and_loss(model_tester):
+    model = model_tester.model()
+    inputs = model_tester.inputs(with_labels=True)
     out = model(**inputs)
     assert out.logits.shape == (2, 9, VOCAB)
     assert isinstance(out.cache, DynamicCache) and out.cache.get_seq_length() == 9
@@ -70,13 +70,13 @@ def test_forward_shapes_and_loss(tester):
     expected = torch.nn.functional.cross_entropy(out.logits[:, :-1].reshape(-1, VOCAB), labels.reshape(-1))
     torch.testing.assert_close(out.loss, expected)
     features = model.get_image_features(inputs["pixel_values"])
-    assert features.shape == (2, 1, tester.config.perceiver_num_latents, tester.config.vision_width)
+    assert features.shape == (2, 1, model_tester.config.perceiver_num_latents, model_tester.config.vision_width)
 
 
-def test_tokens_attend_only_to_most_recent_image(tester):
-    model = tester.model()
+def test_tokens_attend_only_to_most_recent_image(model_tester):
+    model = model_tester.model()
     input_ids = torch.tensor([[5, 6, MEDIA, 7, 8, MEDIA, 9, 10]])
-    pixel_values = torch.randn(1, 2, 1, 3, tester.image_size, tester.image_size)
+    pixel_values = torch.randn(1, 2, 1, 3, model_tester.image_size, model_tester.image_size)
     base = model(input_ids=input_ids, pixel_values=pixel_values).logits
     changed_first = pixel_values.clone()
     changed_first[:, 0] = torch.randn_like(changed_first[:, 0])
@@ -87,19 +87,19 @@ def test_tokens_attend_only_to_most_recent_image(tester):
     assert torch.equal(media_index_from_input_ids(input_ids, MEDIA), torch.tensor([[0, 0, 1, 1, 1, 2, 2, 2]]))
 
 
-def test_text_only_forward_skips_cross_attention(tester):
+def test_text_only_forward_skips_cross_attention(model_tester):
     input_ids = torch.tensor([[5, 6, MEDIA, 7, 8]])
-    pixel_values = torch.randn(1, 1, 1, 3, tester.image_size, tester.image_size)
-    open_model, closed_model = tester.model(), tester.model(open_gates=False)
+    pixel_values = torch.randn(1, 1, 1, 3, model_tester.image_size, model_tester.image_size)
+    open_model, closed_model = model_tester.model(), model_tester.model(open_gates=False)
     text_only = open_model(input_ids=input_ids).logits
     # without images the blocks are skipped: the same as closed (zero) gates, unlike open gates with images
     torch.testing.assert_close(text_only, closed_model(input_ids=input_ids, pixel_values=pixel_values).logits)
     assert not torch.allclose(text_only, open_model(input_ids=input_ids, pixel_values=pixel_values).logits, atol=1e-4)
 
 
-def test_cache_matches_full_forward_and_refuses_tuples(tester):
-    model = tester.model()
-    inputs = tester.inputs()
+def test_cache_matches_full_forward_and_refuses_tuples(model_tester):
+    model = model_tester.model()
+    inputs = model_tester.inputs()
     full = model(**inputs).logits
     features = model.get_image_features(inputs["pixel_values"])
     ids, mask = inputs["input_ids"], inputs["attention_mask"]
@@ -116,9 +116,9 @@ def test_cache_matches_full_forward_and_refuses_tuples(tester):
         model(input_ids=ids, cache=((torch.zeros(1),),))
 
 
-def test_generate_beam_search_with_and_without_cache(tester, monkeypatch):
-    model = tester.model()
-    inputs = tester.inputs()
+def test_generate_beam_search_with_and_without_cache(model_tester, monkeypatch):
+    model = model_tester.model()
+    inputs = model_tester.inputs()
     inputs["input_ids"], inputs["attention_mask"] = inputs["input_ids"][:, :5], inputs["attention_mask"][:, :5]
     calls = []
     vision_forward = model.model.vision_model.forward
@@ -134,16 +134,18 @@ def test_generate_beam_search_with_and_without_cache(tester, monkeypatch):
         eos_token_id=EOC,
     )
     cached = model.generate(**inputs, use_cache=True, **kwargs)
-    assert calls == [(2, 3, tester.image_size, tester.image_size)]  # images encoded once per call, not per beam/step
+    assert calls == [
+        (2, 3, model_tester.image_size, model_tester.image_size)
+    ]  # images encoded once per call, not per beam/step
     uncached = model.generate(**inputs, use_cache=False, **kwargs)
     assert cached.sequences.shape[0] == 8
     assert torch.equal(cached.sequences, uncached.sequences)
     torch.testing.assert_close(cached.sequences_scores, uncached.sequences_scores)
 
 
-def test_generate_with_logits_processor_and_prefix_fn(tester):
-    model = tester.model()
-    inputs = tester.inputs()
+def test_generate_with_logits_processor_and_prefix_fn(model_tester):
+    model = model_tester.model()
+    inputs = model_tester.inputs()
     inputs["input_ids"], inputs["attention_mask"] = inputs["input_ids"][:, :5], inputs["attention_mask"][:, :5]
     allowed = [10, 11, EOC]
 
@@ -170,9 +172,9 @@ def test_generate_with_logits_processor_and_prefix_fn(tester):
     assert text_only.shape == (2, 8)
 
 
-def test_save_load_and_push_round_trip(tester, tmp_path, monkeypatch):
-    model = tester.model()
-    inputs = tester.inputs()
+def test_save_load_and_push_round_trip(model_tester, tmp_path, monkeypatch):
+    model = model_tester.model()
+    inputs = model_tester.inputs()
     expected = model(**inputs).logits
 
     hub_root = tmp_path / "hub"
@@ -212,11 +214,11 @@ def test_save_load_and_push_round_trip(tester, tmp_path, monkeypatch):
     assert isinstance(AutoConfig.from_pretrained(tmp_path / "local"), FlamingoConfig)
 
 
-def test_gradient_checkpointing_gives_same_gradients(tester):
-    inputs = tester.inputs(with_labels=True)
+def test_gradient_checkpointing_gives_same_gradients(model_tester):
+    inputs = model_tester.inputs(with_labels=True)
     grads = []
     for checkpointing in (False, True):
-        model = tester.model().train()
+        model = model_tester.model().train()
         if checkpointing:
             model.activation_checkpointing_enable({"use_reentrant": False})
             assert all(layer.gradient_checkpointing for layer in model.model.layers)
@@ -228,8 +230,8 @@ def test_gradient_checkpointing_gives_same_gradients(tester):
         torch.testing.assert_close(grads[1][name], grads[0][name], msg=name)
 
 
-def test_init_weights_reaches_every_parameter(tester):
-    model = tester.model(open_gates=False)
+def test_init_weights_reaches_every_parameter(model_tester):
+    model = model_tester.model(open_gates=False)
     with torch.no_grad():
         for module in model.modules():
             module._is_hf_initialized = False
@@ -244,11 +246,11 @@ def test_init_weights_reaches_every_parameter(tester):
     assert 0.5 < model.model.perceiver.latents.std().item() < 1.5
 
 
-def test_resize_token_embeddings_keeps_tied_head(tester):
-    model = tester.model()
+def test_resize_token_embeddings_keeps_tied_head(model_tester):
+    model = model_tester.model()
     model.resize_token_embeddings(VOCAB + 5)
     assert model.config.text_config.vocab_size == VOCAB + 5
-    assert model.lm_head.weight.shape == (VOCAB + 5, tester.config.text_config.d_model)
+    assert model.lm_head.weight.shape == (VOCAB + 5, model_tester.config.text_config.d_model)
     assert model.lm_head.weight is model.model.embed_tokens.weight
     assert model(input_ids=torch.tensor([[VOCAB + 4, MEDIA]])).logits.shape == (1, 2, VOCAB + 5)
 
@@ -336,17 +338,17 @@ def test_zero3_training_step_on_cpu(tmp_path):
     assert "ZERO3_OK" in result.stdout
 
 
-def test_config_round_trip_keeps_sub_configs(tester, tmp_path):
-    config = tester.config
+def test_config_round_trip_keeps_sub_configs(model_tester, tmp_path):
+    config = model_tester.config
     config.save_pretrained(tmp_path)
     loaded = FlamingoConfig.from_pretrained(tmp_path)
-    assert loaded.text_config.vocab_size == VOCAB and loaded.vision_config == tester.config.vision_config
+    assert loaded.text_config.vocab_size == VOCAB and loaded.vision_config == model_tester.config.vision_config
     assert loaded.to_dict() == config.to_dict()
 
 
-def test_refuses_ambiguous_or_inconsistent_inputs(tester):
-    model = tester.model()
-    inputs = tester.inputs()
+def test_refuses_ambiguous_or_inconsistent_inputs(model_tester):
+    model = model_tester.model()
+    inputs = model_tester.inputs()
     features = model.get_image_features(inputs["pixel_values"])
     with pytest.raises(ValueError, match="either pixel_values or image_features"):
         model(**inputs, image_features=features)
