@@ -2,7 +2,7 @@
 
 For 10k / 100k / 1M numeric identifiers (`id 1 2 3<|endofchunk|>`, one token per digit) it measures, side by side:
 build time, memory held by the trie, and the time of one masking step for 32 queries x 10 beams: the project's
-`TrieLogitsProcessor` vs transformers' `PrefixConstrainedLogitsProcessor` over a nested-dict trie. A step is timed
+`TrieLogitsProcessor` (in place, as the retriever runs it under beam search) vs transformers' `PrefixConstrainedLogitsProcessor` over a nested-dict trie. A step is timed
 at every depth of a decode (rows = prefixes of random identifiers) and averaged; scores cover a vocabulary of
 `--vocab` tokens (50280 = OpenFlamingo's tokenizer; the tiny preset's is 512).
 
@@ -76,12 +76,12 @@ def masking_step_times(trie, reference, sequences, vocab: int, rows: int, num_be
             [[PAD_TOKEN] * prompt_length + s[:step] for s in picked], device=device
         )  # (R, P+step)
         scores = torch.randn(rows, vocab, device=device).log_softmax(-1)  # (R, V)
-        ours = trie.logits_processor(prompt_length)
+        ours = trie.logits_processor(prompt_length, inplace=True)  # as the retriever runs it under beam search
         theirs = PrefixConstrainedLogitsProcessor(
             reference.prefix_allowed_tokens_fn(prompt_length, PAD_TOKEN), num_beams
         )
-        ours_time, ours_out = timed(ours, input_ids, scores, repeats=repeats, warmup=True)
         theirs_time, theirs_out = timed(theirs, input_ids, scores, repeats=repeats, warmup=True)
+        ours_time, ours_out = timed(ours, input_ids, scores.clone(), repeats=repeats, warmup=True)
         assert torch.equal(ours_out, theirs_out), "the two processors disagree"
         ours_total, theirs_total = ours_total + ours_time, theirs_total + theirs_time
     return ours_total / depth, theirs_total / depth

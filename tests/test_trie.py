@@ -95,6 +95,9 @@ def test_processor_equals_prefix_constrained_processor(num_sequences):
         live = [bool(reference.allowed(r[prompt_length:])) for r in batch]
         assert torch.equal(without_dead_token[live], expected[live])
         assert torch.isneginf(without_dead_token[[not x for x in live]]).all()
+        overwritten = scores.clone()
+        in_place = trie.logits_processor(prompt_length, dead_token_id=PAD, inplace=True)(input_ids, overwritten)
+        assert in_place.data_ptr() == overwritten.data_ptr() and torch.equal(in_place, expected)
 
 
 def test_processor_refuses_scores_narrower_than_the_trie():

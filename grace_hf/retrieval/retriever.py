@@ -22,7 +22,7 @@ from transformers import GenerationConfig
 from grace_hf.errors import GraceInputError
 from grace_hf.identifiers import IdentifierIndex
 from grace_hf.io_utils import atomic_directory, atomic_write_json, read_json
-from grace_hf.retrieval.trie import IdentifierTrie
+from grace_hf.retrieval.trie import IdentifierTrie, TrieLogitsProcessor
 
 __all__ = ["GRACE_CONFIG_FILE", "TRIE_FILE", "GraceRetriever", "RetrievedImage", "build_identifier_trie"]
 
@@ -254,6 +254,10 @@ class GraceRetriever:
             use_cache=True,
         )
 
+    def _trie_processor(self, prompt_length: int) -> TrieLogitsProcessor:
+        # in place under beam search, which hands the processor a fresh log_softmax every step
+        return self.trie.logits_processor(prompt_length, self.processor.pad_token_id, inplace=self.num_beams > 1)
+
     @torch.no_grad()
     def _search(self, queries: list[str], top_k: int) -> list[list[RetrievedImage]]:
         inputs = self._inputs(queries)
@@ -261,7 +265,7 @@ class GraceRetriever:
         output = self.model.generate(
             **inputs,
             generation_config=self._generation_config(),
-            logits_processor=[self.trie.logits_processor(prompt_length, dead_token_id=self.processor.pad_token_id)],
+            logits_processor=[self._trie_processor(prompt_length)],
         )
         found = self.trie.lookup(
             output.sequences[:, prompt_length:], end_token_id=self.processor.end_of_chunk_token_id

@@ -135,10 +135,12 @@ class IdentifierTrie:
         _, terminal = self.tables(sequences.device)
         return torch.where(node >= 0, terminal[node.clamp(min=0)].long(), -1)
 
-    def logits_processor(self, prompt_length: int, dead_token_id: int | None = None) -> TrieLogitsProcessor:
+    def logits_processor(
+        self, prompt_length: int, dead_token_id: int | None = None, inplace: bool = False
+    ) -> TrieLogitsProcessor:
         """A `LogitsProcessor` that allows only trie continuations of the tokens after `prompt_length`; see
-        `TrieLogitsProcessor` for `dead_token_id`."""
-        return TrieLogitsProcessor(self, prompt_length, dead_token_id)
+        `TrieLogitsProcessor` for `dead_token_id` and `inplace`."""
+        return TrieLogitsProcessor(self, prompt_length, dead_token_id, inplace)
 
     def save(self, path: str | os.PathLike) -> None:
         """Write the tables and metadata to one safetensors file."""
@@ -181,13 +183,17 @@ class TrieLogitsProcessor(LogitsProcessor):
     A dead row (it left the trie or finished a leaf: in beam search a finished or filler beam, whose score is
     already -1e9 or -inf) may only take `dead_token_id` (e.g. the pad token, so filler beams feed the model
     padding), or nothing when it is None. Any number of rows (beams, returned sequences) at once, on the scores'
-    device; returns a new tensor.
+    device. Returns a new tensor, or with `inplace=True` overwrites `scores` (safe in beam search, whose scores
+    are a fresh `log_softmax`; on a CPU it saves allocating a (rows x vocabulary) tensor every step).
     """
 
-    def __init__(self, trie: IdentifierTrie, prompt_length: int, dead_token_id: int | None = None):
+    def __init__(
+        self, trie: IdentifierTrie, prompt_length: int, dead_token_id: int | None = None, inplace: bool = False
+    ):
         self.trie = trie
         self.prompt_length = prompt_length
         self.dead_token_id = dead_token_id
+        self.inplace = inplace
 
     def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor) -> torch.FloatTensor:
         if self.trie.vocab_bound > scores.shape[-1]:
@@ -211,7 +217,7 @@ class TrieLogitsProcessor(LogitsProcessor):
             values = scores.gather(1, tokens)  # (R, C)
             if self.dead_token_id is None:  # a dead row writes -inf where everything is -inf already
                 values = values.masked_fill((count == 0)[:, None], -math.inf)
-            processed = torch.full(scores.shape, -math.inf, dtype=scores.dtype, device=scores.device)
+            processed = scores.fill_(-math.inf) if self.inplace else torch.full_like(scores, -math.inf)
             return processed.scatter_(1, tokens, values)
         # Rows that allow a large share of the vocabulary (e.g. one new token per image): one boolean row per
         # distinct node.
@@ -222,7 +228,8 @@ class TrieLogitsProcessor(LogitsProcessor):
         allowed[owners, keys.take(edges) % self.trie.vocab_bound] = True
         if self.dead_token_id is not None:
             allowed[node_count == 0, self.dead_token_id] = True
-        return scores.masked_fill(~allowed[inverse], -math.inf)
+        mask = ~allowed[inverse]
+        return scores.masked_fill_(mask, -math.inf) if self.inplace else scores.masked_fill(mask, -math.inf)
 
 
 class NestedDictTrie:
