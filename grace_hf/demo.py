@@ -37,11 +37,8 @@ DEFAULT_KIND = "structured"
 NUM_GALLERY_QUERIES = 8
 
 
-_START = time.perf_counter()
-
-
 def _log(message: str) -> None:
-    print(f"\n==> [{time.perf_counter() - _START:5.0f} s] {message}", flush=True)
+    print(f"\n==> [{time.strftime('%H:%M:%S')}] {message}", flush=True)
 
 
 def _recipe(kind: str) -> Path:
