@@ -66,12 +66,12 @@ def main(argv: list[str] | None = None) -> int:
         syn = work / "synthetic"
         wall, peak = _run(["--help"])  # importing grace_hf alone: the floor under every row below
         rows = [("import only", 0, wall, peak, 0.0)]
-        wall, peak = _run(["synthetic", str(syn), "--num-images", str(args.num_images), *workers])
+        wall, peak = _run(["synthetic", "--output-dir", str(syn), "--num-images", str(args.num_images), *workers])
         rows.append(("synthetic", args.num_images, wall, peak, _size_mib(syn)))
         for kind in args.kinds:
             out = work / f"prepared-{kind}"
             command = ["prepare", "--karpathy-json", str(syn / "dataset_synthetic.json"), "--image-root", str(syn)]
-            command += ["--pseudo-queries", str(syn / "pseudo_queries.json"), "--identifier", kind]
+            command += ["--pseudo-queries", str(syn / "pseudo_queries.json"), "--identifier-kind", kind]
             command += ["--output-dir", str(out), *workers]
             command += ["--pixel-features"] if kind == "structured" else []
             wall, peak = _run(command)

@@ -100,9 +100,10 @@ def worker(shape: str, steps: int, warmup: int, result_path: str) -> None:
     """Time `steps` training steps of `shape` under the current launch; the main process writes the result."""
     import torch
 
+    from grace_hf.distributed import create_accelerator
     from grace_hf.models.flamingo import FlamingoConfig, FlamingoForConditionalGeneration
     from grace_hf.training.modeling import optimizer_parameter_groups
-    from grace_hf.training.train import configure_deepspeed, create_accelerator, step_loss
+    from grace_hf.training.train import configure_deepspeed, step_loss
 
     accelerator = create_accelerator(report_to=["none"])
     preset, overrides = SHAPES[shape]

@@ -1,6 +1,4 @@
-"""`grace-hf compare`: one Markdown table of Recall@K, training time and query latency across runs.
-
-    grace-hf compare runs/numeric runs/structured runs/dense-clip --output comparison.md
+"""One Markdown table of Recall@K, training time and query latency across runs.
 
 Each run directory holds a `metrics.json`: a generative run's (written by `grace-hf evaluate`,
 keys `recall@1/5/10`, `num_queries`, `queries_per_second`, optional `train_seconds` and
@@ -10,20 +8,19 @@ keys `recall@1/5/10`, `num_queries`, `queries_per_second`, optional `train_secon
 
 from __future__ import annotations
 
-import argparse
 import os
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
 from grace_hf.errors import GraceInputError
-from grace_hf.io_utils import atomic_write_text, read_json
+from grace_hf.io_utils import read_json
 
 COLUMNS = ("run", "method", "R@1", "R@5", "R@10", "queries", "train time (s)", "latency (ms/query)")
 
 
 def load_run_metrics(run: str | os.PathLike) -> dict[str, Any]:
-    """The metrics of a run: `run/metrics.json`, or `run` itself when it is a JSON file (`grace-hf evaluate --output`)."""
+    """The metrics of a run: `run/metrics.json`, or `run` itself when it is a JSON file."""
     path = Path(run)
     if path.is_dir():
         path = path / "metrics.json"
@@ -63,29 +60,14 @@ def table_row(name: str, metrics: Mapping[str, Any]) -> list[str]:
     ]
 
 
-def _run_name(run: str | os.PathLike) -> str:
+def run_name(run: str | os.PathLike) -> str:
     path = Path(run).resolve()
     return path.parent.name if path.suffix == ".json" else path.name
 
 
 def comparison_table(run_dirs: Sequence[str | os.PathLike]) -> str:
     """A Markdown table with one row per run directory, in the given order."""
-    rows = [table_row(_run_name(run_dir), load_run_metrics(run_dir)) for run_dir in run_dirs]
+    rows = [table_row(run_name(run_dir), load_run_metrics(run_dir)) for run_dir in run_dirs]
     lines = ["| " + " | ".join(COLUMNS) + " |", "|" + "|".join(" --- " for _ in COLUMNS) + "|"]
     lines += ["| " + " | ".join(row) + " |" for row in rows]
     return "\n".join(lines) + "\n"
-
-
-def main(argv: list[str] | None = None) -> int:
-    """Entry point of `grace-hf compare`."""
-    parser = argparse.ArgumentParser(prog="grace-hf compare", description=__doc__.split("\n\n")[0])
-    parser.add_argument(
-        "run_dirs", nargs="+", metavar="RUN_DIR", help="run directories with a metrics.json (or the file)"
-    )
-    parser.add_argument("--output", default=None, help="also write the table to this Markdown file")
-    args = parser.parse_args(argv)
-    table = comparison_table(args.run_dirs)
-    print(table, end="")
-    if args.output:
-        atomic_write_text(args.output, table)
-    return 0

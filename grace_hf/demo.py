@@ -1,7 +1,4 @@
-"""`grace-hf demo` / `make demo`: GRACE end to end on the built-in synthetic data, no GPU and no downloads.
-
-    grace-hf demo --output-dir demo_output                       # the best kind (structured), ~5 min on 2 cores
-    grace-hf demo --output-dir demo_output --kinds all            # every identifier kind beside the dense baseline
+"""The demo: GRACE end to end on the built-in synthetic data, no GPU and no downloads (`grace-hf demo`).
 
 Stages: synthetic data -> dense open_clip baseline (its image embeddings also feed the structured
 identifiers) -> prepare -> train the tiny Flamingo with `recipes/synthetic/<kind>.yaml` -> evaluate ->
@@ -10,7 +7,6 @@ retrieve example queries -> `metrics.json`, `gallery.html`, `recall.png` and `co
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import time
@@ -18,21 +14,23 @@ from pathlib import Path
 from typing import Any
 
 from grace_hf.compare import comparison_table
-from grace_hf.data.build import prepare
 from grace_hf.data.synthetic import PSEUDO_QUERIES_JSON, SYNTHETIC_JSON, write_synthetic
 from grace_hf.dense.train import DenseTrainingArgs, run_baseline
 from grace_hf.errors import GraceInputError
-from grace_hf.identifiers import IDENTIFIER_KINDS
-from grace_hf.io_utils import atomic_write_json, atomic_write_text
-from grace_hf.retrieval.evaluate import evaluate_model, load_eval_queries, write_recall_plot
+from grace_hf.image_features import FEATURES_FILE
+from grace_hf.io_utils import atomic_write_json, atomic_write_text, read_json
+from grace_hf.prepare import prepare
+from grace_hf.retrieval.evaluate import evaluate_model, load_eval_queries
 from grace_hf.retrieval.gallery import GalleryEntry, folder_image_loader, write_gallery
+from grace_hf.retrieval.model_dir import METRICS_FILE
+from grace_hf.retrieval.plots import write_recall_plot
 from grace_hf.retrieval.retriever import GraceRetriever
 from grace_hf.training.args import parse_args
 from grace_hf.training.train import train
 
-__all__ = ["main", "run_demo"]
+__all__ = ["DEFAULT_KIND", "RECIPES", "run_demo"]
 
-RECIPES = Path(__file__).resolve().parents[1] / "recipes" / "synthetic"
+RECIPES = Path(__file__).resolve().parent / "recipes" / "synthetic"  # shipped inside the package
 DEFAULT_KIND = "structured"
 NUM_GALLERY_QUERIES = 8
 
@@ -44,9 +42,7 @@ def _log(message: str) -> None:
 def _recipe(kind: str) -> Path:
     path = RECIPES / f"{kind}.yaml"
     if not path.is_file():
-        raise GraceInputError(
-            f"{path}: no synthetic recipe for identifier kind {kind!r} (run from a grace_hf checkout)"
-        )
+        raise GraceInputError(f"{path}: no synthetic recipe for identifier kind {kind!r}")
     return path
 
 
@@ -55,16 +51,16 @@ def _train_kind(kind: str, out: Path, data: Path, dense_dir: Path, max_steps: in
     prepared = out / f"prepared-{kind}"
     options: dict[str, Any] = {}
     if kind == "structured":
-        options["image_features"] = dense_dir / "image_features.safetensors"
+        options["image_features"] = str(dense_dir / FEATURES_FILE)
     _log(f"prepare {kind} identifiers -> {prepared}")
     prepare(data / SYNTHETIC_JSON, data, kind, prepared, pseudo_queries=data / PSEUDO_QUERIES_JSON, **options)
 
     model_dir = out / f"model-{kind}"
     _log(f"train the tiny Flamingo on {kind} identifiers (recipe {_recipe(kind)}) -> {model_dir}")
-    argv = ["--config", str(_recipe(kind)), "--data_dir", str(prepared), "--output_dir", str(model_dir)]
-    argv += ["--eval_num_queries", "0", "--report_to", "none", "--save_steps", "0"]
+    argv = ["--config", str(_recipe(kind)), "--data", str(prepared), "--output-dir", str(model_dir)]
+    argv += ["--eval-num-queries", "0", "--report-to", "none", "--save-steps", "0"]
     if max_steps is not None:
-        argv += ["--max_steps", str(max_steps)]
+        argv += ["--max-steps", str(max_steps)]
     train(*parse_args(argv), command="grace-hf train " + " ".join(argv))
     return model_dir
 
@@ -73,11 +69,10 @@ def _evaluate(model_dir: Path, prepared: Path) -> tuple[dict[str, Any], list[dic
     queries, gold, candidates = load_eval_queries(prepared)
     retriever = GraceRetriever.from_pretrained(model_dir, candidates=candidates)
     metrics, records, curve = evaluate_model(retriever, queries, gold, distributed=False)
-    train_metrics = json.loads((model_dir / "metrics.json").read_text())
+    train_metrics = read_json(model_dir / METRICS_FILE, "metrics")
     metrics.update(identifier_kind=train_metrics.get("identifier_kind"), train_seconds=train_metrics["train_seconds"])
     metrics["recall_curve"] = curve
-    metrics["query_latency_ms"] = 1000.0 / metrics["queries_per_second"]
-    atomic_write_json(model_dir / "metrics.json", train_metrics | metrics)
+    atomic_write_json(model_dir / METRICS_FILE, train_metrics | metrics)
     return metrics, records, curve
 
 
@@ -133,34 +128,3 @@ def run_demo(
     for name in ("metrics.json", "gallery.html", "recall.png", "comparison.md", "queries.jsonl"):
         print(f"  {out / name}")
     return first
-
-
-def main(argv: list[str] | None = None) -> int:
-    """Entry point of `grace-hf demo`."""
-    parser = argparse.ArgumentParser(prog="grace-hf demo", description=__doc__.split("\n\n")[0])
-    parser.add_argument("--output-dir", default="demo_output", help="where everything is written")
-    parser.add_argument(
-        "--kinds",
-        nargs="+",
-        default=[DEFAULT_KIND],
-        help=f"identifier kinds to train, or 'all' ({', '.join(IDENTIFIER_KINDS)}); the first one fills the gallery",
-    )
-    parser.add_argument("--num-images", type=int, default=500, help="synthetic images (10%% test)")
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--max-steps", type=int, default=None, help="override the recipes' training steps")
-    args = parser.parse_args(argv)
-    # with 'all', the best kind comes first and fills the gallery
-    kinds = (
-        [DEFAULT_KIND, *(k for k in IDENTIFIER_KINDS if k != DEFAULT_KIND)] if args.kinds == ["all"] else args.kinds
-    )
-    for kind in kinds:
-        if kind not in IDENTIFIER_KINDS:
-            raise GraceInputError(
-                f"--kinds: unknown identifier kind {kind!r} (expected {', '.join(IDENTIFIER_KINDS)})"
-            )
-    run_demo(args.output_dir, kinds, args.num_images, args.seed, args.max_steps)
-    return 0
-
-
-if __name__ == "__main__":
-    raise SystemExit(main())

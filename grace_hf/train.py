@@ -1,7 +1,5 @@
-"""`accelerate launch [--config_file accelerate_configs/X.yaml] -m grace_hf.train --config recipe.yaml`.
-
-The same as `grace-hf train`: a launcher needs a module to run, and this is it.
-"""
+"""`accelerate launch -m grace_hf.train --config recipe.yaml`: the older spelling of
+`accelerate launch -m grace_hf train --config recipe.yaml`, kept working."""
 
 import sys
 

@@ -21,12 +21,12 @@ def single_thread():
 @pytest.fixture(scope="session")
 def prepared(tmp_path_factory):
     """A prepared 24-image synthetic dataset with structured identifiers (for the training tests)."""
-    from grace_hf.data.build import prepare  # imported here: HF_HUB_OFFLINE must be set before huggingface_hub loads
     from grace_hf.data.synthetic import write_synthetic
+    from grace_hf.prepare import prepare  # imported here: HF_HUB_OFFLINE must be set before huggingface_hub loads
 
     root = tmp_path_factory.mktemp("synthetic")
     write_synthetic(root / "raw", num_images=24, seed=0)
-    return prepare(
+    prepare(
         root / "raw" / "dataset_synthetic.json",
         root / "raw",
         "structured",
@@ -34,3 +34,4 @@ def prepared(tmp_path_factory):
         pseudo_queries=root / "raw" / "pseudo_queries.json",
         pixel_features=True,
     )
+    return root / "prepared"

@@ -12,10 +12,11 @@ from datasets import load_from_disk
 from fsspec.implementations.dirfs import DirFileSystem
 from fsspec.implementations.local import LocalFileSystem
 from huggingface_hub import CommitOperationAdd, CommitOperationDelete, HfApi
+from PIL import Image
 from safetensors.numpy import save_file
 
 from grace_hf import cli
-from grace_hf.data.build import load_prepared
+from grace_hf.data.prepared import load_prepared
 from grace_hf.data.synthetic import PSEUDO_QUERIES_JSON, SYNTHETIC_JSON, write_synthetic
 from grace_hf.identifiers import IdentifierIndex
 
@@ -29,7 +30,7 @@ def synthetic(tmp_path_factory):
 
 def _prepare(syn: Path, out: Path, kind: str, *extra: str, json_name: str = SYNTHETIC_JSON) -> int:
     argv = ["prepare", "--karpathy-json", str(syn / json_name), "--image-root", str(syn)]
-    argv += ["--identifier", kind, "--output-dir", str(out), "--pseudo-queries", str(syn / PSEUDO_QUERIES_JSON)]
+    argv += ["--identifier-kind", kind, "--output-dir", str(out), "--pseudo-queries", str(syn / PSEUDO_QUERIES_JSON)]
     argv += ["--num-workers", "2", *extra]
     return cli.main(argv)
 
@@ -71,7 +72,7 @@ def test_prepare_each_kind(kind, synthetic, tmp_path):
     assert list(zip(dataset["queries"]["query"], dataset["queries"]["image_key"])) == test_captions
 
     record = json.loads((out / "prepare.json").read_text())
-    assert record["inputs"]["identifier"] == kind
+    assert record["inputs"]["identifier_kind"] == kind
     assert record["counts"]["t2id_rows"] == len(expected_t2id) and record["counts"]["memorized_images"] == NUM_IMAGES
     if kind == "semantic":
         assert "collisions_dropped" in record["identifiers"]
@@ -90,9 +91,12 @@ def test_self_contained_and_deterministic(synthetic, tmp_path):
     a, b = load_from_disk(str(first)), load_from_disk(str(second))
     for split in a:
         assert a[split].with_format("arrow")[:].equals(b[split].with_format("arrow")[:])
+    row = load_from_disk(str(first))["i2id"][3]
+    with Image.open(source / row["image_key"]) as original:
+        pixels = np.asarray(original.convert("RGB"))
     shutil.rmtree(source / "images")
     image = load_from_disk(str(first))["i2id"][3]["image"]
-    assert image.size == (64, 64) and image.convert("RGB").getpixel((0, 0)) is not None
+    assert image.size == (64, 64) and np.array_equal(np.asarray(image.convert("RGB")), pixels)
 
 
 def test_restval_not_memorized(synthetic, tmp_path):
@@ -141,9 +145,9 @@ def _damage(kind, root):
         (root / PSEUDO_QUERIES_JSON).write_text(json.dumps(queries))
         return [], "pseudo-queries for unknown image 'ghost.png'"
     elif kind == "unknown-kind":
-        return ["--identifier", "semantics"], "unknown identifier kind 'semantics'"
+        return ["--identifier-kind", "semantics"], "unknown identifier kind 'semantics'"
     elif kind == "structured-without-embeddings":
-        return ["--identifier", "structured"], "exactly one embedding source"
+        return ["--identifier-kind", "structured"], "exactly one embedding source"
     (root / SYNTHETIC_JSON).write_text(json.dumps(data))
     return [], message
 
@@ -264,4 +268,4 @@ def test_structured_from_features_file_via_cli(synthetic, tmp_path, capsys):
     assert record["inputs"]["identifier_options"]["image_features"] == str(tmp_path / "f.safetensors")
     assert record["identifiers"]["embedding_dim"] == 6 and record["identifiers"]["levels"] >= 3
     assert _prepare(synthetic, tmp_path / "bad", "numeric", "--pixel-features") == 2
-    assert "structured only" in capsys.readouterr().err
+    assert "numeric identifiers do not take --pixel-features" in capsys.readouterr().err

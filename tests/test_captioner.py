@@ -6,12 +6,12 @@ import pytest
 import yaml
 from accelerate.state import AcceleratorState, GradientState, PartialState
 
-from grace_hf.data import captioner
+from grace_hf.commands import pseudo_queries as pseudo_queries_command
+from grace_hf.commands import train as train_command
 from grace_hf.data.karpathy import load_karpathy
 from grace_hf.data.pseudo_queries import load_pseudo_queries
 from grace_hf.data.synthetic import write_synthetic
 from grace_hf.errors import GraceInputError
-from grace_hf.training import train as train_module
 
 
 @pytest.fixture(scope="module")
@@ -34,7 +34,7 @@ def trained_captioner(tmp_path_factory):
     }
     (root / "captioner.yaml").write_text(yaml.safe_dump(recipe))
     try:
-        assert train_module.main(["--config", str(root / "captioner.yaml")]) == 0
+        assert train_command.main(["--config", str(root / "captioner.yaml")]) == 0
     finally:
         AcceleratorState._reset_state(reset_partial_state=True)
         GradientState._reset_state()
@@ -52,23 +52,23 @@ def test_captioner_directory_has_no_retrieval_files(trained_captioner):
 
 def test_pseudo_queries_for_every_val_and_test_image(trained_captioner, tmp_path):
     raw, model_dir = trained_captioner
-    output = tmp_path / "pseudo.json"
+    output = tmp_path / "pseudo"
     argv = ["--model", str(model_dir), "--karpathy-json", str(raw / "dataset_synthetic.json")]
-    argv += ["--image-root", str(raw), "--output", str(output), "--max-new-tokens", "8", "--batch-size", "4"]
-    assert captioner.main(argv) == 0
+    argv += ["--image-root", str(raw), "--output-dir", str(output), "--max-new-tokens", "8", "--batch-size", "4"]
+    assert pseudo_queries_command.main(argv) == 0
     corpus = load_karpathy(raw / "dataset_synthetic.json", raw)
     queries = load_pseudo_queries(output, corpus)  # the format `prepare` reads
     expected = [image.key for image in corpus.images if image.split in ("val", "test")]
     assert list(queries) == expected
     assert all(len(texts) <= 5 and len(set(texts)) == len(texts) for texts in queries.values())
     assert any(queries.values())
-    raw_file = json.loads(output.read_text())
+    raw_file = json.loads((output / "pseudo_queries.json").read_text())
     assert set(raw_file) == {key.rsplit("/", 1)[-1] for key in expected}  # keyed by file name, as the original
 
 
 def test_more_queries_than_beams_is_refused(trained_captioner, tmp_path):
     raw, model_dir = trained_captioner
     argv = ["--model", str(model_dir), "--karpathy-json", str(raw / "dataset_synthetic.json")]
-    argv += ["--image-root", str(raw), "--output", str(tmp_path / "p.json"), "--num-queries", "6"]
+    argv += ["--image-root", str(raw), "--output-dir", str(tmp_path / "p"), "--num-queries", "6"]
     with pytest.raises(GraceInputError, match="cannot exceed --num-beams"):
-        captioner.main(argv)
+        pseudo_queries_command.main(argv)

@@ -4,8 +4,9 @@ import pytest
 import torch
 from PIL import Image
 
-from grace_hf.data.collate import GraceCollator, identifier_labels, truncate_words
 from grace_hf.models.flamingo import FlamingoProcessor
+from grace_hf.retrieval.collection import identifier_token_ids
+from grace_hf.training.collate import GraceCollator, identifier_labels, truncate_words
 
 IDENTIFIERS = ["1 2", "3 1 2 3", "0_1-1_2"]
 
@@ -44,7 +45,7 @@ def test_loss_mask_covers_exactly_the_identifier_part(processor, task):
         assert torch.all(labels[: media_at + 1] == -100)
         assert torch.all(labels[~mask.bool()] == -100)
         if task != "caption":
-            assert kept == processor.identifier_token_ids([row["identifier"]])[0]
+            assert kept == identifier_token_ids(processor, [row["identifier"]])[0]
 
 
 def test_labels_ignore_everything_after_the_first_end_of_chunk():

@@ -4,7 +4,8 @@ import json
 
 import pytest
 
-from grace_hf.compare import COLUMNS, comparison_table, main
+from grace_hf.commands.compare import main
+from grace_hf.compare import COLUMNS, comparison_table
 from grace_hf.errors import GraceInputError
 
 
@@ -64,10 +65,10 @@ def test_table_has_one_row_per_run(runs):
 
 
 def test_metrics_file_path_and_output(runs, tmp_path, capsys):
-    output = tmp_path / "table.md"
-    assert main([str(runs[2] / "metrics.json"), str(runs[0]), "--output", str(output)]) == 0
+    output = tmp_path / "comparison"
+    assert main([str(runs[2] / "metrics.json"), str(runs[0]), "--output-dir", str(output)]) == 0
     printed = capsys.readouterr().out
-    assert printed == output.read_text()
+    assert printed == (output / "comparison.md").read_text()
     assert [_cells(line)[0] for line in printed.splitlines()[2:]] == ["dense", "structured"]
 
 

@@ -7,9 +7,9 @@ from open_flamingo.src.helpers import GatedCrossAttentionBlock, PerceiverResampl
 from safetensors.torch import save_file
 
 from grace_hf.cli import main as cli_main
+from grace_hf.commands.convert_openflamingo import main
 from grace_hf.errors import GraceInputError
 from grace_hf.models.flamingo import FlamingoConfig, FlamingoForConditionalGeneration, FlamingoProcessor
-from grace_hf.models.flamingo.convert_openflamingo import main
 from grace_hf.models.flamingo.tokenization import train_tokenizer
 
 VOCAB = 300
@@ -90,7 +90,7 @@ def convert_args(root, output, mpt="mpt", config="config/config.json"):
         str(root / mpt),
         "--clip-weights",
         str(root / "clip.pt"),
-        "--config",
+        "--model-config",
         str(root / config),
         "--output-dir",
         str(output),

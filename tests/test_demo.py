@@ -7,7 +7,7 @@ import re
 
 from PIL import Image
 
-from grace_hf.demo import main
+from grace_hf.commands.demo import main
 
 
 def test_demo_writes_metrics_gallery_plot_and_table(tmp_path):

@@ -6,19 +6,14 @@ import pytest
 import torch
 
 from grace_hf.cli import main as cli_main
+from grace_hf.commands.baseline_clip import main
 from grace_hf.data.karpathy import load_karpathy
 from grace_hf.data.pseudo_queries import load_pseudo_queries
 from grace_hf.data.synthetic import write_synthetic
-from grace_hf.dense import (
-    FEATURES_NAME,
-    DualEncoder,
-    load_dual_encoder,
-    load_image_features,
-    resolve_model_config,
-    save_image_features,
-)
-from grace_hf.dense.train import DenseTrainingArgs, main, training_texts
+from grace_hf.dense import DualEncoder, load_dual_encoder, resolve_model_config
+from grace_hf.dense.train import DenseTrainingArgs, training_texts
 from grace_hf.errors import GraceInputError
+from grace_hf.image_features import FEATURES_FILE, load_image_features, save_image_features
 
 # Smaller than the `tiny` preset: one layer per tower, so a run takes about a second.
 MICRO = {
@@ -40,7 +35,7 @@ def _run(synthetic, output_dir, epochs=25):
     root, config = synthetic
     argv = ["--karpathy-json", str(root / "dataset_synthetic.json"), "--image-root", str(root)]
     argv += ["--pseudo-queries", str(root / "pseudo_queries.json"), "--output-dir", str(output_dir)]
-    argv += ["--config", str(config), "--epochs", str(epochs), "--batch-size", "20", "--lr", "5e-3"]
+    argv += ["--model-config", str(config), "--epochs", str(epochs), "--batch-size", "20", "--lr", "5e-3"]
     assert main(argv) == 0
     return output_dir
 
@@ -70,7 +65,7 @@ def test_run_writes_model_features_and_metrics(synthetic, run_dir):
         "open_clip_config.json",
         "open_clip_model.safetensors",
     ]
-    features, keys = load_image_features(run_dir / FEATURES_NAME)
+    features, keys = load_image_features(run_dir / FEATURES_FILE)
     assert keys == [image.key for image in corpus.memorized()]
     assert features.shape == (len(keys), MICRO["embed_dim"])
     torch.testing.assert_close(features.norm(dim=-1), torch.ones(len(keys)))
@@ -116,7 +111,7 @@ def test_config_presets_and_errors(tmp_path):
     bad.write_text(json.dumps({**MICRO, "text_cfg": {**MICRO["text_cfg"], "vocab_size": 1000}}))
     with pytest.raises(GraceInputError, match="vocab_size must be 49408"):
         resolve_model_config(bad)
-    with pytest.raises(GraceInputError, match="no image features file"):
+    with pytest.raises(GraceInputError, match="image features file not found"):
         load_image_features(tmp_path / "missing.safetensors")
     with pytest.raises(GraceInputError, match="batch-size"):
         DenseTrainingArgs(batch_size=1)
@@ -127,6 +122,6 @@ def test_config_presets_and_errors(tmp_path):
 def test_cli_reports_a_bad_config(synthetic, tmp_path, capsys):
     root, _ = synthetic
     argv = ["baseline-clip", "--karpathy-json", str(root / "dataset_synthetic.json"), "--image-root", str(root)]
-    assert cli_main([*argv, "--output-dir", str(tmp_path / "out"), "--config", "huge"]) == 2
-    assert "grace-hf baseline-clip: error: --config 'huge'" in capsys.readouterr().err
+    assert cli_main([*argv, "--output-dir", str(tmp_path / "out"), "--model-config", "huge"]) == 2
+    assert "grace-hf baseline-clip: error: --model-config 'huge'" in capsys.readouterr().err
     assert not (tmp_path / "out").exists()

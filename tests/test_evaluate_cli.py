@@ -12,9 +12,9 @@ from PIL import Image as PILImage
 from test_retriever import IMAGES, QUERIES, build_tiny_model_dir
 
 from grace_hf.cli import main as cli_main
+from grace_hf.commands import evaluate, retrieve
 from grace_hf.errors import GraceInputError
 from grace_hf.identifiers import IdentifierIndex
-from grace_hf.retrieval import evaluate, retrieve
 
 TEST_IMAGES = IMAGES[4:]
 
@@ -52,47 +52,50 @@ def setup(tmp_path_factory):
 def single_run(setup):
     """`grace-hf evaluate` in this process; returns the metrics file and what it printed."""
     root, model, data, _, _ = setup
-    output = root / "single" / "metrics.json"
-    argv = ["evaluate", "--model", str(model), "--data", str(data), "--output", str(output), "--batch-size", "4"]
+    output = root / "single"
+    argv = ["evaluate", "--model", str(model), "--data", str(data), "--output-dir", str(output), "--batch-size", "4"]
     assert cli_main(argv) == 0
     return output
 
 
 def test_evaluate_writes_metrics_per_query_results_and_plot(setup, single_run):
     root, model, data, queries, gold = setup
-    metrics = json.loads(single_run.read_text())
+    metrics = json.loads((single_run / "metrics.json").read_text())
     assert {"recall@1", "recall@5", "recall@10", "num_queries", "num_candidates", "queries_per_second"} <= set(metrics)
     assert (metrics["num_queries"], metrics["num_candidates"]) == (len(queries), len(TEST_IMAGES))
-    records = [json.loads(line) for line in (single_run.parent / "metrics_queries.jsonl").read_text().splitlines()]
+    records = [json.loads(line) for line in (single_run / "queries.jsonl").read_text().splitlines()]
     assert [r["query"] for r in records] == queries and [r["gold"] for r in records] == gold
     for k in (1, 5, 10):  # every query is in the denominator
         hits = sum(r["gold_rank"] is not None and r["gold_rank"] <= k for r in records)
         assert metrics[f"recall@{k}"] == hits / len(queries)
     assert metrics["recall@10"] == 1.0  # 8 candidates, 8 beams: every gold image is ranked
     assert all(set(r["image_keys"]) <= set(TEST_IMAGES) for r in records)
-    assert (single_run.parent / "metrics_recall.png").read_bytes()[:4] == b"\x89PNG"
+    assert (single_run / "recall.png").read_bytes()[:4] == b"\x89PNG"
+    assert metrics["recall_curve"][0] == metrics["recall@1"] and len(metrics["recall_curve"]) == 10
 
 
 def test_evaluate_errors(setup, tmp_path):
     root, model, data, queries, gold = setup
-    args = ["--model", str(model), "--output", str(tmp_path / "m.json")]
+    args = ["--model", str(model), "--output-dir", str(tmp_path / "eval")]
     with pytest.raises(GraceInputError, match="not a prepared dataset"):
         evaluate.main([*args, "--data", str(tmp_path / "nothing")])
     bad = write_prepared(tmp_path / "bad", ["a red square"], [IMAGES[0]])  # gold is a train image
     with pytest.raises(GraceInputError, match=r"queries\[0\] \('a red square'\): gold image 'images/000.png'"):
         evaluate.main([*args, "--data", str(bad)])
     assert cli_main(["evaluate", *args, "--data", str(tmp_path / "nothing")]) == 2
-    assert not (tmp_path / "m.json").exists()
+    assert not (tmp_path / "eval").exists()
 
 
 def test_retrieve_prints_rankings_and_writes_gallery(setup, capsys):
     root, model, data, queries, gold = setup
-    page = root / "gallery.html"
-    argv = ["--model", str(model), "--top-k", "3", "--data", str(data), "--num-queries", "2", "--html", str(page)]
+    argv = ["--model", str(model), "--top-k", "3", "--data", str(data), "--num-queries", "2"]
+    argv += ["--output-dir", str(root / "retrieved")]
     assert retrieve.main([*argv, "a free text query"]) == 0
     out = capsys.readouterr().out
     assert out.count("query: ") == 3 and "[gold: images/004.png]" in out
-    html = page.read_text()
+    html = (root / "retrieved" / "gallery.html").read_text()
+    results = [json.loads(line) for line in (root / "retrieved" / "results.jsonl").read_text().splitlines()]
+    assert [r["query"] for r in results] == ["a free text query", *queries[:2]] and len(results[1]["results"]) == 3
     assert html.count("<section>") == 3 and "data:image/png;base64," in html
     assert 'class="gold' in html  # the gold image is framed: retrieved, or shown as "not retrieved"
     with pytest.raises(GraceInputError, match="no queries"):
@@ -131,16 +134,16 @@ def test_two_process_evaluation_equals_one_process(setup, single_run, mode, tmp_
     else:  # accelerate starts several CPU processes through its multi-GPU (torchrun) path; no GPU is visible
         launch += ["--multi_gpu", "--num_processes", "2", "--num_machines", "1", "--mixed_precision", "no"]
         launch += ["--dynamo_backend", "no"]
-    output = tmp_path / "metrics.json"
-    command = [*launch, "-m", "grace_hf.retrieval.evaluate", "--model", str(model), "--data", str(data)]
-    command += ["--output", str(output), "--batch-size", "2"]  # 9 queries: uneven shards and batches
+    output = tmp_path / "eval"
+    command = [*launch, "-m", "grace_hf", "evaluate", "--model", str(model), "--data", str(data)]
+    command += ["--output-dir", str(output), "--batch-size", "2"]  # 9 queries: uneven shards and batches
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": ""}
     run = subprocess.run(command, env=env, capture_output=True, text=True, timeout=240)
     assert run.returncode == 0, run.stderr[-3000:]
-    one, two = json.loads(single_run.read_text()), json.loads(output.read_text())
+    one, two = json.loads((single_run / "metrics.json").read_text()), json.loads((output / "metrics.json").read_text())
     assert (two["num_processes"], two["distributed_type"]) == (2, mode)
     for key in ("recall@1", "recall@5", "recall@10", "num_queries", "num_candidates"):
         assert one[key] == two[key]
-    ranked_one = [json.loads(line)["image_keys"] for line in (single_run.parent / "metrics_queries.jsonl").open()]
-    ranked_two = [json.loads(line)["image_keys"] for line in (tmp_path / "metrics_queries.jsonl").open()]
+    ranked_one = [json.loads(line)["image_keys"] for line in (single_run / "queries.jsonl").open()]
+    ranked_two = [json.loads(line)["image_keys"] for line in (output / "queries.jsonl").open()]
     assert ranked_one == ranked_two

@@ -2,7 +2,7 @@
 
 import pytest
 
-from grace_hf.retrieval.metrics import RecallAtK, recall_at_k, recall_curve
+from grace_hf.retrieval.metrics import recall_at_k, recall_curve
 
 RANKINGS = [
     ["a", "b", "c"],  # gold at rank 1
@@ -21,16 +21,6 @@ def test_recall_at_k_by_hand():
         "recall@6": 0.75,
     }
     assert recall_curve(RANKINGS, GOLD, max_k=6) == [0.25, 0.25, 0.5, 0.5, 0.5, 0.75]
-
-
-def test_evaluate_metric_equals_function():
-    metric = RecallAtK()
-    assert metric.compute(predictions=RANKINGS, references=GOLD, ks=[1, 3, 6]) == recall_at_k(
-        RANKINGS, GOLD, (1, 3, 6)
-    )
-    metric.add_batch(predictions=RANKINGS[:2], references=GOLD[:2])
-    metric.add_batch(predictions=RANKINGS[2:], references=GOLD[2:])
-    assert metric.compute() == recall_at_k(RANKINGS, GOLD)
 
 
 def test_bad_input_is_refused():

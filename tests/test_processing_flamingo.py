@@ -1,4 +1,4 @@
-"""FlamingoProcessor and the tiny tokenizer: special tokens, prompt formats, padding, save/load."""
+"""FlamingoProcessor and the tiny tokenizer: special tokens, padding, save/load."""
 
 import pytest
 import torch
@@ -11,6 +11,8 @@ from grace_hf.models.flamingo import (
     FlamingoProcessor,
     train_tokenizer,
 )
+from grace_hf.prompts import query_prompt, t2id_text
+from grace_hf.retrieval.collection import identifier_token_ids
 
 TEXTS = ["a dog runs in the park", "two kids ride bikes", "a red car", "id 1 2 3", "id 1234"] * 2
 
@@ -31,22 +33,8 @@ def test_tokenizer_is_deterministic_with_special_tokens_and_single_digits():
     assert [t for t in tokens if any(c.isdigit() for c in t)] == ["1", "2", "3", "4", "9", "9"]
 
 
-def test_prompt_formats_and_identifier_tokens(processor):
-    assert processor.i2id_text("1 2") == "<image>id 1 2<|endofchunk|>"
-    assert processor.t2id_text("a dog", "1 2") == "caption:a dog<image>id 1 2<|endofchunk|>"
-    assert processor.query_prompt("a dog") == "caption:a dog<image>"
-    identifiers = ["1 2", "34", "a red car"]
-    sequences = processor.identifier_token_ids(identifiers)
-    for identifier, sequence in zip(identifiers, sequences):
-        full = processor.tokenizer(processor.t2id_text("two kids", identifier)).input_ids
-        after_image = full[full.index(processor.media_token_id) + 1 :]
-        assert sequence == after_image
-        assert sequence[-1] == processor.end_of_chunk_token_id
-        assert full[: len(full) - len(sequence)] == processor.tokenizer(processor.query_prompt("two kids")).input_ids
-
-
 def test_call_pads_left_for_generation_and_shapes_pixels(processor):
-    texts = [processor.query_prompt("a dog"), processor.query_prompt("two kids ride bikes in the park")]
+    texts = [query_prompt("a dog"), query_prompt("two kids ride bikes in the park")]
     images = [processor.blank_image(), Image.new("RGB", (50, 40), (255, 0, 0))]
     batch = processor(text=texts, images=images, padding_side="left")
     assert batch["pixel_values"].shape == (2, 1, 1, 3, 32, 32)
@@ -67,7 +55,7 @@ def test_add_identifier_tokens_and_model_resize(processor):
     before = len(processor.tokenizer)
     assert processor.add_identifier_tokens(["0_12", "1_5", "0_12"]) == 2
     assert len(processor.tokenizer) == before + 2
-    ids = processor.identifier_token_ids(["0_12-1_5"])[0]
+    ids = identifier_token_ids(processor, ["0_12-1_5"])[0]
     tokens = processor.tokenizer.convert_ids_to_tokens(ids)
     assert "0_12" in tokens and "1_5" in tokens
 
@@ -80,7 +68,7 @@ def test_save_load_next_to_the_model(processor, tmp_path):
         assert isinstance(loaded, FlamingoProcessor)
         assert loaded.tokenizer.get_vocab() == processor.tokenizer.get_vocab()
         assert loaded.image_size == 32 and loaded.pad_token_id == processor.pad_token_id
-        texts, images = [processor.t2id_text("a dog", "1 2")], [processor.blank_image()]
+        texts, images = [t2id_text("a dog", "1 2")], [processor.blank_image()]
         expected, got = processor(text=texts, images=images), loaded(text=texts, images=images)
         assert all(torch.equal(expected[key], got[key]) for key in expected)
     model = FlamingoForConditionalGeneration.from_pretrained(tmp_path)

@@ -1,5 +1,5 @@
 """GraceRetriever on a tiny random model directory: exact identifiers, exhaustive beams equal teacher-forced
-log-probabilities, batching, errors on bad input, the cached trie, and the query-image modes."""
+log-probabilities, batching, errors on bad input, the saved trie, and the query-image modes."""
 
 import json
 import logging
@@ -10,8 +10,9 @@ import torch
 
 from grace_hf.errors import GraceInputError
 from grace_hf.identifiers import IdentifierIndex
+from grace_hf.prompts import query_prompt
 from grace_hf.retrieval import GraceRetriever, IdentifierTrie
-from grace_hf.retrieval import retriever as retriever_module
+from grace_hf.retrieval.collection import identifier_token_ids
 
 IMAGES = [f"images/{n:03d}.png" for n in range(12)]
 QUERIES = ["a red square", "two blue circles on a green field", "a small yellow triangle"]
@@ -63,8 +64,8 @@ def test_results_are_distinct_collection_images_best_first(retriever):
 def teacher_forced_log_prob(retriever, query, identifier):
     """log P(`id <identifier><|endofchunk|>` | `caption:<query><image>`) by one forward pass."""
     processor = retriever.processor
-    prompt = processor(text=[processor.query_prompt(query)], return_tensors="pt")["input_ids"]
-    tokens = torch.tensor(processor.identifier_token_ids([identifier]))  # (1, L)
+    prompt = processor(text=[query_prompt(query)], return_tensors="pt")["input_ids"]
+    tokens = torch.tensor(identifier_token_ids(processor, [identifier]))  # (1, L)
     with torch.no_grad():
         logits = retriever.model(input_ids=torch.cat([prompt, tokens], dim=1)).logits  # (1, P + L, V)
     log_probs = logits[0, prompt.shape[1] - 1 : -1].log_softmax(-1)  # (L, V)
@@ -115,7 +116,7 @@ def test_identifier_tokens_outside_the_model_vocabulary(retriever):
 
 
 def test_too_long_query_is_cut_to_fit(retriever, caplog):
-    limited = GraceRetriever(retriever.model, retriever.processor, retriever.index, max_length=16, trie=retriever.trie)
+    limited = GraceRetriever(retriever.model, retriever.processor, retriever.index, max_length=16)
     long_query = " ".join(["a red square"] * 30)
     with caplog.at_level(logging.WARNING, logger="grace_hf.retrieval.retriever"):
         hits = limited.retrieve([long_query], top_k=3)[0]
@@ -141,22 +142,23 @@ def test_explicit_candidates_and_beam_clamp(retriever):
     assert hit.score == pytest.approx(teacher_forced_log_prob(retriever, "a red square", hit.identifier), abs=1e-4)
 
 
-def test_saved_trie_is_reused_and_stale_one_rebuilt(tmp_path, retriever, monkeypatch):
+def test_saved_trie_is_checked_and_a_stale_or_corrupt_one_ignored(tmp_path, retriever, caplog):
     retriever.save_pretrained(tmp_path / "saved")
-    assert (tmp_path / "saved" / "identifier_trie.safetensors").is_file()
-
-    def no_build(*args):
-        raise AssertionError("the cached trie should have been used")
-
-    monkeypatch.setattr(retriever_module, "build_identifier_trie", no_build)
+    trie_file = tmp_path / "saved" / "identifier_trie.safetensors"
     loaded = GraceRetriever.from_pretrained(tmp_path / "saved", device="cpu")
-    assert loaded.trie.metadata == retriever.trie.metadata
-    monkeypatch.undo()
+    assert torch.equal(IdentifierTrie.load(trie_file).edge_keys, loaded.trie.edge_keys)
+    expected = [[hit.image_key for hit in hits] for hits in retriever.retrieve(QUERIES, top_k=3)]
+
+    IdentifierTrie([[1, 2]]).save(trie_file)  # a stale trie, whatever it claims
+    with caplog.at_level(logging.WARNING, logger="grace_hf.retrieval.collection"):
+        stale = GraceRetriever.from_pretrained(tmp_path / "saved", device="cpu")
+    assert "does not match the tokenized identifiers" in caplog.text
+    assert [[hit.image_key for hit in hits] for hits in stale.retrieve(QUERIES, top_k=3)] == expected
+    trie_file.write_bytes(b"garbage")
+    corrupt = GraceRetriever.from_pretrained(tmp_path / "saved", device="cpu")
+    assert len(corrupt.trie) == len(retriever.trie)
     other = GraceRetriever.from_pretrained(tmp_path / "saved", device="cpu", candidates=IMAGES[:3])
-    assert len(other.trie) == 3  # the saved trie was for other candidates: rebuilt
-    stale = IdentifierTrie([[1, 2]], metadata={"fingerprint": "old"})
-    rebuilt = GraceRetriever(retriever.model, retriever.processor, retriever.index, trie=stale)
-    assert rebuilt.trie is not stale and len(rebuilt.trie) == len(retriever.trie)
+    assert len(other.trie) == 3
 
 
 def test_blank_query_image_and_semantic_identifiers(tmp_path):

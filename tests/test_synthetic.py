@@ -85,10 +85,23 @@ def test_same_seed_same_files(tmp_path, synthetic):
 
 def test_cli(tmp_path, capsys):
     assert (
-        cli.main(["synthetic", str(tmp_path / "syn"), "--num-images", "12", "--seed", "1", "--num-workers", "1"]) == 0
+        cli.main(
+            [
+                "synthetic",
+                "--output-dir",
+                str(tmp_path / "syn"),
+                "--num-images",
+                "12",
+                "--seed",
+                "1",
+                "--num-workers",
+                "1",
+            ]
+        )
+        == 0
     )
     assert "wrote 12 images" in capsys.readouterr().out
-    assert cli.main(["synthetic", str(tmp_path / "big"), "--num-images", str(MAX_IMAGES + 1)]) == 2
+    assert cli.main(["synthetic", "--output-dir", str(tmp_path / "big"), "--num-images", str(MAX_IMAGES + 1)]) == 2
     assert "--num-images must be between" in capsys.readouterr().err
     assert not (tmp_path / "big").exists()
     with pytest.raises(GraceInputError, match="between 3 and"):

@@ -16,11 +16,12 @@ from accelerate.state import AcceleratorState, GradientState, PartialState
 from accelerate.utils import set_seed
 from safetensors.torch import load_file
 
-from grace_hf.data.collate import GraceCollator
+from grace_hf.commands import train as train_command
 from grace_hf.errors import GraceInputError
 from grace_hf.training import parse_args
 from grace_hf.training import train as train_module
 from grace_hf.training.checkpoints import list_checkpoints, resolve_checkpoint, save_checkpoint
+from grace_hf.training.collate import GraceCollator
 from grace_hf.training.data import load_training_data
 from grace_hf.training.modeling import build_model_and_processor, optimizer_parameter_groups
 from grace_hf.training.sampling import StepBatchSampler
@@ -29,12 +30,12 @@ from grace_hf.training.train import step_loss
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def tiny_recipe(data_dir, output_dir, **overrides) -> dict:
+def tiny_recipe(data, output_dir, **overrides) -> dict:
     """A recipe that trains the tiny preset for a few steps on the 24-image synthetic set."""
     recipe = {
         "model_preset": "tiny",
         "tokenizer_vocab_size": 300,
-        "data_dir": str(data_dir),
+        "data": str(data),
         "output_dir": str(output_dir),
         "max_steps": 6,
         "batch_size_i2id": 4,
@@ -68,7 +69,7 @@ def reset_accelerate():
 
 def run_training(argv):
     try:
-        assert train_module.main(argv) == 0
+        assert train_command.main(argv) == 0
     finally:
         reset_accelerate()
 
@@ -79,9 +80,9 @@ def run_training(argv):
 def test_recipe_sets_defaults_and_flags_override(tmp_path, prepared):
     config = write_recipe(tmp_path / "r.yaml", tiny_recipe(prepared, tmp_path / "out", t2id_image="blank"))
     model_args, data_args, args = parse_args(
-        ["--config", config, "--max_steps", "9", "--seed", "3", "--output_dir", "elsewhere", "--data_dir", "d"]
+        ["--config", config, "--max_steps", "9", "--seed", "3", "--output-dir", "elsewhere", "--data", "d"]
     )
-    assert (args.max_steps, args.seed, args.output_dir, data_args.data_dir) == (9, 3, "elsewhere", "d")
+    assert (args.max_steps, args.seed, args.output_dir, data_args.data) == (9, 3, "elsewhere", "d")
     assert (model_args.model_preset, data_args.t2id_image, args.learning_rate) == ("tiny", "blank", 2e-3)
     assert args.report_to == ["none"]
 
@@ -108,8 +109,8 @@ def test_cross_field_checks(tmp_path, prepared):
     config = write_recipe(tmp_path / "r.yaml", tiny_recipe(prepared, tmp_path / "out"))
     with pytest.raises(GraceInputError, match="both loss weights are 0"):
         parse_args(["--config", config, "--loss_weight_i2id", "0", "--loss_weight_t2id", "0"])
-    with pytest.raises(GraceInputError, match="exactly one of model_name_or_path and model_preset"):
-        parse_args(["--config", config, "--model_name_or_path", "some/model"])
+    with pytest.raises(GraceInputError, match="exactly one of model and model_preset"):
+        parse_args(["--config", config, "--model", "some/model"])
     with pytest.raises(GraceInputError, match="lr_scheduler_type: unknown 'linearr'"):
         parse_args(["--config", config, "--lr_scheduler_type", "linearr"])
 
@@ -230,7 +231,8 @@ KILL_AFTER_STEP_4 = textwrap.dedent(
         return path
 
     train.save_checkpoint = save_then_die
-    sys.exit(train.main(sys.argv[1:]))
+    from grace_hf.commands import train as train_command
+    sys.exit(train_command.main(sys.argv[1:]))
     """
 )
 
@@ -278,6 +280,7 @@ def test_tiny_run_learns_and_writes_a_model_directory(reference_run, prepared):
     assert json.loads((output_dir / "grace_config.json").read_text()) == {
         "query_image": "none",
         "identifier_kind": "structured",
+        "num_identifiers": 24,
     }
     metrics = json.loads((output_dir / "metrics.json").read_text())
     assert metrics["identifier_kind"] == "structured" and metrics["steps"] == 6 and metrics["train_seconds"] > 0

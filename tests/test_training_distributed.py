@@ -38,7 +38,7 @@ ZERO3_CPU = {
 PROBE = textwrap.dedent(
     """
     import json, os, sys
-    from grace_hf.data.collate import GraceCollator
+    from grace_hf.training.collate import GraceCollator
     from grace_hf.models.flamingo import FlamingoForConditionalGeneration
     from grace_hf.training import train
 
@@ -70,7 +70,8 @@ PROBE = textwrap.dedent(
     GraceCollator.__call__ = recording_collate
     FlamingoForConditionalGeneration.save_pretrained = recording_save
     train.save_model_directory = recording_save_model_directory
-    sys.exit(train.main(sys.argv[1:]))
+    from grace_hf.commands import train as train_command
+    sys.exit(train_command.main(sys.argv[1:]))
     """
 )
 
@@ -85,7 +86,7 @@ def _recipe(path, prepared, output_dir, **overrides) -> str:
     recipe = {
         "model_preset": "tiny",
         "tokenizer_vocab_size": 300,
-        "data_dir": str(prepared),
+        "data": str(prepared),
         "output_dir": str(output_dir),
         "max_steps": 3,
         "batch_size_i2id": 4,

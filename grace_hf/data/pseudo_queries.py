@@ -2,7 +2,7 @@
 
 The original fine-tuned a captioner on train image -> caption pairs and wrote five queries per
 test image; test images learn query -> identifier only from these, their human captions being the
-evaluation queries (DESIGN.md §3).
+evaluation queries. A directory stands for its `pseudo_queries.json`.
 """
 
 from __future__ import annotations
@@ -14,7 +14,9 @@ from grace_hf.data.karpathy import KarpathyCorpus
 from grace_hf.errors import GraceInputError
 from grace_hf.io_utils import atomic_write_json, read_json
 
-__all__ = ["load_pseudo_queries", "write_pseudo_queries"]
+__all__ = ["PSEUDO_QUERIES_FILE", "load_pseudo_queries", "write_pseudo_queries"]
+
+PSEUDO_QUERIES_FILE = "pseudo_queries.json"
 
 
 def load_pseudo_queries(path: str | os.PathLike, corpus: KarpathyCorpus) -> dict[str, list[str]]:
@@ -23,6 +25,8 @@ def load_pseudo_queries(path: str | os.PathLike, corpus: KarpathyCorpus) -> dict
     A name in the file is an image's file name (as in the original) or its full image key.
     Unknown or ambiguous names, non-string or empty queries are a `GraceInputError`.
     """
+    if os.path.isdir(path):
+        path = os.path.join(path, PSEUDO_QUERIES_FILE)
     data = read_json(path, "pseudo-query file")
     if not isinstance(data, dict):
         raise GraceInputError(f"{path}: expected an object mapping image file names to lists of queries")

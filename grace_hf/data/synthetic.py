@@ -5,7 +5,7 @@ positions on one of 6 backgrounds: 38,880 distinct contents, so up to that many 
 different. Each image gets five human-style captions from varied templates (some leave an attribute
 out, as people do) and, for val and test images, five terse pseudo-queries in a captioner's style.
 
-    grace-hf synthetic data/synthetic --num-images 1000 --seed 0
+    grace-hf synthetic --output-dir data/synthetic --num-images 1000 --seed 0
 
 writes `data/synthetic/dataset_synthetic.json` (Karpathy format, `filepath` "images"),
 `data/synthetic/images/*.png` (64x64 RGB) and `data/synthetic/pseudo_queries.json`.
@@ -13,7 +13,6 @@ writes `data/synthetic/dataset_synthetic.json` (Karpathy format, `filepath` "ima
 
 from __future__ import annotations
 
-import argparse
 import itertools
 import json
 import math
@@ -24,16 +23,16 @@ from pathlib import Path
 
 import numpy as np
 from PIL import Image, ImageChops, ImageDraw
-from tqdm import tqdm
 
-from grace_hf.data.pseudo_queries import write_pseudo_queries
+from grace_hf.data.pseudo_queries import PSEUDO_QUERIES_FILE, write_pseudo_queries
 from grace_hf.errors import GraceInputError
 from grace_hf.io_utils import atomic_directory, atomic_write_text
+from grace_hf.runtime import progress_bar
 
-__all__ = ["SYNTHETIC_JSON", "PSEUDO_QUERIES_JSON", "IMAGE_DIR", "MAX_IMAGES", "write_synthetic", "main"]
+__all__ = ["SYNTHETIC_JSON", "PSEUDO_QUERIES_JSON", "IMAGE_DIR", "MAX_IMAGES", "write_synthetic"]
 
 SYNTHETIC_JSON = "dataset_synthetic.json"
-PSEUDO_QUERIES_JSON = "pseudo_queries.json"
+PSEUDO_QUERIES_JSON = PSEUDO_QUERIES_FILE
 IMAGE_DIR = "images"
 IMAGE_SIZE = 64
 
@@ -311,29 +310,15 @@ def write_synthetic(
         jobs = [(str(tmp / IMAGE_DIR / name), c, j) for name, c, j in zip(names, contents, jitters)]
         workers = num_workers or min(8, os.cpu_count() or 1)
         if workers == 1:
-            for job in tqdm(jobs, desc="drawing"):
+            for job in progress_bar(jobs, desc="drawing"):
                 _save_image(job)
         else:
             with get_context("fork").Pool(workers) as pool:  # fork: callers need no __main__ guard
-                for _ in tqdm(pool.imap_unordered(_save_image, jobs, chunksize=64), total=len(jobs), desc="drawing"):
+                for _ in progress_bar(
+                    pool.imap_unordered(_save_image, jobs, chunksize=64), total=len(jobs), desc="drawing"
+                ):
                     pass
         # compact like the real Karpathy files (and json's indenting encoder is slow and memory-hungry)
         atomic_write_text(tmp / SYNTHETIC_JSON, json.dumps({"dataset": "synthetic", "images": images}))
         write_pseudo_queries(tmp / PSEUDO_QUERIES_JSON, pseudo_queries)
     return out_dir
-
-
-def main(argv: list[str] | None = None) -> int:
-    """`grace-hf synthetic OUT [--num-images N] [--seed S]`."""
-    parser = argparse.ArgumentParser(prog="grace-hf synthetic", description=__doc__.split("\n\n")[0])
-    parser.add_argument("output_dir", help="directory to write (replaced if it exists)")
-    parser.add_argument("--num-images", type=int, default=1000, help=f"number of images, at most {MAX_IMAGES}")
-    parser.add_argument("--seed", type=int, default=0, help="random seed; the same seed gives identical files")
-    parser.add_argument("--num-workers", type=int, default=None, help="processes drawing images")
-    args = parser.parse_args(argv)
-    out = write_synthetic(args.output_dir, args.num_images, args.seed, args.num_workers)
-    with open(out / SYNTHETIC_JSON, encoding="utf-8") as f:
-        splits = [image["split"] for image in json.load(f)["images"]]
-    counts = ", ".join(f"{s} {splits.count(s)}" for s in ("train", "val", "test"))
-    print(f"wrote {len(splits)} images ({counts}) to {out}")
-    return 0

@@ -9,7 +9,6 @@ image preprocessing) and `open_clip_model.safetensors`.
 from __future__ import annotations
 
 import copy
-import json
 import os
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -19,15 +18,14 @@ from typing import Any
 import open_clip
 import torch
 from PIL import Image
-from safetensors import safe_open
-from safetensors.torch import load_model, save_file, save_model
+from safetensors.torch import load_model, save_model
 
 from grace_hf.errors import GraceInputError
+from grace_hf.image_features import OPEN_CLIP_CONFIG_FILE, encode_images, read_open_clip_config, read_rgb
 from grace_hf.io_utils import atomic_write_json
 
-CONFIG_NAME = "open_clip_config.json"
+CONFIG_NAME = OPEN_CLIP_CONFIG_FILE
 WEIGHTS_NAME = "open_clip_model.safetensors"
-FEATURES_NAME = "image_features.safetensors"
 
 _VOCAB_SIZE = 49408  # open_clip's SimpleTokenizer vocabulary, bundled with the package
 
@@ -50,21 +48,17 @@ PRESETS: dict[str, dict[str, Any]] = {
 def resolve_model_config(spec: str | os.PathLike | dict[str, Any]) -> dict[str, Any]:
     """An open_clip model config from a preset name (`tiny`, `small`), a JSON file or a dict.
 
-    A JSON file holds the same keys as a preset (`embed_dim`, `vision_cfg`, `text_cfg`); the text
-    tower's `vocab_size` must be the SimpleTokenizer's (49408) and is filled in when absent.
+    A JSON file holds the same keys as a preset (`embed_dim`, `vision_cfg`, `text_cfg`), bare or under `model_cfg`;
+    the text tower's `vocab_size` must be the SimpleTokenizer's (49408) and is filled in when absent.
     """
     if isinstance(spec, dict):
         config, source = copy.deepcopy(spec), "config"
     elif str(spec) in PRESETS:
         return copy.deepcopy(PRESETS[str(spec)])
     elif Path(spec).is_file():
-        source = str(spec)
-        try:
-            config = json.loads(Path(spec).read_text(encoding="utf-8"))
-        except json.JSONDecodeError as err:
-            raise GraceInputError(f"{spec}: not valid JSON ({err})") from err
+        config, source = read_open_clip_config(spec)[0], str(spec)
     else:
-        raise GraceInputError(f"--config {spec!r}: neither a preset ({', '.join(PRESETS)}) nor a JSON file")
+        raise GraceInputError(f"--model-config {spec!r}: neither a preset ({', '.join(PRESETS)}) nor a JSON file")
     if not isinstance(config, dict) or not {"embed_dim", "vision_cfg", "text_cfg"} <= config.keys():
         raise GraceInputError(f"{source}: an open_clip model config is an object with embed_dim, vision_cfg, text_cfg")
     text_cfg = config["text_cfg"]
@@ -72,12 +66,6 @@ def resolve_model_config(spec: str | os.PathLike | dict[str, Any]) -> dict[str, 
     if text_cfg["vocab_size"] != _VOCAB_SIZE:
         raise GraceInputError(f"{source}: text_cfg.vocab_size must be {_VOCAB_SIZE} (open_clip's SimpleTokenizer)")
     return config
-
-
-def open_rgb(path: str | os.PathLike) -> Image.Image:
-    """The image at `path` as RGB."""
-    with Image.open(path) as image:
-        return image.convert("RGB")
 
 
 @dataclass
@@ -112,17 +100,12 @@ class DualEncoder:
 
     def pixel_values(self, paths: Sequence[str | os.PathLike]) -> torch.Tensor:
         """Load and preprocess images into one (N, 3, H, W) batch."""
-        return torch.stack([self.transform(open_rgb(path)) for path in paths])
+        return torch.stack([self.transform(read_rgb(path)) for path in paths])
 
-    @torch.no_grad()
     def encode_images(self, paths: Sequence[str | os.PathLike], batch_size: int = 256) -> torch.Tensor:
         """L2-normalised image embeddings (N, D), in the order of `paths`."""
         self.model.eval()
-        chunks = [
-            self.model.encode_image(self.pixel_values(paths[i : i + batch_size]), normalize=True)
-            for i in range(0, len(paths), batch_size)
-        ]
-        return torch.cat(chunks) if chunks else torch.empty(0, self.embed_dim)
+        return encode_images(paths, self.transform, self.model.encode_image, batch_size, desc="dense image features")
 
     @torch.no_grad()
     def encode_texts(self, texts: Sequence[str], batch_size: int = 1024) -> torch.Tensor:
@@ -163,36 +146,7 @@ def load_dual_encoder(directory: str | os.PathLike) -> DualEncoder:
     config_path = directory / CONFIG_NAME
     if not config_path.is_file() or not (directory / WEIGHTS_NAME).is_file():
         raise GraceInputError(f"{directory}: not a dual encoder directory (needs {CONFIG_NAME} and {WEIGHTS_NAME})")
-    encoder = DualEncoder.from_config(json.loads(config_path.read_text(encoding="utf-8"))["model_cfg"])
+    encoder = DualEncoder.from_config(read_open_clip_config(config_path)[0])
     load_model(encoder.model, str(directory / WEIGHTS_NAME))
     encoder.model.eval()
     return encoder
-
-
-def save_image_features(path: str | os.PathLike, features: torch.Tensor, image_keys: Sequence[str]) -> None:
-    """Write `features` (N, D) with metadata `image_keys` (JSON list, row order) as safetensors."""
-    if features.shape[0] != len(image_keys):
-        raise ValueError(f"{features.shape[0]} feature rows for {len(image_keys)} image keys")
-    save_file(
-        {"features": features.float().contiguous()},
-        str(path),
-        metadata={"image_keys": json.dumps(list(image_keys), ensure_ascii=False)},
-    )
-
-
-def load_image_features(path: str | os.PathLike) -> tuple[torch.Tensor, list[str]]:
-    """The `(features (N, D), image_keys)` of a file written by `save_image_features`."""
-    path = Path(path)
-    if path.is_dir():
-        path = path / FEATURES_NAME
-    if not path.is_file():
-        raise GraceInputError(f"{path}: no image features file")
-    with safe_open(str(path), framework="pt") as f:
-        metadata = f.metadata() or {}
-        if "features" not in f.keys() or "image_keys" not in metadata:
-            raise GraceInputError(f"{path}: needs a tensor 'features' and metadata 'image_keys'")
-        features = f.get_tensor("features")
-    image_keys = json.loads(metadata["image_keys"])
-    if features.ndim != 2 or features.shape[0] != len(image_keys):
-        raise GraceInputError(f"{path}: features {tuple(features.shape)} do not match {len(image_keys)} image keys")
-    return features, image_keys

@@ -1,7 +1,4 @@
-"""`grace-hf baseline-clip`: a dense open_clip dual encoder trained and evaluated on GRACE's data.
-
-    grace-hf baseline-clip --karpathy-json data/synthetic/dataset_synthetic.json --image-root data/synthetic \
-        --pseudo-queries data/synthetic/pseudo_queries.json --output-dir runs/dense-clip --config tiny --epochs 50
+"""The dense baseline's training and evaluation: an open_clip dual encoder on GRACE's data.
 
 Same data as the generative model: the training pairs are GRACE's query -> identifier pairs with
 the image in place of the identifier (human captions of train images, pseudo-queries of the other
@@ -11,7 +8,6 @@ candidates are the test images. Stages: seed -> data -> model -> train -> save -
 
 from __future__ import annotations
 
-import argparse
 import math
 import os
 import time
@@ -23,21 +19,15 @@ from typing import Any
 import open_clip
 import torch
 from torch.utils.data import DataLoader, Dataset
-from tqdm.auto import tqdm
 
 from grace_hf.data.karpathy import MEMORIZED_SPLITS, KarpathyCorpus, load_karpathy
 from grace_hf.data.pseudo_queries import load_pseudo_queries
-from grace_hf.dense.model import (
-    FEATURES_NAME,
-    PRESETS,
-    DualEncoder,
-    open_rgb,
-    resolve_model_config,
-    save_image_features,
-)
+from grace_hf.dense.model import DualEncoder, resolve_model_config
 from grace_hf.errors import GraceInputError
+from grace_hf.image_features import FEATURES_FILE, read_rgb, save_image_features
 from grace_hf.io_utils import atomic_directory, atomic_write_json
 from grace_hf.retrieval.metrics import recall_at_k, recall_curve
+from grace_hf.runtime import progress_bar
 
 
 @dataclass
@@ -87,7 +77,7 @@ class _PairDataset(Dataset):
 
     def __getitem__(self, index: int) -> tuple[torch.Tensor, torch.Tensor]:
         path, text = self.pairs[index]
-        return self.transform(open_rgb(path)), self.tokenizer([text])[0]
+        return self.transform(read_rgb(path)), self.tokenizer([text])[0]
 
 
 def _param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict[str, Any]]:
@@ -155,7 +145,7 @@ def train_dual_encoder(
     epoch_losses: list[float] = []
     start = time.perf_counter()
     encoder.model.train()
-    progress = tqdm(total=total_steps, desc="baseline-clip", unit="step", dynamic_ncols=True)
+    progress = progress_bar(total=total_steps, desc="baseline-clip", unit="step")
     for _ in range(args.epochs):
         pairs = _PairDataset(_epoch_pairs(keys, image_paths, texts, generator), encoder)
         loader = DataLoader(pairs, batch_size=args.batch_size, num_workers=args.num_workers, drop_last=drop_last)
@@ -220,13 +210,13 @@ def run_baseline(
     image_root: str | os.PathLike,
     output_dir: str | os.PathLike,
     pseudo_queries: str | os.PathLike | None = None,
-    config: str | os.PathLike = "tiny",
+    model_config: str | os.PathLike = "tiny",
     args: DenseTrainingArgs | None = None,
     eval_batch_size: int = 32,
 ) -> dict[str, Any]:
     """Train, save and evaluate the dense baseline; returns the metrics written to `metrics.json`."""
     args = args or DenseTrainingArgs()
-    model_config = resolve_model_config(config)  # a bad --config fails before the data is read
+    model_config = resolve_model_config(model_config)  # a bad --model-config fails before the data is read
     torch.manual_seed(args.seed)
 
     corpus = load_karpathy(karpathy_json, image_root)
@@ -244,7 +234,7 @@ def run_baseline(
     with atomic_directory(output_dir) as out:
         encoder.save(out)
         features = encoder.encode_images([image.path for image in memorized])  # (N, D)
-        save_image_features(out / FEATURES_NAME, features, [image.key for image in memorized])
+        save_image_features(out / FEATURES_FILE, features, [image.key for image in memorized])
         row = {image.key: i for i, image in enumerate(memorized)}
         candidate_keys = [image.key for image in test_images]
         eval_queries = [(caption, image.key) for image in test_images for caption in image.captions]
@@ -270,46 +260,3 @@ def run_baseline(
         }
         atomic_write_json(out / "metrics.json", metrics)
     return metrics
-
-
-def _parser() -> argparse.ArgumentParser:
-    defaults = DenseTrainingArgs()
-    parser = argparse.ArgumentParser(prog="grace-hf baseline-clip", description=__doc__.split("\n\n")[0])
-    parser.add_argument("--karpathy-json", required=True, help="Karpathy-format split JSON")
-    parser.add_argument("--image-root", required=True, help="folder the JSON's image paths are relative to")
-    parser.add_argument("--pseudo-queries", default=None, help="pseudo-queries JSON ({file_name: [query, ...]})")
-    parser.add_argument("--output-dir", required=True, help="where the model, features and metrics go")
-    parser.add_argument("--config", default="tiny", help=f"a preset ({', '.join(PRESETS)}) or an open_clip JSON")
-    parser.add_argument("--epochs", type=int, default=defaults.epochs, help="passes over the training images")
-    parser.add_argument("--batch-size", type=int, default=defaults.batch_size, help="images (with one text each)")
-    parser.add_argument("--lr", type=float, default=defaults.lr, help="peak AdamW learning rate (warmup + cosine)")
-    parser.add_argument("--weight-decay", type=float, default=defaults.weight_decay)
-    parser.add_argument("--seed", type=int, default=defaults.seed, help="initialisation, data order, text choice")
-    parser.add_argument("--num-workers", type=int, default=defaults.num_workers, help="image loading processes")
-    parser.add_argument("--eval-batch-size", type=int, default=32, help="queries encoded per batch at test time")
-    parser.add_argument(
-        "--num-threads", type=int, default=None, help="torch CPU threads (1 is best on a busy machine)"
-    )
-    return parser
-
-
-def main(argv: list[str] | None = None) -> int:
-    """Entry point of `grace-hf baseline-clip`."""
-    ns = _parser().parse_args(argv)
-    if ns.num_threads:
-        torch.set_num_threads(ns.num_threads)
-    args = DenseTrainingArgs(
-        epochs=ns.epochs,
-        batch_size=ns.batch_size,
-        lr=ns.lr,
-        weight_decay=ns.weight_decay,
-        seed=ns.seed,
-        num_workers=ns.num_workers,
-    )
-    metrics = run_baseline(
-        ns.karpathy_json, ns.image_root, ns.output_dir, ns.pseudo_queries, ns.config, args, ns.eval_batch_size
-    )
-    recalls = ", ".join(f"R@{k} {100 * metrics[f'recall@{k}']:.1f}" for k in (1, 5, 10))
-    print(f"dense-clip: {recalls} on {metrics['num_queries']} queries; trained in {metrics['train_seconds']:.0f} s")
-    print(f"wrote {ns.output_dir}")
-    return 0

@@ -1,4 +1,4 @@
-"""Image identifiers: the five kinds of DESIGN.md §3 behind one registry, and the `IdentifierIndex` they produce.
+"""Image identifiers: the kinds behind one registry, and the `IdentifierIndex` they produce.
 
 Example:
     >>> from grace_hf.data.karpathy import load_karpathy
@@ -9,6 +9,6 @@ Example:
 """
 
 from grace_hf.identifiers.index import IDENTIFIERS_FILE, IdentifierIndex
-from grace_hf.identifiers.registry import IDENTIFIER_KINDS, build_identifiers
+from grace_hf.identifiers.registry import IDENTIFIER_KINDS, build_identifiers, get_identifier_kind
 
-__all__ = ["IDENTIFIER_KINDS", "IDENTIFIERS_FILE", "IdentifierIndex", "build_identifiers"]
+__all__ = ["IDENTIFIER_KINDS", "IDENTIFIERS_FILE", "IdentifierIndex", "build_identifiers", "get_identifier_kind"]

@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
-from grace_hf.data.karpathy import KarpathyImage
+from grace_hf.identifiers.base import IdentifierInputs, IdentifierKind, NoOptions
 from grace_hf.identifiers.index import IdentifierIndex
 
-__all__ = ["build"]
+__all__ = ["KIND", "build"]
 
 
-def build(images: list[KarpathyImage]) -> IdentifierIndex:
+def build(inputs: IdentifierInputs, options: NoOptions) -> IdentifierIndex:
     """Number the memorized images 0, 1, 2, ... in file order; identifier `n` digit by digit with spaces."""
-    return IdentifierIndex("numeric", {image.key: [" ".join(str(n))] for n, image in enumerate(images)})
+    return IdentifierIndex("numeric", {image.key: [" ".join(str(n))] for n, image in enumerate(inputs.images)})
+
+
+KIND = IdentifierKind("numeric", build, description="running number, digit by digit: `1 2 3 4`")

@@ -1,4 +1,4 @@
-"""Semantic identifiers: captions as identifiers (DESIGN.md §3).
+"""Semantic identifiers: captions as identifiers.
 
 A train image is named by its human captions, any other memorized image by its pseudo-queries
 (its human captions are the evaluation queries, so they must not leak into training). Texts are
@@ -9,11 +9,11 @@ any text is an error.
 
 from __future__ import annotations
 
-from grace_hf.data.karpathy import KarpathyImage
 from grace_hf.errors import GraceInputError
+from grace_hf.identifiers.base import IdentifierInputs, IdentifierKind, NoOptions
 from grace_hf.identifiers.index import IdentifierIndex
 
-__all__ = ["normalize", "build"]
+__all__ = ["KIND", "build", "normalize"]
 
 MAX_REPORTED = 20  # collisions listed by name in the report; all are counted
 
@@ -23,9 +23,9 @@ def normalize(text: str) -> str:
     return " ".join(text.lower().split())
 
 
-def build(images: list[KarpathyImage], pseudo_queries: dict[str, list[str]] | None = None) -> IdentifierIndex:
+def build(inputs: IdentifierInputs, options: NoOptions) -> IdentifierIndex:
     """Identifiers from human captions (train) and pseudo-queries (val, test); `report` lists collisions."""
-    pseudo_queries = pseudo_queries or {}
+    images, pseudo_queries = inputs.images, inputs.pseudo_queries
     owner: dict[str, str] = {}
     result: dict[str, list[str]] = {}
     dropped: list[dict[str, str]] = []
@@ -58,3 +58,6 @@ def build(images: list[KarpathyImage], pseudo_queries: dict[str, list[str]] | No
         result[image.key] = kept
     report = {"collisions_dropped": num_dropped, "collision_examples": dropped}
     return IdentifierIndex("semantic", result, report=report)
+
+
+KIND = IdentifierKind("semantic", build, description="captions (train) and pseudo-queries (val, test)")

@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
-from grace_hf.data.karpathy import KarpathyImage
+from grace_hf.identifiers.base import IdentifierInputs, IdentifierKind, NoOptions
 from grace_hf.identifiers.index import IdentifierIndex
 
-__all__ = ["build"]
+__all__ = ["KIND", "build"]
 
 
-def build(images: list[KarpathyImage]) -> IdentifierIndex:
+def build(inputs: IdentifierInputs, options: NoOptions) -> IdentifierIndex:
     """Number the memorized images 0, 1, 2, ... in file order; identifier `n` as one word."""
-    return IdentifierIndex("string", {image.key: [str(n)] for n, image in enumerate(images)})
+    return IdentifierIndex("string", {image.key: [str(n)] for n, image in enumerate(inputs.images)})
+
+
+KIND = IdentifierKind("string", build, description="running number as one word: `1234`")

@@ -13,6 +13,7 @@ from pathlib import Path
 
 from PIL import Image
 
+from grace_hf.data.prepared import load_prepared
 from grace_hf.io_utils import atomic_write_text
 from grace_hf.retrieval.retriever import RetrievedImage
 
@@ -111,8 +112,6 @@ def folder_image_loader(image_root: str | os.PathLike) -> ImageLoader:
 
 def dataset_image_loader(data: str | os.PathLike) -> ImageLoader:
     """Images from the `i2id` split of a prepared dataset (which embeds them); None for unknown keys."""
-    from grace_hf.data.build import load_prepared
-
     split = load_prepared(data)["i2id"]
     row_of: dict[str, int] = {}
     for row, key in enumerate(split["image_key"]):

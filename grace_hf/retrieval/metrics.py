@@ -2,10 +2,9 @@
 
 from __future__ import annotations
 
-import functools
 from collections.abc import Sequence
 
-__all__ = ["RecallAtK", "recall_at_k", "recall_curve"]  # noqa: F822 (RecallAtK is made on first use, below)
+__all__ = ["recall_at_k", "recall_curve"]
 
 
 def _first_distinct(ranking: Sequence[str], k: int) -> list[str]:
@@ -42,46 +41,3 @@ def recall_at_k(rankings: Sequence[Sequence[str]], gold: Sequence[str], ks: Sequ
     """
     curve = recall_curve(rankings, gold, max(ks))
     return {f"recall@{k}": curve[k - 1] for k in ks}
-
-
-@functools.cache
-def _recall_metric_class() -> type:
-    import datasets
-    import evaluate
-
-    class RecallAtK(evaluate.Metric):
-        """Recall@K as an `evaluate` metric (works offline: no Hub script is loaded).
-
-        Example:
-            >>> RecallAtK().compute(predictions=[["a", "b"], ["c"]], references=["b", "c"], ks=[1, 2])
-            {'recall@1': 0.5, 'recall@2': 1.0}
-        """
-
-        def _info(self) -> evaluate.MetricInfo:
-            return evaluate.MetricInfo(
-                description="Share of queries whose gold item is among the first K distinct retrieved items.",
-                citation="",
-                inputs_description=(
-                    "predictions: one ranked list of item keys per query (best first; may be empty); "
-                    "references: the gold item key of each query; ks: the cut-offs (default 1, 5, 10)."
-                ),
-                features=datasets.Features(
-                    {
-                        "predictions": datasets.Sequence(datasets.Value("string")),
-                        "references": datasets.Value("string"),
-                    }
-                ),
-            )
-
-        def _compute(self, predictions, references, ks: Sequence[int] = (1, 5, 10)) -> dict:
-            return recall_at_k(predictions, references, ks)
-
-    return RecallAtK
-
-
-def __getattr__(name: str):
-    # `RecallAtK` subclasses `evaluate.Metric`, and importing `evaluate` takes seconds (it loads transformers'
-    # pipelines): the class is made on first use, so `recall_at_k` stays a light import for training.
-    if name == "RecallAtK":
-        return _recall_metric_class()
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

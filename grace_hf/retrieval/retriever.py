@@ -7,30 +7,29 @@
 
 from __future__ import annotations
 
-import hashlib
-import json
 import logging
 import os
 from collections.abc import Sequence
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import torch
+from accelerate import PartialState
+from accelerate.utils import gather_object
 from transformers import GenerationConfig
 
 from grace_hf.errors import GraceInputError
 from grace_hf.identifiers import IdentifierIndex
-from grace_hf.io_utils import atomic_directory, atomic_write_json, read_json
+from grace_hf.io_utils import atomic_directory
+from grace_hf.prompts import query_prompt
+from grace_hf.retrieval.collection import Collection
+from grace_hf.retrieval.model_dir import QUERY_IMAGE_MODES, GraceConfig, read_model_dir, write_model_dir
 from grace_hf.retrieval.trie import IdentifierTrie, TrieLogitsProcessor
 
-__all__ = ["GRACE_CONFIG_FILE", "TRIE_FILE", "GraceRetriever", "RetrievedImage", "build_identifier_trie"]
+__all__ = ["GraceRetriever", "RetrievedImage"]
 
 logger = logging.getLogger(__name__)
 
-GRACE_CONFIG_FILE = "grace_config.json"
-TRIE_FILE = "identifier_trie.safetensors"
-QUERY_IMAGE_MODES = ("none", "blank")
 _UNLIMITED = 10**9  # tokenizers without a real limit report ~1e30
 
 
@@ -42,25 +41,6 @@ class RetrievedImage:
     image_key: str
     identifier: str
     score: float
-
-
-def _fingerprint(processor: Any, identifiers: Sequence[str]) -> str:
-    """Hash of the tokenizer and the ordered identifiers: a trie built from them answers for exactly these."""
-    tokenizer = json.loads(processor.tokenizer.backend_tokenizer.to_str())
-    tokenizer.pop("padding", None), tokenizer.pop("truncation", None)  # call-time state, not the tokenization
-    digest = hashlib.sha256(json.dumps(tokenizer, sort_keys=True).encode())
-    digest.update(json.dumps(list(identifiers), ensure_ascii=False).encode())
-    return digest.hexdigest()
-
-
-def build_identifier_trie(processor: Any, identifiers: Sequence[str]) -> IdentifierTrie:
-    """The trie over the token sequences of `id <identifier><|endofchunk|>`, fingerprinted for caching."""
-    sequences = processor.identifier_token_ids(list(identifiers))
-    eoc = processor.end_of_chunk_token_id
-    for identifier, sequence in zip(identifiers, sequences):
-        if eoc in sequence[:-1]:
-            raise GraceInputError(f"identifier {identifier!r} contains the end-of-chunk token")
-    return IdentifierTrie(sequences, metadata={"fingerprint": _fingerprint(processor, identifiers)})
 
 
 def _model_limit(processor: Any) -> int | None:
@@ -86,7 +66,8 @@ class GraceRetriever:
         batch_size: queries per `generate` call.
         max_length: the model's token limit (default: the tokenizer's `model_max_length`, if it sets one). A query
             whose prompt plus the longest identifier would exceed it is cut at the end to fit, with a warning.
-        trie: a prebuilt trie for these candidates (used only if its fingerprint matches, else rebuilt).
+        saved_trie: a trie saved for these candidates; used only as a check (the trie is always built from the
+            tokenized identifiers, and a stale saved one is reported).
     """
 
     def __init__(
@@ -100,7 +81,7 @@ class GraceRetriever:
         candidates: Sequence[str] | None = None,
         batch_size: int = 16,
         max_length: int | None = None,
-        trie: IdentifierTrie | None = None,
+        saved_trie: IdentifierTrie | None = None,
     ):
         if query_image not in QUERY_IMAGE_MODES:
             raise GraceInputError(f"query_image must be one of {QUERY_IMAGE_MODES}, got {query_image!r}")
@@ -108,22 +89,13 @@ class GraceRetriever:
             raise GraceInputError(f"num_beams and batch_size must be >= 1, got {num_beams} and {batch_size}")
         self.model, self.processor, self.index = model, processor, index
         self.length_penalty, self.query_image, self.batch_size = length_penalty, query_image, batch_size
-        self.candidates = list(candidates if candidates is not None else index.collection or index.images)
-        unknown = [key for key in self.candidates if key not in index.images]
-        if unknown:
-            raise GraceInputError(f"candidates: unknown image key {unknown[0]!r} (not in the model's identifiers)")
-        if not self.candidates:
-            raise GraceInputError("no candidate images to rank")
-        self.identifiers = [identifier for key in self.candidates for identifier in index.images[key]]
-        self.identifier_images = [key for key in self.candidates for _ in index.images[key]]
-        fingerprint = _fingerprint(processor, self.identifiers)
-        if trie is None or trie.metadata.get("fingerprint") != fingerprint:
-            trie = build_identifier_trie(processor, self.identifiers)
-        self.trie = trie
+        collection = Collection.build(index, processor, candidates, saved_trie)
+        self.candidates, self.trie = collection.image_keys, collection.trie
+        self.identifiers, self.identifier_images = collection.identifiers, collection.identifier_images
         vocab_size = model.config.get_text_config().vocab_size
-        if trie.vocab_bound > vocab_size:
+        if self.trie.vocab_bound > vocab_size:
             raise GraceInputError(
-                f"identifier token id {trie.vocab_bound - 1} is outside the model's vocabulary ({vocab_size}); "
+                f"identifier token id {self.trie.vocab_bound - 1} is outside the model's vocabulary ({vocab_size}); "
                 "was the model resized after adding the identifier tokens?"
             )
         self.num_beams = min(num_beams, len(self.identifiers))
@@ -143,46 +115,34 @@ class GraceRetriever:
     ) -> GraceRetriever:
         """Load the model, processor, identifier index and query-image mode from a model directory or Hub repo.
 
-        `accelerator`: an `accelerate.Accelerator`, created before this call, whose DeepSpeed plugin (ZeRO-3)
-        shards the model across the processes of `accelerate launch`; every process must then call `retrieve`
-        (`distributed=True`). Without it the model goes to `device` (default: this process's accelerate device).
-        Other keyword arguments go to `GraceRetriever(...)`; a cached `identifier_trie.safetensors` is used when
-        it matches the candidates and tokenizer.
+        `accelerator`: an `accelerate.Accelerator` (`grace_hf.distributed.create_accelerator()`, created before this
+        call) whose DeepSpeed plugin (ZeRO-3) shards the model across the processes of `accelerate launch`; every
+        process must then call `retrieve` (`distributed=True`). Without it the model goes to `device` (default:
+        this process's accelerate device). Other keyword arguments go to `GraceRetriever(...)`.
         """
-        from accelerate import PartialState
-
-        from grace_hf.models.flamingo import FlamingoForConditionalGeneration, FlamingoProcessor
-
-        directory = _resolve_model_dir(model_dir_or_hub_id)
-        grace_config = _read_grace_config(directory)
-        kwargs.setdefault("query_image", grace_config.get("query_image", "none"))
-        processor = FlamingoProcessor.from_pretrained(directory)
-        index = IdentifierIndex.load(directory)
-        model = FlamingoForConditionalGeneration.from_pretrained(directory, dtype=dtype)
-        model.eval()
-        engine = None
+        loaded = read_model_dir(model_dir_or_hub_id, dtype=dtype)
+        kwargs.setdefault("query_image", loaded.grace_config.query_image)
+        if kwargs.get("candidates") is None:
+            kwargs.setdefault("saved_trie", loaded.saved_trie)
+        model, engine = loaded.model, None
         if accelerator is not None and accelerator.distributed_type == "DEEPSPEED":
             engine, model = _prepare_for_deepspeed_inference(accelerator, model, kwargs.get("batch_size", 16))
         else:
             model.to(device if device is not None else PartialState().device)
-        trie_path = directory / TRIE_FILE
-        if "trie" not in kwargs and trie_path.is_file():
-            kwargs["trie"] = IdentifierTrie.load(trie_path)
-        retriever = cls(model, processor, index, **kwargs)
+        retriever = cls(model, loaded.processor, loaded.index, **kwargs)
         retriever._engine = engine  # keeps the DeepSpeed engine (and its sharding hooks) alive with the retriever
         return retriever
 
     def save_pretrained(self, directory: str | os.PathLike) -> None:
-        """Write a self-contained model directory: weights, processor, identifiers, `grace_config.json` and the trie
-        of the default candidates (so loading skips tokenizing the identifiers)."""
+        """Write a self-contained model directory (weights, processor, identifiers, GRACE config, trie)."""
         with atomic_directory(directory) as tmp:
-            self.model.save_pretrained(tmp)
-            self.processor.save_pretrained(tmp)
-            self.index.save(tmp)
-            atomic_write_json(
-                tmp / GRACE_CONFIG_FILE, {"query_image": self.query_image, "identifier_kind": self.index.kind}
+            write_model_dir(
+                tmp,
+                self.model,
+                self.processor,
+                index=self.index,
+                grace_config=GraceConfig.for_index(self.index, self.query_image),
             )
-            self.trie.save(tmp / TRIE_FILE)
 
     # queries -> model inputs
     def _check_queries(self, queries: Sequence[str]) -> list[str]:
@@ -196,7 +156,7 @@ class GraceRetriever:
         return checked
 
     def _prompt_length(self, query: str) -> int:
-        return len(self.processor.tokenizer(self.processor.query_prompt(query)).input_ids)
+        return len(self.processor.tokenizer(query_prompt(query)).input_ids)
 
     def _fit(self, query: str) -> str:
         """`query`, or its longest beginning whose prompt leaves room for the longest identifier."""
@@ -215,7 +175,7 @@ class GraceRetriever:
         return query[:fits].rstrip()
 
     def _inputs(self, queries: list[str]) -> dict[str, torch.Tensor]:
-        prompts = [self.processor.query_prompt(query) for query in queries]
+        prompts = [query_prompt(query) for query in queries]
         batch = self.processor(text=prompts, padding_side="left", return_tensors="pt")
         inputs = {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"]}
         device = next(self.model.parameters()).device
@@ -321,9 +281,6 @@ class GraceRetriever:
             logger.warning(f"{cut} queries were cut to fit the model's limit of {self.max_length} tokens")
         if not distributed:
             return self._retrieve_local(fitted, top_k, batch_size)
-        from accelerate import PartialState
-        from accelerate.utils import gather_object
-
         state = PartialState()
         if state.num_processes == 1:
             return self._retrieve_local(fitted, top_k, batch_size)
@@ -341,31 +298,6 @@ class GraceRetriever:
         for start in range(0, len(queries), size):
             results.extend(self._search(queries[start : start + size], top_k))
         return results
-
-
-def _resolve_model_dir(model_dir_or_hub_id: str | os.PathLike) -> Path:
-    """A local model directory, or the local snapshot of a Hub repo (downloaded unless HF_HUB_OFFLINE=1)."""
-    path = Path(model_dir_or_hub_id)
-    if path.is_dir():
-        return path
-    from huggingface_hub import snapshot_download
-
-    try:
-        return Path(snapshot_download(str(model_dir_or_hub_id)))
-    except (ValueError, OSError) as err:
-        raise GraceInputError(
-            f"{model_dir_or_hub_id}: not a model directory, and not a Hub model that can be fetched ({err})"
-        ) from None
-
-
-def _read_grace_config(directory: Path) -> dict[str, Any]:
-    path = directory / GRACE_CONFIG_FILE
-    if not path.is_file():
-        return {}
-    config = read_json(path, "GRACE config")
-    if not isinstance(config, dict):
-        raise GraceInputError(f"{path}: expected a JSON object")
-    return config
 
 
 def _prepare_for_deepspeed_inference(accelerator: Any, model: Any, batch_size: int) -> tuple[Any, Any]:

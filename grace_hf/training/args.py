@@ -1,21 +1,27 @@
 """Training arguments: three dataclasses filled from a YAML recipe, then from command-line flags of the same names.
 
 `--config recipe.yaml` sets the defaults, every other flag overrides one field (the TRL / alignment-handbook
-pattern). A key that names no field, in the recipe or on the command line, is an error that names it.
+pattern): `--output-dir runs/x` (or the recipe key's own spelling, `--output_dir`). A key that names no field, in
+the recipe or on the command line, and a value of the wrong type are errors that name them.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import sys
+import types
+import typing
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
+import torch
 import yaml
 from transformers import HfArgumentParser, SchedulerType
 
 from grace_hf.errors import GraceInputError
+from grace_hf.models.flamingo import FLAMINGO_PRESETS, FlamingoConfig, FlamingoForConditionalGeneration
 
 REPORT_TO_CHOICES = ("all", "none", "tensorboard", "wandb")
 
@@ -24,9 +30,9 @@ REPORT_TO_CHOICES = ("all", "none", "tensorboard", "wandb")
 class ModelArguments:
     """Which Flamingo to train and how to build it."""
 
-    model_name_or_path: str | None = field(
+    model: str | None = field(
         default=None,
-        metadata={"help": "A model directory or Hub id (e.g. converted OpenFlamingo-3B weights)."},
+        metadata={"help": "A model directory or Hub id to start from (e.g. converted OpenFlamingo-3B weights)."},
     )
     model_preset: str | None = field(
         default=None,
@@ -44,8 +50,8 @@ class ModelArguments:
     gradient_checkpointing: bool = field(default=False, metadata={"help": "Recompute activations in backward."})
 
     def __post_init__(self) -> None:
-        if (self.model_name_or_path is None) == (self.model_preset is None):
-            raise GraceInputError("give exactly one of model_name_or_path and model_preset")
+        if (self.model is None) == (self.model_preset is None):
+            raise GraceInputError("give exactly one of model and model_preset")
         if isinstance(self.config_overrides, str):
             try:
                 self.config_overrides = json.loads(self.config_overrides)
@@ -55,6 +61,8 @@ class ModelArguments:
             raise GraceInputError(f"config_overrides: expected a mapping, got {self.config_overrides!r}")
         if self.config_overrides and self.model_preset is None:
             raise GraceInputError("config_overrides only applies to a model_preset")
+        if self.model_preset is not None:
+            check_model_preset(self.model_preset, self.config_overrides or {})
 
 
 @dataclass
@@ -65,7 +73,9 @@ class DataArguments:
         default="retrieval",
         metadata={"help": "'retrieval': i2id + t2id on a prepared dataset; 'captioner': train image -> caption."},
     )
-    data_dir: str | None = field(default=None, metadata={"help": "A dataset directory written by `grace-hf prepare`."})
+    data: str | None = field(
+        default=None, metadata={"help": "A prepared dataset (`grace-hf prepare`): a directory or a Hub dataset id."}
+    )
     karpathy_json: str | None = field(default=None, metadata={"help": "captioner: the Karpathy-format JSON."})
     image_root: str | None = field(default=None, metadata={"help": "captioner: the folder the JSON's paths start in."})
     t2id_image: Literal["none", "blank"] = field(
@@ -79,8 +89,8 @@ class DataArguments:
     )
 
     def __post_init__(self) -> None:
-        if self.task == "retrieval" and self.data_dir is None:
-            raise GraceInputError("task 'retrieval' needs data_dir (a directory written by `grace-hf prepare`)")
+        if self.task == "retrieval" and self.data is None:
+            raise GraceInputError("task 'retrieval' needs data (a dataset written by `grace-hf prepare`)")
         if self.task == "captioner" and (self.karpathy_json is None or self.image_root is None):
             raise GraceInputError("task 'captioner' needs karpathy_json and image_root")
         if self.max_query_words < 1:
@@ -91,7 +101,7 @@ class DataArguments:
 
 @dataclass
 class GraceTrainingArguments:
-    """The optimisation, its schedule and what the run writes (DESIGN.md §4 defaults)."""
+    """The optimisation, its schedule and what the run writes (defaults: the original GRACE's, on 4 GPUs)."""
 
     output_dir: str = field(metadata={"help": "The model directory; checkpoints go to <output_dir>/checkpoints."})
     seed: int = field(default=42, metadata={"help": "Seeds the model init, the data order and the augmentation."})
@@ -120,7 +130,8 @@ class GraceTrainingArguments:
     )
     dataloader_num_workers: int = field(default=0, metadata={"help": "Worker processes per data stream."})
     torch_num_threads: int = field(
-        default=0, metadata={"help": "CPU threads of each process's torch ops (0 = torch's default; tiny models: 1)."}
+        default=0,
+        metadata={"help": "CPU threads of each process's torch ops (0 = half the cores, at most 8; tiny models: 1)."},
     )
     report_to: list[str] = field(
         default_factory=lambda: ["tensorboard"],
@@ -161,15 +172,28 @@ class GraceTrainingArguments:
 
 
 ARGUMENT_CLASSES = (ModelArguments, DataArguments, GraceTrainingArguments)
+RENAMED = {"model_name_or_path": "model", "data_dir": "data"}
+
+
+def check_model_preset(preset: str, overrides: dict[str, Any]) -> None:
+    """The preset exists and the overrides name its fields and give a model that can be built (checked on the meta
+    device, so no memory is spent)."""
+    try:
+        config = FlamingoConfig.from_preset(preset, **overrides)
+        with torch.device("meta"):
+            FlamingoForConditionalGeneration(config)
+    except (ValueError, TypeError, KeyError, RuntimeError, AssertionError) as err:
+        what = "model_preset" if preset not in FLAMINGO_PRESETS else f"config_overrides {json.dumps(overrides)}"
+        raise GraceInputError(f"{what}: {err}") from None
 
 
 def _load_recipe(path: str) -> dict:
     try:
         recipe = yaml.safe_load(Path(path).read_text(encoding="utf-8"))
-    except OSError as err:
-        raise GraceInputError(f"{path}: cannot read the recipe: {err.strerror}") from None
-    except yaml.YAMLError as err:
-        raise GraceInputError(f"{path}: not valid YAML: {err}") from None
+    except (OSError, UnicodeDecodeError) as err:
+        raise GraceInputError(f"{path}: cannot read the recipe: {err}") from None
+    except (yaml.YAMLError, RecursionError) as err:
+        raise GraceInputError(f"{path}: not valid YAML: {str(err)[:300]}") from None
     if recipe is None:
         return {}
     if not isinstance(recipe, dict):
@@ -177,45 +201,112 @@ def _load_recipe(path: str) -> dict:
     return recipe
 
 
+def _describe(hint: Any) -> str:
+    """A field type in words: `one of 'none', 'blank'`, `int or null`, `a list of str`."""
+    origin, args = typing.get_origin(hint), typing.get_args(hint)
+    if origin is Literal:
+        return "one of " + ", ".join(map(repr, args))
+    if origin in (typing.Union, types.UnionType):
+        return " or ".join(_describe(arg) for arg in args)
+    if origin is list:
+        return f"a list of {_describe(args[0])}"
+    return "null" if hint is type(None) else getattr(hint, "__name__", str(hint))
+
+
+def _coerce(value: Any, hint: Any) -> tuple[bool, Any]:
+    """`(ok, value)`: whether a recipe value fits the field type `hint`, and the value as the field holds it."""
+    origin, args = typing.get_origin(hint), typing.get_args(hint)
+    if origin in (typing.Union, types.UnionType):
+        if value is None and type(None) in args:
+            return True, None
+        for option in (a for a in args if a is not type(None)):
+            ok, coerced = _coerce(value, option)
+            if ok:
+                return True, coerced
+        return False, value
+    if origin is Literal:
+        return value in args, value
+    if origin is list:
+        values = value if isinstance(value, list) else [value]
+        checked = [_coerce(item, args[0]) for item in values]
+        return all(ok for ok, _ in checked), [item for _, item in checked]
+    if hint is bool:
+        return isinstance(value, bool), value
+    if hint in (int, float):
+        if isinstance(value, str):  # YAML 1.1 reads `1e-3` as a string
+            try:
+                value = hint(value)
+            except ValueError:
+                return False, value
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            return False, value
+        if hint is int and not float(value).is_integer():
+            return False, value
+        return True, hint(value)
+    return isinstance(value, hint), value
+
+
+def _checked_recipe(path: str, recipe: dict[str, Any]) -> dict[str, Any]:
+    """The recipe's values, each checked against its field's type; unknown and renamed keys are errors."""
+    hints = {}
+    for cls in ARGUMENT_CLASSES:
+        hints.update(typing.get_type_hints(cls))
+    hints["config_overrides"] = dict | str | None  # a mapping in YAML, a JSON string on the command line
+    checked = {}
+    for key, value in recipe.items():
+        if key in RENAMED:
+            raise GraceInputError(f"{path}: {key!r} was renamed: use {RENAMED[key]!r}")
+        if key not in hints:
+            raise GraceInputError(f"{path}: unknown key {key!r}")
+        ok, checked[key] = _coerce(value, hints[key])
+        if not ok:
+            raise GraceInputError(f"{path}: {key}: {value!r} is not {_describe(hints[key])}")
+    return checked
+
+
+def _check_renamed_flags(argv: list[str]) -> None:
+    for arg in argv:
+        name = arg.split("=", 1)[0].lstrip("-").replace("-", "_")
+        if arg.startswith("--") and name in RENAMED:
+            raise GraceInputError(f"{arg.split('=', 1)[0]} was renamed: use --{RENAMED[name]}")
+
+
 def build_parser() -> HfArgumentParser:
-    """The parser of the three argument dataclasses (plus `--config`)."""
+    """The parser of the three argument dataclasses (plus `--config`); each field's flag is shown kebab-case first."""
     parser = HfArgumentParser(
-        ARGUMENT_CLASSES, description="Train GRACE (or its captioner) with Accelerate.", allow_abbrev=False
+        ARGUMENT_CLASSES,
+        prog="grace-hf train",
+        description="Train GRACE (or its captioner) with Accelerate.",
+        allow_abbrev=False,
     )
     parser.add_argument("--config", help="A YAML recipe: its keys set the defaults, flags override them.")
+    for action in parser._actions:
+        action.option_strings.sort(key=lambda flag: "_" in flag)
     return parser
 
 
-def parse_args(
-    argv: list[str] | None = None,
-) -> tuple[ModelArguments, DataArguments, GraceTrainingArguments]:
+def parse_args(argv: list[str] | None = None) -> tuple[ModelArguments, DataArguments, GraceTrainingArguments]:
     """Parse `--config recipe.yaml` plus overrides into (model, data, training) arguments.
 
     Example:
-        >>> parse_args(["--config", "recipes/synthetic/structured.yaml", "--max_steps", "10"])
+        >>> parse_args(["--config", "recipes/synthetic/structured.yaml", "--max-steps", "10"])
     """
+    argv = sys.argv[1:] if argv is None else list(argv)
+    _check_renamed_flags(argv)
     pre = argparse.ArgumentParser(add_help=False, allow_abbrev=False)
     pre.add_argument("--config")
     known, _ = pre.parse_known_args(argv)
     parser = build_parser()
     if known.config is not None:
-        recipe = _load_recipe(known.config)
-        # a bool field has two actions (`--flag`, `--no_flag`) on one dest: every action of the key gets the value
-        actions: dict[str, list[argparse.Action]] = {}
+        recipe = _checked_recipe(known.config, _load_recipe(known.config))
         for action in parser._actions:
-            actions.setdefault(action.dest, []).append(action)
-        for key, value in recipe.items():
-            if key not in actions or key in ("config", "help"):
-                raise GraceInputError(f"{known.config}: unknown key {key!r}")
-            for action in actions[key]:
-                if action.choices is not None and value not in action.choices:
-                    raise GraceInputError(f"{known.config}: {key}: {value!r} is not one of {list(action.choices)}")
+            if action.dest in recipe:
                 action.required = False
         parser.set_defaults(**recipe)
-    *dataclasses, remaining = parser.parse_args_into_dataclasses(
+    *parsed, remaining = parser.parse_args_into_dataclasses(
         args=argv, return_remaining_strings=True, look_for_args_file=False
     )
     if remaining:
         raise GraceInputError(f"unknown argument(s): {' '.join(remaining)}")
-    model_args, data_args, training_args = (obj for obj in dataclasses if not isinstance(obj, argparse.Namespace))
+    model_args, data_args, training_args = (obj for obj in parsed if not isinstance(obj, argparse.Namespace))
     return model_args, data_args, training_args

@@ -15,10 +15,10 @@ from typing import Any
 
 from grace_hf.errors import GraceInputError
 from grace_hf.io_utils import atomic_write_json
+from grace_hf.retrieval.model_dir import CHECKPOINTS_DIR
 
-__all__ = ["CHECKPOINTS_DIR", "TRAINER_STATE_FILE", "list_checkpoints", "resolve_checkpoint", "save_checkpoint"]
+__all__ = ["TRAINER_STATE_FILE", "list_checkpoints", "resolve_checkpoint", "save_checkpoint"]
 
-CHECKPOINTS_DIR = "checkpoints"
 TRAINER_STATE_FILE = "trainer_state.json"
 _STEP_DIR = re.compile(r"^step-(\d+)$")
 

@@ -9,11 +9,13 @@ from typing import Any
 import datasets
 from torch.utils.data import DataLoader
 
-from grace_hf.data.collate import GraceCollator
 from grace_hf.data.karpathy import load_karpathy
+from grace_hf.data.prepared import load_prepared, prepared_file
 from grace_hf.errors import GraceInputError
-from grace_hf.identifiers import IdentifierIndex
+from grace_hf.identifiers import IDENTIFIERS_FILE, IdentifierIndex
+from grace_hf.prompts import CAPTION_PREFIX, IDENTIFIER_PREFIX
 from grace_hf.training.args import DataArguments, GraceTrainingArguments
+from grace_hf.training.collate import GraceCollator
 from grace_hf.training.sampling import EpochRows, StepBatchSampler
 
 __all__ = ["TaskStream", "TrainingData", "load_training_data", "stream_batches"]
@@ -48,14 +50,8 @@ def _spread(num_rows: int, count: int) -> list[int]:
 
 
 def _retrieval_data(data_args: DataArguments, args: GraceTrainingArguments) -> TrainingData:
-    try:
-        prepared = datasets.load_from_disk(data_args.data_dir)
-    except FileNotFoundError:
-        raise GraceInputError(f"{data_args.data_dir}: not a prepared dataset (run `grace-hf prepare` first)") from None
-    missing = {"i2id", "t2id", "queries"} - set(prepared)
-    if missing:
-        raise GraceInputError(f"{data_args.data_dir}: prepared dataset lacks split(s) {sorted(missing)}")
-    index = IdentifierIndex.load(data_args.data_dir)
+    prepared = load_prepared(data_args.data)
+    index = IdentifierIndex.load(prepared_file(data_args.data, IDENTIFIERS_FILE))
     streams = [
         TaskStream(name, prepared[name], batch_size, weight)
         for name, batch_size, weight in (
@@ -66,12 +62,14 @@ def _retrieval_data(data_args: DataArguments, args: GraceTrainingArguments) -> T
     ]
     for stream in streams:
         if len(stream.rows) == 0:
-            raise GraceInputError(f"{data_args.data_dir}: split {stream.name!r} is empty")
+            raise GraceInputError(f"{data_args.data}: split {stream.name!r} is empty")
     # the tokenizer of a fresh model learns the training texts (never the test captions); identifiers of kinds
     # with their own tokens are left out, those tokens are added whole
-    texts = [f"caption:{query}" for query in prepared["t2id"]["query"]]
+    texts = [CAPTION_PREFIX + query for query in prepared["t2id"]["query"]]
     if not index.new_tokens:
-        texts += [f"id {identifier}" for identifiers in index.images.values() for identifier in identifiers]
+        texts += [
+            IDENTIFIER_PREFIX + identifier for identifiers in index.images.values() for identifier in identifiers
+        ]
     queries = prepared["queries"]
     chosen = queries.select(_spread(len(queries), data_args.eval_num_queries))
     return TrainingData(streams, texts, index, list(chosen["query"]), list(chosen["image_key"]))
@@ -86,7 +84,7 @@ def _captioner_data(data_args: DataArguments, args: GraceTrainingArguments) -> T
         {"image": [path for path, _ in pairs], "caption": [caption for _, caption in pairs]}
     ).cast_column("image", datasets.Image())
     stream = TaskStream("caption", rows, args.batch_size_caption, 1.0)
-    return TrainingData([stream], [f"caption:{caption}" for _, caption in pairs])
+    return TrainingData([stream], [CAPTION_PREFIX + caption for _, caption in pairs])
 
 
 def load_training_data(data_args: DataArguments, args: GraceTrainingArguments) -> TrainingData:

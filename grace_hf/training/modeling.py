@@ -33,9 +33,9 @@ def build_model_and_processor(
         config.freeze_vision = model_args.freeze_vision
         model = FlamingoForConditionalGeneration(config)
     else:
-        processor = FlamingoProcessor.from_pretrained(model_args.model_name_or_path)
+        processor = FlamingoProcessor.from_pretrained(model_args.model)
         model = FlamingoForConditionalGeneration.from_pretrained(
-            model_args.model_name_or_path, freeze_vision=model_args.freeze_vision
+            model_args.model, freeze_vision=model_args.freeze_vision
         )
         if (
             processor.add_identifier_tokens(list(new_tokens))

@@ -1,17 +1,8 @@
-"""The final model directory, written whole or not at all, and its push to the Hub.
-
-Layout of `<output_dir>` after a run (DESIGN.md "A trained model directory"):
-
-    config.json, model.safetensors, generation_config.json   the weights (`save_pretrained`)
-    tokenizer files, preprocessor/processor config           the processor
-    identifiers.json, grace_config.json                      retrieval runs: the index and the query-image mode
-    identifier_trie.safetensors                              retrieval runs: the trie of the collection's identifiers
-    metrics.json, README.md                                  final scores and train time; the model card
-    checkpoints/step-<N>/                                    resumable training states (kept, not pushed)
-    logs/                                                    tracker logs (kept, not pushed)
+"""The final model directory of a run, written whole or not at all, and its push to the Hub.
 
 The files are written into a temporary sibling that then replaces `<output_dir>`; what was already in
-`<output_dir>` (checkpoints, logs) is moved into it just before, so it survives.
+`<output_dir>` (checkpoints, logs) is moved into it just before, so it survives. The layout is
+`grace_hf.retrieval.model_dir`'s.
 """
 
 from __future__ import annotations
@@ -20,14 +11,13 @@ import os
 from pathlib import Path
 from typing import Any
 
+from huggingface_hub import HfApi
+
 from grace_hf.identifiers import IdentifierIndex
-from grace_hf.io_utils import atomic_directory, atomic_write_json, atomic_write_text
-from grace_hf.retrieval.retriever import GRACE_CONFIG_FILE, TRIE_FILE, GraceRetriever
+from grace_hf.io_utils import atomic_directory
+from grace_hf.retrieval.model_dir import NOT_PUSHED, GraceConfig, write_model_dir
 
-__all__ = ["METRICS_FILE", "NOT_PUSHED", "push_directory", "save_model_directory"]
-
-METRICS_FILE = "metrics.json"
-NOT_PUSHED = ["checkpoints/*", "logs/*"]
+__all__ = ["push_directory", "save_model_directory"]
 
 
 def save_model_directory(
@@ -37,7 +27,7 @@ def save_model_directory(
     output_dir: str | os.PathLike,
     *,
     index: IdentifierIndex | None,
-    grace_config: dict[str, Any] | None,
+    grace_config: GraceConfig | None,
     metrics: dict[str, Any],
     model_card: str,
 ) -> None:
@@ -47,16 +37,16 @@ def save_model_directory(
     if accelerator.is_main_process:
         output_dir = Path(output_dir)
         with atomic_directory(output_dir) as tmp:
-            accelerator.unwrap_model(model).save_pretrained(tmp, state_dict=state_dict)
-            processor.save_pretrained(tmp)
-            if index is not None:
-                index.save(tmp)
-                # the trie of the default candidates, so loading the retriever skips tokenizing the identifiers
-                GraceRetriever(accelerator.unwrap_model(model), processor, index).trie.save(tmp / TRIE_FILE)
-            if grace_config is not None:
-                atomic_write_json(tmp / GRACE_CONFIG_FILE, grace_config)
-            atomic_write_json(tmp / METRICS_FILE, metrics)
-            atomic_write_text(tmp / "README.md", model_card)
+            write_model_dir(
+                tmp,
+                accelerator.unwrap_model(model),
+                processor,
+                index=index,
+                grace_config=grace_config,
+                metrics=metrics,
+                model_card=model_card,
+                state_dict=state_dict,
+            )
             for entry in output_dir.iterdir() if output_dir.is_dir() else ():
                 if not (tmp / entry.name).exists():
                     os.replace(entry, tmp / entry.name)
@@ -65,8 +55,6 @@ def save_model_directory(
 
 def push_directory(output_dir: str | os.PathLike, repo_id: str, commit_message: str = "GRACE model") -> str:
     """Upload the model directory (not its checkpoints or logs) to the Hub repo `repo_id`; return the commit URL."""
-    from huggingface_hub import HfApi
-
     api = HfApi()
     api.create_repo(repo_id, exist_ok=True, repo_type="model")
     commit = api.upload_folder(

@@ -1,12 +1,9 @@
-"""`grace-hf train`: teach a Flamingo to memorize images as identifiers and to retrieve them from text (GRACE).
+"""The training loop: teach a Flamingo to memorize images as identifiers and to retrieve them from text (GRACE).
 
-    grace-hf train --config recipes/synthetic/structured.yaml
-    accelerate launch --config_file accelerate_configs/deepspeed_zero3.yaml -m grace_hf.train \\
-        --config recipes/flickr30k/structured.yaml --output_dir runs/flickr30k-structured
-
-Each optimizer step sums the i2id loss and the t2id loss (DESIGN.md §4), with one backward of the sum. Stages:
+Each optimizer step sums the i2id loss and the t2id loss, with one backward of the sum. Stages:
 seed -> data -> model -> optimizer/schedule -> resume -> train (log, evaluate, checkpoint) -> save -> push.
 `task: captioner` trains the same model on train image -> caption pairs instead (for `grace-hf pseudo-queries`).
+Launched by `grace-hf train` or `accelerate launch -m grace_hf train`.
 """
 
 from __future__ import annotations
@@ -16,9 +13,6 @@ import dataclasses
 import functools
 import json
 import math
-import os
-import shlex
-import sys
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -26,11 +20,13 @@ from typing import Any
 
 import torch
 from accelerate import Accelerator
-from accelerate.utils import DistributedDataParallelKwargs, InitProcessGroupKwargs, ProjectConfiguration, set_seed
-from tqdm.auto import tqdm
+from accelerate.utils import set_seed
 from transformers import get_scheduler
 
-from grace_hf.training.args import DataArguments, GraceTrainingArguments, ModelArguments, parse_args
+from grace_hf.distributed import create_accelerator
+from grace_hf.retrieval.model_dir import LOGS_DIR, GraceConfig
+from grace_hf.runtime import configure_threads, progress_bar
+from grace_hf.training.args import DataArguments, GraceTrainingArguments, ModelArguments
 from grace_hf.training.checkpoints import TRAINER_STATE_FILE, resolve_checkpoint, save_checkpoint
 from grace_hf.training.data import TrainingData, load_training_data, stream_batches
 from grace_hf.training.evaluation import evaluate_recall
@@ -38,9 +34,9 @@ from grace_hf.training.model_card import render_model_card
 from grace_hf.training.modeling import build_model_and_processor, count_parameters, optimizer_parameter_groups
 from grace_hf.training.saving import push_directory, save_model_directory
 
-__all__ = ["LOG_HISTORY_FILE", "configure_deepspeed", "create_accelerator", "main", "step_loss", "train"]
+__all__ = ["LOG_HISTORY_FILE", "configure_deepspeed", "step_loss", "train"]
 
-LOG_HISTORY_FILE = "logs/log_history.jsonl"
+LOG_HISTORY_FILE = f"{LOGS_DIR}/log_history.jsonl"
 
 
 def step_loss(
@@ -61,29 +57,6 @@ def step_loss(
         losses[name] = loss.detach()
         total = weights[name] * loss if total is None else total + weights[name] * loss
     return total, losses
-
-
-def create_accelerator(
-    report_to: list[str] | None = None, output_dir: str | None = None, find_unused_parameters: bool = False
-) -> Accelerator:
-    """The run's `Accelerator`: its launch (plain, DDP, DeepSpeed; GPUs or CPU) comes from `accelerate launch`.
-
-    On a machine without GPUs a launched run uses gloo, and plain DDP processes are made MULTI_CPU (Accelerate would
-    otherwise count one process per rank and never synchronise the gradients); DeepSpeed keeps its own type.
-    """
-    handlers: list = [DistributedDataParallelKwargs(find_unused_parameters=find_unused_parameters)]
-    cpu = False
-    if not torch.cuda.is_available() and int(os.environ.get("LOCAL_RANK", -1)) != -1:
-        handlers.append(InitProcessGroupKwargs(backend="gloo"))
-        cpu = os.environ.get("ACCELERATE_USE_DEEPSPEED", "false").lower() != "true"
-    trackers = [] if report_to is None or "none" in report_to else report_to
-    project = ProjectConfiguration(project_dir=output_dir, logging_dir=f"{output_dir}/logs") if output_dir else None
-    return Accelerator(
-        cpu=cpu,
-        log_with=("all" if "all" in trackers else trackers) or None,
-        project_config=project,
-        kwargs_handlers=handlers,
-    )
 
 
 def configure_deepspeed(accelerator: Accelerator, micro_batch_size: int, max_grad_norm: float) -> None:
@@ -122,8 +95,7 @@ class _Trainer:
     ) -> None:
         self.model_args, self.data_args, self.args, self.command = model_args, data_args, args, command
         self.started = time.monotonic()
-        if args.torch_num_threads:
-            torch.set_num_threads(args.torch_num_threads)
+        configure_threads(args.torch_num_threads)
         self.data = load_training_data(data_args, args)
         # t2id without an image and no i2id leaves the perceiver and cross-attention without gradients
         uses_images = any(s.name != "t2id" for s in self.data.streams) or data_args.t2id_image == "blank"
@@ -139,6 +111,7 @@ class _Trainer:
         )
         configure_deepspeed(self.accelerator, sum(s.batch_size for s in self.data.streams), args.max_grad_norm)
         self.model, self.optimizer = self.accelerator.prepare(self.model, optimizer)
+        self.weights = {stream.name: stream.weight for stream in self.data.streams}
         self.step, self.previous_seconds = 0, 0.0
 
     # resume
@@ -154,14 +127,6 @@ class _Trainer:
                 f"{self.accelerator.num_processes}: the data order differs from an unbroken run"
             )
         self.accelerator.print(f"resumed from {path} at step {self.step}")
-
-    def _append_log(self, record: dict[str, Any]) -> None:
-        """One JSON line per logging step in `<output_dir>/logs/log_history.jsonl` (kept across resumes)."""
-        if self.accelerator.is_main_process:
-            path = Path(self.args.output_dir) / LOG_HISTORY_FILE
-            path.parent.mkdir(parents=True, exist_ok=True)
-            with path.open("a", encoding="utf-8") as f:
-                f.write(json.dumps(record) + "\n")
 
     def _train_seconds(self) -> float:
         return self.previous_seconds + time.monotonic() - self.started
@@ -200,74 +165,92 @@ class _Trainer:
         )
 
     # train
+    def _step(self, iterators: dict[str, Iterator[dict]], no_sync: Callable) -> tuple[dict[str, torch.Tensor], Any]:
+        """One optimizer step; returns the tasks' detached losses and the gradient norm (None without clipping)."""
+        device = self.accelerator.device
+        batches = {
+            name: {key: value.to(device) for key, value in next(iterator).items()}
+            for name, iterator in iterators.items()
+        }
+        total, losses = step_loss(self.model, batches, self.weights, no_sync)
+        self.accelerator.backward(total)
+        grad_norm = None
+        if self.args.max_grad_norm > 0:
+            grad_norm = self.accelerator.clip_grad_norm_(self.model.parameters(), self.args.max_grad_norm)
+        self.optimizer.step()
+        self.scheduler.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        self.step += 1
+        return losses, grad_norm
+
+    def _log(self, sums: dict[str, torch.Tensor], window: int, grad_norm: Any) -> dict[str, float]:
+        """Mean losses of the window (averaged over processes), learning rate and gradient norm, to the trackers
+        and `logs/log_history.jsonl`."""
+        means = {name: self.accelerator.reduce(value / window, "mean").item() for name, value in sums.items()}
+        logs = {f"loss_{name}": value for name, value in means.items()}
+        logs["loss"] = sum(self.weights[name] * value for name, value in means.items())
+        logs["lr"] = self.scheduler.get_last_lr()[0]
+        if grad_norm is not None:
+            logs["grad_norm"] = float(grad_norm)
+        self.accelerator.log(logs, step=self.step)
+        if self.accelerator.is_main_process:
+            path = Path(self.args.output_dir) / LOG_HISTORY_FILE
+            path.parent.mkdir(parents=True, exist_ok=True)
+            with path.open("a", encoding="utf-8") as f:
+                f.write(json.dumps({"step": self.step, **logs}) + "\n")
+        return logs
+
+    def _evaluate_during_training(self) -> None:
+        metrics = self.evaluate()
+        if metrics:
+            self.accelerator.log({f"eval/{key}": value for key, value in metrics.items()}, step=self.step)
+            self.accelerator.print(f"step {self.step}: {metrics}")
+
+    def _checkpoint(self) -> None:
+        trainer_state = {
+            "scheduler": self.scheduler.state_dict(),
+            "world_size": self.accelerator.num_processes,
+            "train_seconds": self._train_seconds(),
+        }
+        save_checkpoint(self.accelerator, self.args.output_dir, self.step, trainer_state, self.args.save_total_limit)
+
     def train(self) -> dict[str, float]:
         """Run the remaining steps; return the mean losses of the last logging window."""
         args, accelerator = self.args, self.accelerator
-        weights = {stream.name: stream.weight for stream in self.data.streams}
         iterators = self._batches()
         no_sync = (
             functools.partial(accelerator.no_sync, self.model)
             if isinstance(self.model, torch.nn.parallel.DistributedDataParallel)
             else contextlib.nullcontext
         )
-        sums = {name: torch.zeros((), device=accelerator.device) for name in weights}
+        sums = {name: torch.zeros((), device=accelerator.device) for name in self.weights}
         window, last_logged = 0, {}
         self.model.train()
-        progress = tqdm(
+        progress = progress_bar(
             total=self.num_steps, initial=self.step, disable=not accelerator.is_local_main_process, desc="train"
         )
         while self.step < self.num_steps:
-            batches = {
-                name: {key: value.to(accelerator.device) for key, value in next(iterator).items()}
-                for name, iterator in iterators.items()
-            }
-            total, losses = step_loss(self.model, batches, weights, no_sync)
-            accelerator.backward(total)
-            grad_norm = None
-            if args.max_grad_norm > 0:
-                grad_norm = accelerator.clip_grad_norm_(self.model.parameters(), args.max_grad_norm)
-            self.optimizer.step()
-            self.scheduler.step()
-            self.optimizer.zero_grad(set_to_none=True)
-            self.step += 1
+            losses, grad_norm = self._step(iterators, no_sync)
             progress.update(1)
             for name, loss in losses.items():
                 sums[name] += loss
             window += 1
-
             if args.logging_steps and (self.step % args.logging_steps == 0 or self.step == self.num_steps):
-                means = {name: accelerator.reduce(value / window, "mean").item() for name, value in sums.items()}
-                logs = {f"loss_{name}": value for name, value in means.items()}
-                logs["loss"] = sum(weights[name] * value for name, value in means.items())
-                logs["lr"] = self.scheduler.get_last_lr()[0]
-                if grad_norm is not None:
-                    logs["grad_norm"] = float(grad_norm)
-                accelerator.log(logs, step=self.step)
-                self._append_log({"step": self.step, **logs})
-                progress.set_postfix({key: f"{value:.4g}" for key, value in logs.items() if key.startswith("loss")})
+                last_logged = self._log(sums, window, grad_norm)
+                progress.set_postfix({key: f"{value:.4g}" for key, value in last_logged.items() if "loss" in key})
                 sums = {name: torch.zeros_like(value) for name, value in sums.items()}
-                window, last_logged = 0, logs
+                window = 0
             if args.eval_steps and self.step % args.eval_steps == 0 and self.step < self.num_steps:
-                metrics = self.evaluate()
-                if metrics:
-                    accelerator.log({f"eval/{key}": value for key, value in metrics.items()}, step=self.step)
-                    accelerator.print(f"step {self.step}: {metrics}")
+                self._evaluate_during_training()
             if args.save_steps and self.step % args.save_steps == 0:
-                trainer_state = {
-                    "scheduler": self.scheduler.state_dict(),
-                    "world_size": accelerator.num_processes,
-                    "train_seconds": self._train_seconds(),
-                }
-                save_checkpoint(accelerator, args.output_dir, self.step, trainer_state, args.save_total_limit)
+                self._checkpoint()
         progress.close()
         return last_logged
 
     # save
     def save(self, metrics: dict[str, Any]) -> None:
-        kind = self.data.index.kind if self.data.index is not None else None
-        grace_config = None
-        if self.data_args.task == "retrieval":
-            grace_config = {"query_image": self.data_args.t2id_image, "identifier_kind": kind}
+        index = self.data.index
+        grace_config = GraceConfig.for_index(index, self.data_args.t2id_image) if index is not None else None
         hyperparameters = {
             key: value
             for key, value in _hyperparameters(self.model_args, self.data_args, self.args).items()
@@ -276,8 +259,8 @@ class _Trainer:
         hyperparameters["num_processes"] = self.accelerator.num_processes
         card = render_model_card(
             task=self.data_args.task,
-            identifier_kind=kind,
-            base_model=self.model_args.model_name_or_path or f"preset {self.model_args.model_preset} (from scratch)",
+            identifier_kind=index.kind if index is not None else None,
+            base_model=self.model_args.model or f"preset {self.model_args.model_preset} (from scratch)",
             hyperparameters=hyperparameters,
             metrics=metrics,
             launch_command=self.command,
@@ -287,29 +270,18 @@ class _Trainer:
             self.model,
             self.processor,
             self.args.output_dir,
-            index=self.data.index,
+            index=index,
             grace_config=grace_config,
             metrics=metrics,
             model_card=card,
         )
 
-    def run(self) -> dict[str, Any]:
-        args, accelerator = self.args, self.accelerator
-        accelerator.init_trackers("grace_hf", config=_hyperparameters(self.model_args, self.data_args, args))
-        sizes = count_parameters(accelerator.unwrap_model(self.model))
-        accelerator.print(
-            f"{self.data_args.task}: {self.num_steps} steps x {accelerator.num_processes} processes; streams "
-            + ", ".join(
-                f"{s.name} ({len(s.rows)} rows, batch {s.batch_size}, weight {s.weight})" for s in self.data.streams
-            )
-            + f"; {sizes['trainable']:,} of {sizes['total']:,} parameters trained"
-        )
-        if args.resume_from_checkpoint:
-            self.resume()
-        last_logs = self.train()
+    def _final_metrics(self, last_logs: dict[str, float]) -> dict[str, Any]:
         metrics: dict[str, Any] = {f"train_{key}": value for key, value in last_logs.items()}
         # wall time from start-up to the last step (checkpoints and evaluations during training included)
-        metrics.update(steps=self.step, num_processes=accelerator.num_processes, train_seconds=self._train_seconds())
+        metrics.update(
+            steps=self.step, num_processes=self.accelerator.num_processes, train_seconds=self._train_seconds()
+        )
         started_eval = time.monotonic()
         metrics.update(self.evaluate())
         if self.data.index is not None:
@@ -318,6 +290,22 @@ class _Trainer:
                 num_eval_queries=len(self.data.eval_queries),
                 eval_seconds=time.monotonic() - started_eval,
             )
+        return metrics
+
+    def run(self) -> dict[str, Any]:
+        args, accelerator = self.args, self.accelerator
+        accelerator.init_trackers("grace_hf", config=_hyperparameters(self.model_args, self.data_args, args))
+        sizes = count_parameters(accelerator.unwrap_model(self.model))
+        streams = ", ".join(
+            f"{s.name} ({len(s.rows)} rows, batch {s.batch_size}, weight {s.weight})" for s in self.data.streams
+        )
+        accelerator.print(
+            f"{self.data_args.task}: {self.num_steps} steps x {accelerator.num_processes} processes; streams "
+            f"{streams}; {sizes['trainable']:,} of {sizes['total']:,} parameters trained"
+        )
+        if args.resume_from_checkpoint:
+            self.resume()
+        metrics = self._final_metrics(self.train())
         self.save(metrics)
         accelerator.print(f"saved {args.output_dir}: {json.dumps(metrics)}")
         if args.push_to_hub and accelerator.is_main_process:
@@ -333,11 +321,3 @@ def train(
     """Train, save `args.output_dir` (a model directory `GraceRetriever.from_pretrained` loads) and return the
     final metrics (Recall@K on the evaluation queries, train time)."""
     return _Trainer(model_args, data_args, args, command).run()
-
-
-def main(argv: list[str] | None = None) -> int:
-    """`grace-hf train --config recipe.yaml [--field value ...]`."""
-    argv = sys.argv[1:] if argv is None else list(argv)
-    model_args, data_args, args = parse_args(argv)
-    train(model_args, data_args, args, command=shlex.join(["grace-hf", "train", *argv]))
-    return 0

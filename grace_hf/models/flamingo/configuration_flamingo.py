@@ -4,8 +4,11 @@ gated cross-attention blocks (OpenFlamingo's architecture)."""
 from __future__ import annotations
 
 import copy
+import dataclasses
 from typing import Any
 
+import open_clip
+from open_clip.model import CLIPVisionCfg
 from transformers import PreTrainedConfig
 
 __all__ = ["FlamingoConfig", "FlamingoTextConfig", "FLAMINGO_PRESETS"]
@@ -55,6 +58,7 @@ class FlamingoTextConfig(PreTrainedConfig):
         return self.d_model // self.n_heads
 
 
+_VISION_FIELDS = {f.name for f in dataclasses.fields(CLIPVisionCfg)}
 _VIT_L_14 = {"image_size": 224, "layers": 24, "width": 1024, "head_width": 64, "patch_size": 14, "mlp_ratio": 4.0}
 
 FLAMINGO_PRESETS: dict[str, dict[str, Any]] = {
@@ -159,8 +163,6 @@ class FlamingoConfig(PreTrainedConfig):
         if self.vision_config is None:
             self.vision_config = dict(_VIT_L_14)
         elif isinstance(self.vision_config, str):
-            import open_clip
-
             model_config = open_clip.get_model_config(self.vision_config)
             if model_config is None:
                 raise ValueError(f"unknown open_clip model config {self.vision_config!r}")
@@ -178,9 +180,16 @@ class FlamingoConfig(PreTrainedConfig):
     def from_preset(cls, name: str, **overrides: Any) -> FlamingoConfig:
         """Build a named preset (`"tiny"`, `"openflamingo-3b-vitl-mpt1b"`, `"openflamingo-9b-vitl-mpt7b"`);
         keyword overrides replace top-level fields, and a `text_config`/`vision_config` dict is merged into the
-        preset's."""
+        preset's. An unknown preset or field is a `ValueError` that names it."""
         if name not in FLAMINGO_PRESETS:
             raise ValueError(f"unknown Flamingo preset {name!r}; choose one of {sorted(FLAMINGO_PRESETS)}")
+        unknown = sorted(set(overrides) - set(cls.__annotations__))
+        nested = {"text_config": FlamingoTextConfig.__annotations__, "vision_config": _VISION_FIELDS}
+        for key, fields in nested.items():
+            if isinstance(overrides.get(key), dict):
+                unknown += [f"{key}.{field}" for field in overrides[key] if field not in fields]
+        if unknown:
+            raise ValueError(f"unknown FlamingoConfig field(s) {unknown}")
         kwargs = copy.deepcopy(FLAMINGO_PRESETS[name])
         for key in ("text_config", "vision_config"):
             if isinstance(overrides.get(key), dict):

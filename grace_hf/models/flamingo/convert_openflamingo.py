@@ -12,7 +12,6 @@ or a model weight no source provides stops the conversion with a `GraceInputErro
 
 from __future__ import annotations
 
-import argparse
 import re
 from collections.abc import Iterable
 from pathlib import Path
@@ -24,7 +23,7 @@ from transformers import AutoTokenizer, CLIPImageProcessor
 from grace_hf.errors import GraceInputError
 from grace_hf.io_utils import atomic_directory
 
-from .configuration_flamingo import FLAMINGO_PRESETS, FlamingoConfig
+from .configuration_flamingo import FlamingoConfig
 from .modeling_flamingo import FlamingoForConditionalGeneration
 from .processing_flamingo import FlamingoProcessor
 
@@ -36,7 +35,7 @@ __all__ = [
     "OPENFLAMINGO_ROUTES",
     "convert_openflamingo",
     "convert_state_dict",
-    "main",
+    "load_config",
     "rename_key",
 ]
 
@@ -162,7 +161,7 @@ def convert_state_dict(
     if problems:
         hint = ""
         if any(k.startswith(f"{sources[1]}: ") and ".bias" in k for k in unexpected):
-            hint = " (the decoder weights have biases: pass a --config with text_config.no_bias=false)"
+            hint = " (the decoder weights have biases: pass a --model-config with text_config.no_bias=false)"
         raise GraceInputError("cannot convert: " + " | ".join(problems) + hint)
     return merged
 
@@ -199,6 +198,7 @@ def load_weights(path: Path) -> dict[str, torch.Tensor]:
 
 
 def load_config(preset: str | None, config_path: Path | None) -> FlamingoConfig:
+    """A `FlamingoConfig` from a config.json (or its directory), else the preset (default: OpenFlamingo-3B)."""
     if config_path is not None:
         if not config_path.exists():
             raise GraceInputError(f"{config_path}: no such config file")
@@ -259,30 +259,3 @@ def _build_processor(tokenizer_dir: Path, config: FlamingoConfig) -> FlamingoPro
             f"{tokenizer_dir}: {len(processor.tokenizer)} tokens exceed the embedding's {config.text_config.vocab_size}"
         )
     return processor
-
-
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="grace-hf convert-openflamingo", description=__doc__.split("\n\n")[0])
-    parser.add_argument("--openflamingo-checkpoint", type=Path, required=True, help="OpenFlamingo checkpoint.pt")
-    parser.add_argument("--mpt-weights", type=Path, required=True, help="MPT/MosaicGPT weights: a file or directory")
-    parser.add_argument("--clip-weights", type=Path, required=True, help="open_clip state dict (visual.* keys)")
-    parser.add_argument("--tokenizer", type=Path, help="tokenizer directory (e.g. GPT-NeoX-20B) to save beside it")
-    parser.add_argument("--preset", choices=sorted(FLAMINGO_PRESETS), default=None, help="model shape")
-    parser.add_argument("--config", type=Path, help="a FlamingoConfig config.json (or its directory) for other shapes")
-    parser.add_argument("--dtype", choices=("float32", "bfloat16", "float16"), default="float32")
-    parser.add_argument("--output-dir", type=Path, required=True)
-    args = parser.parse_args(argv)
-    if args.preset and args.config:
-        parser.error("pass --preset or --config, not both")
-    config = load_config(args.preset, args.config)
-    convert_openflamingo(
-        args.openflamingo_checkpoint,
-        args.mpt_weights,
-        args.clip_weights,
-        args.output_dir,
-        config,
-        tokenizer=args.tokenizer,
-        dtype=getattr(torch, args.dtype),
-    )
-    print(f"wrote {args.output_dir}")
-    return 0

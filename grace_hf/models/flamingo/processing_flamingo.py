@@ -1,8 +1,8 @@
-"""FlamingoProcessor: tokenizer + CLIP image processing, and the GRACE prompt formats (DESIGN.md §4)."""
+"""FlamingoProcessor: the tokenizer (with the model's special tokens) and CLIP image processing."""
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable
 
 import torch
 from PIL import Image
@@ -14,7 +14,8 @@ __all__ = ["FlamingoProcessor"]
 
 
 class FlamingoProcessor(ProcessorMixin):
-    """Turns texts (and one image per text) into Flamingo inputs, and writes the GRACE sample texts.
+    """Turns texts (and one image per text) into Flamingo inputs; knows the model's special tokens only (the task
+    texts live in `grace_hf.prompts`).
 
     Args:
         image_processor (`CLIPImageProcessor`): bicubic resize + center crop + OpenAI CLIP normalisation.
@@ -22,7 +23,7 @@ class FlamingoProcessor(ProcessorMixin):
 
     Example:
         >>> processor = FlamingoProcessor.from_texts(["a dog", "id 1 2"], image_size=32, vocab_size=300)
-        >>> batch = processor(text=[processor.query_prompt("a dog")], images=[processor.blank_image()])
+        >>> batch = processor(text=["<image>a dog"], images=[processor.blank_image()])
         >>> batch["pixel_values"].shape
         torch.Size([1, 1, 1, 3, 32, 32])
     """
@@ -60,27 +61,6 @@ class FlamingoProcessor(ProcessorMixin):
     @property
     def image_size(self) -> int:
         return self.image_processor.crop_size["height"]
-
-    # the GRACE text formats
-    @staticmethod
-    def i2id_text(identifier: str) -> str:
-        """Memorization sample: `<image>id {identifier}<|endofchunk|>`."""
-        return f"{MEDIA_TOKEN}id {identifier}{END_OF_CHUNK_TOKEN}"
-
-    @staticmethod
-    def t2id_text(query: str, identifier: str) -> str:
-        """Retrieval sample: `caption:{query}<image>id {identifier}<|endofchunk|>`."""
-        return f"caption:{query}{MEDIA_TOKEN}id {identifier}{END_OF_CHUNK_TOKEN}"
-
-    @staticmethod
-    def query_prompt(query: str) -> str:
-        """Retrieval prompt: `caption:{query}<image>` (generation continues with `id ...`)."""
-        return f"caption:{query}{MEDIA_TOKEN}"
-
-    def identifier_token_ids(self, identifiers: Sequence[str]) -> list[list[int]]:
-        """Token ids of `id {identifier}<|endofchunk|>` per identifier: the sequences the trie holds."""
-        texts = [f"id {identifier}{END_OF_CHUNK_TOKEN}" for identifier in identifiers]
-        return self.tokenizer(texts, add_special_tokens=False)["input_ids"]
 
     def add_identifier_tokens(self, new_tokens: list[str]) -> int:
         """Add identifier tokens (structured/atomic kinds) as whole tokens; returns how many were new.

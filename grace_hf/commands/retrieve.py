@@ -1,25 +1,28 @@
-"""`grace-hf retrieve`: ranked images for text queries, printed, and optionally an HTML page of thumbnails.
+"""`grace-hf retrieve`: ranked images for text queries, printed; with `--output-dir`, also a results file and an HTML
+page of thumbnails.
 
     grace-hf retrieve --model runs/synthetic-structured --top-k 5 "a red circle" "two green squares"
-    grace-hf retrieve --model runs/synthetic-structured --data data/synthetic/prepared --num-queries 8 \\
-        --html runs/gallery.html        # test captions with their gold image marked
+    grace-hf retrieve --model runs/synthetic-structured --data data/prepared/synthetic-structured --num-queries 8 \\
+        --output-dir runs/gallery        # test captions with their gold image marked
 """
 
 from __future__ import annotations
 
-import argparse
-import sys
+import json
 
+from grace_hf.commands.common import add_num_threads, command_parser, setup_threads
 from grace_hf.errors import GraceInputError
+from grace_hf.io_utils import atomic_directory, atomic_write_text
 from grace_hf.retrieval.evaluate import load_eval_queries
 from grace_hf.retrieval.gallery import GalleryEntry, dataset_image_loader, folder_image_loader, write_gallery
-from grace_hf.retrieval.retriever import GraceRetriever
+from grace_hf.retrieval.retriever import GraceRetriever, RetrievedImage
 
-__all__ = ["main"]
+RESULTS_FILE = "results.jsonl"
+GALLERY_FILE = "gallery.html"
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="grace-hf retrieve", description=__doc__.split("\n\n")[0])
+def build_parser():
+    parser = command_parser("retrieve", __doc__.split("\n\n")[0], renamed={"--html": "--output-dir"})
     parser.add_argument("queries", nargs="*", help="text queries")
     parser.add_argument("--model", required=True, help="trained model directory or Hub id")
     parser.add_argument("--top-k", type=int, default=10, help="images per query (at most --num-beams)")
@@ -29,14 +32,25 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--data", default=None, help="prepared dataset: rank its test images, take queries (with gold) from it"
     )
-    parser.add_argument("--num-queries", type=int, default=8, help="with --data: how many of its queries (8)")
+    parser.add_argument("--num-queries", type=int, default=8, help="with --data: how many of its queries")
     parser.add_argument("--image-root", default=None, help="folder of the image files, for thumbnails")
-    parser.add_argument("--html", default=None, help="write a page of the results with thumbnails here")
+    parser.add_argument("--output-dir", default=None, help="also write results.jsonl and gallery.html here")
+    add_num_threads(parser)
     return parser
+
+
+def _print(query: str, gold: str | None, hits: list[RetrievedImage]) -> None:
+    print(f"query: {query}" + (f"   [gold: {gold}]" if gold else ""))
+    for rank, hit in enumerate(hits, start=1):
+        mark = "  <- gold" if hit.image_key == gold else ""
+        print(f"  {rank:>2}. {hit.image_key}  id {hit.identifier}  score {hit.score:.3f}{mark}")
+    if not hits:
+        print("  (no identifier was generated)")
 
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    setup_threads(args)
     queries: list[str] = list(args.queries)
     gold: list[str | None] = [None] * len(queries)
     candidates = None
@@ -55,24 +69,20 @@ def main(argv: list[str] | None = None) -> int:
     )
     results = retriever.retrieve(queries, top_k=args.top_k)
     for query, key, hits in zip(queries, gold, results):
-        print(f"query: {query}" + (f"   [gold: {key}]" if key else ""))
-        for rank, hit in enumerate(hits, start=1):
-            mark = "  <- gold" if hit.image_key == key else ""
-            print(f"  {rank:>2}. {hit.image_key}  id {hit.identifier}  score {hit.score:.3f}{mark}")
-        if not hits:
-            print("  (no identifier was generated)")
-    if args.html:
+        _print(query, key, hits)
+    if args.output_dir:
+        loader = None
         if args.image_root:
             loader = folder_image_loader(args.image_root)
         elif args.data:
             loader = dataset_image_loader(args.data)
-        else:
-            loader = None
         entries = [GalleryEntry(q, hits, key) for q, key, hits in zip(queries, gold, results)]
-        path = write_gallery(args.html, entries, load_image=loader, title=f"GRACE retrieval: {args.model}")
-        print(f"wrote {path}")
+        records = [
+            {"query": q, "gold": key, "results": [hit.__dict__ for hit in hits]}
+            for q, key, hits in zip(queries, gold, results)
+        ]
+        with atomic_directory(args.output_dir) as tmp:
+            atomic_write_text(tmp / RESULTS_FILE, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records))
+            write_gallery(tmp / GALLERY_FILE, entries, load_image=loader, title=f"GRACE retrieval: {args.model}")
+        print(f"wrote {args.output_dir}/{RESULTS_FILE} and {GALLERY_FILE}")
     return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())

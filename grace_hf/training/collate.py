@@ -1,6 +1,6 @@
-"""Rows of the prepared datasets -> model batches, with the loss on the identifier part only (DESIGN.md §4).
+"""Rows of the prepared datasets -> model batches, with the loss on the identifier part only.
 
-Three sample kinds share one collator:
+Three sample kinds share one collator (texts from `grace_hf.prompts`):
 
 - i2id:    `<image>id {identifier}<|endofchunk|>` with the row's image (flipped when the row says so);
 - t2id:    `caption:{query}<image>id {identifier}<|endofchunk|>`, with no image or the constant blank image;
@@ -21,17 +21,11 @@ import torch
 import torch.nn.functional as F
 from PIL import Image, ImageOps
 
-from grace_hf.models.flamingo.tokenization import END_OF_CHUNK_TOKEN, MEDIA_TOKEN
+from grace_hf.prompts import caption_text, i2id_text, t2id_text
 
-__all__ = ["CAPTION_PREFIX", "GraceCollator", "caption_prompt", "identifier_labels", "truncate_words"]
+__all__ = ["GraceCollator", "identifier_labels", "truncate_words"]
 
 IGNORE_INDEX = -100
-CAPTION_PREFIX = "caption:"
-
-
-def caption_prompt() -> str:
-    """The captioner's prompt, `<image>caption:`; generation continues with the caption."""
-    return f"{MEDIA_TOKEN}{CAPTION_PREFIX}"
 
 
 def truncate_words(text: str, max_words: int) -> str:
@@ -90,10 +84,10 @@ class GraceCollator:
 
     def _text(self, row: dict[str, Any]) -> str:
         if self.task == "i2id":
-            return self.processor.i2id_text(row["identifier"])
+            return i2id_text(row["identifier"])
         if self.task == "t2id":
-            return self.processor.t2id_text(truncate_words(row["query"], self.max_query_words), row["identifier"])
-        return f"{caption_prompt()}{truncate_words(row['caption'], self.max_query_words)}{END_OF_CHUNK_TOKEN}"
+            return t2id_text(truncate_words(row["query"], self.max_query_words), row["identifier"])
+        return caption_text(truncate_words(row["caption"], self.max_query_words))
 
     @cached_property
     def _blank_pixel_values(self) -> torch.Tensor:

@@ -1,0 +1,63 @@
+"""Pseudo-queries for the images that have no training captions, written by a trained captioner.
+
+As the original GRACE: a Flamingo fine-tuned on train image -> caption pairs (`task: captioner`, e.g.
+`recipes/flickr30k/captioner.yaml`) writes, for every val and test image, five queries by beam search (5 beams,
+5 returned, at most 20 new tokens) after the prompt `<image>caption:`. The output is the original file format,
+`{image_file_name: [query, ...]}`, which `grace-hf prepare --pseudo-queries` reads.
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from collections.abc import Sequence
+
+import torch
+
+from grace_hf.data.karpathy import KarpathyImage
+from grace_hf.image_features import read_rgb
+from grace_hf.models.flamingo import FlamingoForConditionalGeneration, FlamingoProcessor
+from grace_hf.prompts import caption_prompt
+from grace_hf.runtime import progress_bar
+
+__all__ = ["file_names", "generate_pseudo_queries"]
+
+
+@torch.no_grad()
+def generate_pseudo_queries(
+    model: FlamingoForConditionalGeneration,
+    processor: FlamingoProcessor,
+    images: Sequence[KarpathyImage],
+    num_queries: int = 5,
+    num_beams: int = 5,
+    max_new_tokens: int = 20,
+    batch_size: int = 8,
+) -> dict[str, list[str]]:
+    """`{image_key: [query, ...]}`: the `num_queries` (<= `num_beams`) best beams per image, stripped, empty or
+    repeated ones dropped."""
+    model.eval()
+    device = next(model.parameters()).device
+    queries: dict[str, list[str]] = {}
+    for start in progress_bar(range(0, len(images), batch_size), desc="pseudo-queries"):
+        chunk = images[start : start + batch_size]
+        pictures = [read_rgb(image.path) for image in chunk]
+        inputs = processor(text=[caption_prompt()] * len(chunk), images=pictures, padding_side="left").to(device)
+        sequences = model.generate(
+            **inputs,
+            num_beams=num_beams,
+            num_return_sequences=num_queries,
+            max_new_tokens=max_new_tokens,
+            do_sample=False,
+            eos_token_id=processor.end_of_chunk_token_id,
+            pad_token_id=processor.pad_token_id,
+        )  # (B * num_queries, prompt + new)
+        texts = processor.batch_decode(sequences[:, inputs["input_ids"].shape[1] :], skip_special_tokens=True)
+        for position, image in enumerate(chunk):
+            beams = [text.strip() for text in texts[position * num_queries : (position + 1) * num_queries]]
+            queries[image.key] = list(dict.fromkeys(text for text in beams if text))
+    return queries
+
+
+def file_names(images: Sequence[KarpathyImage]) -> dict[str, str]:
+    """image key -> the name the original file uses (the file name; the key where file names repeat)."""
+    counts = Counter(image.filename for image in images)
+    return {image.key: image.filename if counts[image.filename] == 1 else image.key for image in images}

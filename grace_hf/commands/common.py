@@ -1,0 +1,56 @@
+"""What every command's parser shares: one flag spelling (kebab-case), clear messages for renamed flags, threads."""
+
+from __future__ import annotations
+
+import argparse
+from collections.abc import Mapping, Sequence
+
+from grace_hf.errors import GraceInputError
+from grace_hf.runtime import configure_threads
+
+__all__ = ["add_num_threads", "command_parser", "setup_threads"]
+
+
+class _Renamed(argparse.Action):
+    """A flag that was renamed: using it is an error that names the new spelling."""
+
+    def __init__(self, option_strings: Sequence[str], dest: str, new: str = "", **kwargs) -> None:
+        super().__init__(
+            option_strings, argparse.SUPPRESS, nargs="*", default=argparse.SUPPRESS, help=argparse.SUPPRESS
+        )
+        self.new = new
+
+    def __call__(self, parser, namespace, values, option_string=None) -> None:
+        parser.error(f"{option_string} was renamed: use {self.new}")
+
+
+def command_parser(
+    command: str, description: str, renamed: Mapping[str, str] | None = None, epilog: str | None = None
+) -> argparse.ArgumentParser:
+    """The parser of `grace-hf <command>`; `renamed` maps old flags to their new spelling (hidden from --help)."""
+    parser = argparse.ArgumentParser(
+        prog=f"grace-hf {command}",
+        description=description,
+        epilog=epilog,
+        allow_abbrev=False,
+    )
+    for old, new in (renamed or {}).items():
+        parser.add_argument(old, action=_Renamed, new=new)
+    return parser
+
+
+def add_num_threads(parser: argparse.ArgumentParser) -> None:
+    """`--num-threads N`: torch CPU threads (default: half the cores, at most 8; 1 on a 2-core machine)."""
+    parser.add_argument(
+        "--num-threads",
+        type=int,
+        default=None,
+        help="torch CPU threads (default: half the cores this process may use, at most 8)",
+    )
+
+
+def setup_threads(args: argparse.Namespace) -> None:
+    """Apply `--num-threads` (a GraceInputError below 1)."""
+    if args.num_threads is not None and args.num_threads < 1:
+        raise GraceInputError(f"--num-threads must be >= 1, got {args.num_threads}")
+    configure_threads(args.num_threads)

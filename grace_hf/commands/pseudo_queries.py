@@ -1,0 +1,63 @@
+"""`grace-hf pseudo-queries`: write pseudo-queries for the val and test images with a trained captioner.
+
+    grace-hf pseudo-queries --model runs/flickr30k-captioner --karpathy-json data/dataset_flickr30k.json \\
+        --image-root data/Flickr30K/flickr30k-images --output-dir data/pseudo_queries/flickr30k
+
+Writes `pseudo_queries.json` in the original format (`{image file name: [query, ...]}`), which
+`grace-hf prepare --pseudo-queries` reads (the file or its directory).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+from grace_hf.captioning import file_names, generate_pseudo_queries
+from grace_hf.commands.common import add_num_threads, command_parser, setup_threads
+from grace_hf.data.karpathy import MEMORIZED_SPLITS, load_karpathy
+from grace_hf.data.pseudo_queries import PSEUDO_QUERIES_FILE, write_pseudo_queries
+from grace_hf.errors import GraceInputError
+from grace_hf.io_utils import atomic_directory
+from grace_hf.retrieval.model_dir import read_model_dir
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = command_parser("pseudo-queries", __doc__.split("\n\n")[0], renamed={"--output": "--output-dir"})
+    parser.add_argument("--model", required=True, help="a captioner directory trained with `task: captioner`")
+    parser.add_argument("--karpathy-json", required=True, help="dataset_flickr30k.json, dataset_coco.json, ...")
+    parser.add_argument("--image-root", required=True, help="directory the image keys (filepath/filename) are under")
+    parser.add_argument("--output-dir", required=True, help=f"where {PSEUDO_QUERIES_FILE} is written")
+    parser.add_argument("--splits", nargs="+", default=[s for s in MEMORIZED_SPLITS if s != "train"])
+    parser.add_argument("--num-queries", type=int, default=5, help="queries per image (beams returned)")
+    parser.add_argument("--num-beams", type=int, default=5)
+    parser.add_argument("--max-new-tokens", type=int, default=20)
+    parser.add_argument("--batch-size", type=int, default=8, help="images per generate call")
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    add_num_threads(parser)
+    args = parser.parse_args(argv)
+    setup_threads(args)
+    if args.num_queries > args.num_beams:
+        raise GraceInputError(f"--num-queries ({args.num_queries}) cannot exceed --num-beams ({args.num_beams})")
+
+    corpus = load_karpathy(args.karpathy_json, args.image_root)
+    images = [image for image in corpus.images if image.split in args.splits]
+    if not images:
+        raise GraceInputError(f"{args.karpathy_json}: no images in split(s) {args.splits}")
+    captioner = read_model_dir(args.model, retriever=False)
+    queries = generate_pseudo_queries(
+        captioner.model.to(args.device),
+        captioner.processor,
+        images,
+        args.num_queries,
+        args.num_beams,
+        args.max_new_tokens,
+        args.batch_size,
+    )
+    names = file_names(corpus.images)
+    with atomic_directory(args.output_dir) as tmp:
+        write_pseudo_queries(tmp / PSEUDO_QUERIES_FILE, {names[key]: texts for key, texts in queries.items()})
+    empty = sum(not texts for texts in queries.values())
+    path = Path(args.output_dir) / PSEUDO_QUERIES_FILE
+    print(f"wrote {path}: {len(queries)} images" + (f", {empty} without a usable query" if empty else ""))
+    return 0

@@ -1,0 +1,77 @@
+"""The prepared dataset that `grace-hf prepare` writes: its splits and its one reader (a local directory or a Hub
+dataset repo).
+
+A prepared directory is a `datasets.DatasetDict` saved with `save_to_disk`, with the splits
+- `i2id` (image, image_key, identifier): learning to memorize, one row per image and identifier, image bytes inside;
+- `t2id` (query, image_key, identifier): learning to retrieve (train captions, val/test pseudo-queries);
+- `queries` (query, image_key): the evaluation queries, the human captions of the test images;
+plus side files beside the splits: `identifiers.json` (the identifier index) and `prepare.json` (inputs, counts).
+On the Hub each split is its own config (their columns differ) and the side files sit at the repo's top.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+from datasets import DatasetDict, load_dataset, load_from_disk
+from huggingface_hub import CommitOperationAdd, HfApi, hf_hub_download
+
+from grace_hf.errors import GraceInputError
+
+__all__ = ["PREPARE_FILE", "SPLITS", "load_prepared", "prepared_file", "push_prepared_to_hub"]
+
+PREPARE_FILE = "prepare.json"
+SPLITS = ("i2id", "t2id", "queries")
+
+
+def _is_local(source: str | os.PathLike) -> bool:
+    return (Path(source) / "dataset_dict.json").is_file()
+
+
+def load_prepared(source: str | os.PathLike, cache_dir: str | None = None) -> DatasetDict:
+    """The prepared `DatasetDict` (i2id, t2id, queries) of a `prepare` directory, or of a pushed Hub dataset repo
+    (its id, or a local copy of it); `cache_dir` is where `load_dataset` caches a Hub repo."""
+    try:
+        if _is_local(source):
+            dataset = load_from_disk(os.fspath(source))
+        else:
+            dataset = DatasetDict(
+                {name: load_dataset(str(source), name, split=name, cache_dir=cache_dir) for name in SPLITS}
+            )
+    except (OSError, ValueError) as err:
+        raise GraceInputError(f"{source}: not a prepared dataset directory or Hub dataset ({err})") from None
+    missing = [name for name in SPLITS if name not in dataset]
+    if missing:
+        raise GraceInputError(f"{source}: the prepared dataset lacks the split(s) {missing}")
+    return dataset
+
+
+def prepared_file(source: str | os.PathLike, name: str) -> Path:
+    """The local path of the side file `name` (e.g. `identifiers.json`) of a prepared directory or Hub repo."""
+    if Path(source).is_dir():
+        return Path(source) / name
+    try:
+        return Path(hf_hub_download(str(source), name, repo_type="dataset"))
+    except (OSError, ValueError) as err:
+        raise GraceInputError(
+            f"{source}: no {name} (not a prepared dataset directory or Hub dataset: {err})"
+        ) from None
+
+
+def push_prepared_to_hub(
+    directory: str | os.PathLike, repo_id: str, side_files: list[str], private: bool | None = None
+):
+    """Push a prepared directory to the Hub dataset repo `repo_id`: each split as a config of its own (one split of
+    the same name), then the side files; `load_prepared(repo_id)` puts them back together."""
+    directory = Path(directory)
+    for name, split in load_from_disk(os.fspath(directory)).items():
+        split.push_to_hub(repo_id, config_name=name, split=name, private=private, set_default=name == "i2id")
+    HfApi().create_commit(
+        repo_id,
+        operations=[
+            CommitOperationAdd(path_in_repo=name, path_or_fileobj=str(directory / name)) for name in side_files
+        ],
+        commit_message=f"Add {', '.join(side_files)}",
+        repo_type="dataset",
+    )

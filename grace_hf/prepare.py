@@ -1,0 +1,170 @@
+"""The `prepare` job: Karpathy JSON + images (+ pseudo-queries) -> identifiers -> a prepared dataset directory.
+
+The directory's format is described in `grace_hf.data.prepared`. Train images learn query -> identifier from their
+human captions, val and test images from their pseudo-queries (their human captions are the evaluation queries).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import tempfile
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+from datasets import Dataset, DatasetDict, Features, Image, Value
+
+from grace_hf.data.karpathy import KarpathyCorpus, KarpathyImage, load_karpathy
+from grace_hf.data.prepared import PREPARE_FILE
+from grace_hf.data.pseudo_queries import load_pseudo_queries
+from grace_hf.identifiers import IDENTIFIERS_FILE, IdentifierIndex, build_identifiers, get_identifier_kind
+from grace_hf.io_utils import atomic_directory, atomic_write_json
+
+__all__ = ["prepare"]
+
+TEXT = Value("string")
+
+
+def _sha256(path: str | os.PathLike) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def _queries_of(image: KarpathyImage, pseudo_queries: dict[str, list[str]]) -> tuple[list[str], str]:
+    """What teaches query -> identifier for a memorized image: train captions, else its pseudo-queries."""
+    if image.split == "train":
+        return image.captions, "human_caption"
+    return pseudo_queries.get(image.key, []), "pseudo_query"
+
+
+def _t2id_rows(images: list[KarpathyImage], index: IdentifierIndex, pseudo_queries: dict[str, list[str]]) -> dict:
+    """One row per query; with several identifiers, query j gets identifier (j + 1) mod n, so a semantic
+    identifier is rarely the query itself and the model learns to name the image, not to copy."""
+    rows: dict[str, list[str]] = {"query": [], "image_key": [], "identifier": []}
+    for image in images:
+        identifiers = index.images[image.key]
+        queries, _ = _queries_of(image, pseudo_queries)
+        for j, query in enumerate(queries):
+            rows["query"].append(query)
+            rows["image_key"].append(image.key)
+            rows["identifier"].append(identifiers[(j + 1) % len(identifiers)])
+    return rows
+
+
+def _i2id_examples(pairs: list[tuple[str, str, str]]) -> Iterator[dict[str, Any]]:
+    """(image_key, path, identifier) -> rows whose image bytes are read now, so the dataset is self-contained."""
+    for key, path, identifier in pairs:
+        with open(path, "rb") as f:
+            yield {"image": {"bytes": f.read(), "path": key}, "image_key": key, "identifier": identifier}
+
+
+def build_dataset_dict(
+    corpus: KarpathyCorpus, index: IdentifierIndex, pseudo_queries: dict[str, list[str]], cache_dir: str
+) -> DatasetDict:
+    """The splits of the prepared dataset; `cache_dir` holds the arrow cache `from_generator` writes first."""
+    images = corpus.memorized()
+    pairs = [(image.key, str(image.path), identifier) for image in images for identifier in index.images[image.key]]
+    i2id = Dataset.from_generator(
+        _i2id_examples,
+        gen_kwargs={"pairs": pairs},
+        features=Features({"image": Image(), "image_key": TEXT, "identifier": TEXT}),
+        cache_dir=cache_dir,
+    )
+    t2id = Dataset.from_dict(
+        _t2id_rows(images, index, pseudo_queries),
+        features=Features({"query": TEXT, "image_key": TEXT, "identifier": TEXT}),
+    )
+    test = corpus.split("test")
+    queries = Dataset.from_dict(
+        {
+            "query": [c for image in test for c in image.captions],
+            "image_key": [i.key for i in test for _ in i.captions],
+        },
+        features=Features({"query": TEXT, "image_key": TEXT}),
+    )
+    return DatasetDict({"i2id": i2id, "t2id": t2id, "queries": queries})
+
+
+def _counts(
+    corpus: KarpathyCorpus, index: IdentifierIndex, pseudo_queries: dict[str, list[str]], dataset: DatasetDict
+) -> dict[str, Any]:
+    """The numbers prepare.json reports."""
+    images = corpus.memorized()
+    sources = {"human_caption": 0, "pseudo_query": 0}
+    without_queries = 0
+    for image in images:
+        queries, source = _queries_of(image, pseudo_queries)
+        sources[source] += len(queries)
+        without_queries += not queries
+    learns_from_pseudo = {image.key for image in images if image.split != "train"}
+    return {
+        "images_per_split": corpus.split_counts(),
+        "memorized_images": len(images),
+        "restval_not_memorized": corpus.split_counts()["restval"],
+        "collection_images": len(index.collection),
+        "i2id_rows": dataset["i2id"].num_rows,
+        "t2id_rows": dataset["t2id"].num_rows,
+        "t2id_human_captions": sources["human_caption"],
+        "t2id_pseudo_queries": sources["pseudo_query"],
+        "pseudo_queries_ignored": sum(len(q) for k, q in pseudo_queries.items() if k not in learns_from_pseudo),
+        "memorized_images_without_queries": without_queries,
+        "eval_queries": dataset["queries"].num_rows,
+        "new_tokens": len(index.new_tokens),
+    }
+
+
+def _inputs_record(
+    karpathy_json: str | os.PathLike,
+    image_root: str | os.PathLike,
+    kind: str,
+    options: dict[str, Any],
+    pseudo_queries: str | os.PathLike | None,
+) -> dict[str, Any]:
+    """What the dataset was made from (paths, checksums, options), for prepare.json."""
+    return {
+        "karpathy_json": str(karpathy_json),
+        "karpathy_json_sha256": _sha256(karpathy_json),
+        "image_root": str(image_root),
+        "identifier_kind": kind,
+        "identifier_options": {k: os.fspath(v) if isinstance(v, os.PathLike) else v for k, v in options.items()},
+        "pseudo_queries": None if pseudo_queries is None else str(pseudo_queries),
+        "pseudo_queries_sha256": None if pseudo_queries is None else _sha256(pseudo_queries),
+    }
+
+
+def prepare(
+    karpathy_json: str | os.PathLike,
+    image_root: str | os.PathLike,
+    identifier_kind: str,
+    output_dir: str | os.PathLike,
+    pseudo_queries: str | os.PathLike | None = None,
+    num_workers: int | None = None,
+    check_images: bool = True,
+    **identifier_options: Any,
+) -> dict[str, Any]:
+    """Build the prepared dataset directory `output_dir`; return what prepare.json records.
+
+    `identifier_options` are the kind's own (structured: `pixel_features`, `image_features`, `clip_model`,
+    `clip_pretrained`, `k`, `leaf_size`, ...), checked before any image is read. The same inputs give a
+    byte-identical `identifiers.json` and identical dataset rows.
+
+    Example:
+        >>> prepare("data/synthetic/dataset_synthetic.json", "data/synthetic", "structured", "data/prepared",
+        ...         pseudo_queries="data/synthetic/pseudo_queries.json", pixel_features=True)
+    """
+    get_identifier_kind(identifier_kind).make_options(identifier_options)  # fail before reading any image
+    corpus = load_karpathy(karpathy_json, image_root, check_images=check_images, num_workers=num_workers)
+    queries = load_pseudo_queries(pseudo_queries, corpus) if pseudo_queries is not None else {}
+    index = build_identifiers(identifier_kind, corpus, queries, num_workers, **identifier_options)
+    inputs = _inputs_record(karpathy_json, image_root, identifier_kind, identifier_options, pseudo_queries)
+    with atomic_directory(Path(output_dir)) as tmp, tempfile.TemporaryDirectory(prefix="grace-prepare-") as cache:
+        dataset = build_dataset_dict(corpus, index, queries, cache)
+        dataset.save_to_disk(str(tmp))
+        index.save(tmp / IDENTIFIERS_FILE)
+        record = {"inputs": inputs, "counts": _counts(corpus, index, queries, dataset), "identifiers": index.report}
+        atomic_write_json(tmp / PREPARE_FILE, record)
+    return record

@@ -1,0 +1,264 @@
+"""The model directory: its one writer and its one reader.
+
+A trained GRACE model directory (local, or a Hub model repo) is a complete retriever:
+
+    config.json, generation_config.json, model.safetensors   the Flamingo (`save_pretrained`)
+    tokenizer.json, tokenizer_config.json, processor_config.json   the processor
+    identifiers.json                                         the identifier index the model memorized
+    grace_config.json                                        how it retrieves (query image mode, identifier kind)
+    identifier_trie.safetensors                              the trie of the default candidates' identifiers
+    metrics.json, README.md                                  final scores and train time; the model card
+    checkpoints/, logs/                                      training's resumable states and logs (never pushed)
+
+The reader checks every file before loading and names the one that is missing, corrupt or does not belong.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from huggingface_hub import snapshot_download
+from safetensors import SafetensorError, safe_open
+
+from grace_hf.errors import GraceInputError
+from grace_hf.identifiers import IDENTIFIERS_FILE, IdentifierIndex
+from grace_hf.io_utils import atomic_write_json, atomic_write_text, read_json
+from grace_hf.models.flamingo import FlamingoConfig, FlamingoForConditionalGeneration, FlamingoProcessor
+from grace_hf.retrieval.collection import Collection
+from grace_hf.retrieval.trie import IdentifierTrie
+
+__all__ = [
+    "CHECKPOINTS_DIR",
+    "GRACE_CONFIG_FILE",
+    "LOGS_DIR",
+    "METRICS_FILE",
+    "MODEL_CARD_FILE",
+    "NOT_PUSHED",
+    "TRIE_FILE",
+    "GraceConfig",
+    "ModelDirectory",
+    "read_model_dir",
+    "resolve_model_dir",
+    "write_model_dir",
+]
+
+GRACE_CONFIG_FILE = "grace_config.json"
+TRIE_FILE = "identifier_trie.safetensors"
+METRICS_FILE = "metrics.json"
+MODEL_CARD_FILE = "README.md"
+CHECKPOINTS_DIR = "checkpoints"
+LOGS_DIR = "logs"
+NOT_PUSHED = [f"{CHECKPOINTS_DIR}/*", f"{LOGS_DIR}/*"]
+WEIGHTS_FILES = ("model.safetensors", "model.safetensors.index.json")
+REQUIRED_FILES = ("config.json", "tokenizer.json", "tokenizer_config.json", "processor_config.json")
+QUERY_IMAGE_MODES = ("none", "blank")
+
+
+@dataclass
+class GraceConfig:
+    """How a trained model retrieves (`grace_config.json`).
+
+    Args:
+        query_image: "none" (text-only prompts) or "blank" (the constant gray image, as trained with
+            `t2id_image: blank`).
+        identifier_kind: the kind of the identifiers the model memorized.
+        num_identifiers: how many identifiers it memorized: an `identifiers.json` of another model is refused.
+    """
+
+    query_image: str = "none"
+    identifier_kind: str | None = None
+    num_identifiers: int | None = None
+
+    def __post_init__(self) -> None:
+        if self.query_image not in QUERY_IMAGE_MODES:
+            raise GraceInputError(f"query_image must be one of {QUERY_IMAGE_MODES}, got {self.query_image!r}")
+
+    @classmethod
+    def for_index(cls, index: IdentifierIndex, query_image: str = "none") -> GraceConfig:
+        return cls(query_image, index.kind, sum(len(ids) for ids in index.images.values()))
+
+    @classmethod
+    def load(cls, path: Path) -> GraceConfig:
+        data = read_json(path, "GRACE config")
+        if not isinstance(data, dict):
+            raise GraceInputError(f"{path}: expected a JSON object")
+        known = {f.name for f in dataclasses.fields(cls)}
+        return cls(**{key: value for key, value in data.items() if key in known})
+
+
+@dataclass
+class ModelDirectory:
+    """What a model directory holds, loaded: the model (eval mode, on CPU), its processor, and for a retriever the
+    identifier index, the GRACE config and the saved trie."""
+
+    path: Path
+    model: FlamingoForConditionalGeneration
+    processor: FlamingoProcessor
+    index: IdentifierIndex | None
+    grace_config: GraceConfig
+    saved_trie: IdentifierTrie | None
+
+
+def resolve_model_dir(model: str | os.PathLike) -> Path:
+    """A local model directory, or the local snapshot of a Hub repo (downloaded unless HF_HUB_OFFLINE=1)."""
+    path = Path(model)
+    if path.is_dir():
+        return path
+    if path.exists():
+        raise GraceInputError(f"{model}: not a model directory (a file)")
+    try:
+        return Path(snapshot_download(str(model)))
+    except (ValueError, OSError) as err:
+        raise GraceInputError(
+            f"{model}: not a model directory, and not a Hub model that can be fetched ({err})"
+        ) from None
+
+
+def write_model_dir(
+    directory: str | os.PathLike,
+    model: Any,
+    processor: Any,
+    *,
+    index: IdentifierIndex | None = None,
+    grace_config: GraceConfig | None = None,
+    metrics: dict[str, Any] | None = None,
+    model_card: str | None = None,
+    state_dict: dict[str, torch.Tensor] | None = None,
+) -> None:
+    """Write the model directory's files into the existing directory `directory` (the caller makes it atomic).
+
+    `state_dict`: the gathered weights when the model is sharded (ZeRO-3); a retriever's directory needs `index`.
+    """
+    directory = Path(directory)
+    model.save_pretrained(directory, state_dict=state_dict)
+    processor.save_pretrained(directory)
+    if index is not None:
+        index.save(directory / IDENTIFIERS_FILE)
+        Collection.build(index, processor).trie.save(directory / TRIE_FILE)
+        atomic_write_json(
+            directory / GRACE_CONFIG_FILE, dataclasses.asdict(grace_config or GraceConfig.for_index(index))
+        )
+    if metrics is not None:
+        atomic_write_json(directory / METRICS_FILE, metrics)
+    if model_card is not None:
+        atomic_write_text(directory / MODEL_CARD_FILE, model_card)
+
+
+def _check_files(directory: Path, retriever: bool) -> None:
+    missing = [name for name in REQUIRED_FILES if not (directory / name).is_file()]
+    if not any((directory / name).is_file() for name in WEIGHTS_FILES):
+        missing.append(WEIGHTS_FILES[0])
+    if retriever and not (directory / IDENTIFIERS_FILE).is_file():
+        missing.append(IDENTIFIERS_FILE)
+    if missing:
+        raise GraceInputError(f"{directory}: not a complete model directory: missing {', '.join(missing)}")
+
+
+def _check_weights(directory: Path) -> None:
+    """Every weights file opens as safetensors (a truncated or foreign file is named)."""
+    index_file = directory / WEIGHTS_FILES[1]
+    files = [directory / WEIGHTS_FILES[0]]
+    if index_file.is_file():
+        shards = read_json(index_file, "weights index").get("weight_map", {})
+        files = sorted({directory / name for name in shards.values()})
+    for path in files:
+        try:
+            with safe_open(os.fspath(path), framework="pt") as f:
+                f.keys()
+        except (SafetensorError, OSError) as err:
+            raise GraceInputError(f"{path}: corrupt or truncated weights file ({err})") from None
+
+
+def _load_config(directory: Path) -> FlamingoConfig:
+    path = directory / "config.json"
+    data = read_json(path, "model config")
+    if not isinstance(data, dict) or data.get("model_type") != FlamingoConfig.model_type:
+        found = data.get("model_type") if isinstance(data, dict) else type(data).__name__
+        raise GraceInputError(f"{path}: not a grace_hf Flamingo config (model_type {found!r})")
+    try:
+        return FlamingoConfig.from_pretrained(directory)
+    except (ValueError, TypeError, KeyError) as err:
+        raise GraceInputError(f"{path}: invalid Flamingo config ({err})") from None
+
+
+def _load_processor(directory: Path, config: FlamingoConfig) -> FlamingoProcessor:
+    try:
+        processor = FlamingoProcessor.from_pretrained(directory)
+    except (OSError, ValueError, TypeError, KeyError, json.JSONDecodeError) as err:
+        raise GraceInputError(f"{directory}: the processor files (tokenizer.json, ...) do not load ({err})") from None
+    ids = (processor.media_token_id, processor.end_of_chunk_token_id, processor.pad_token_id)
+    want = (config.media_token_id, config.end_of_chunk_token_id, config.pad_token_id)
+    if ids != want or len(processor.tokenizer) > config.text_config.vocab_size:
+        raise GraceInputError(
+            f"{directory / 'tokenizer.json'}: the tokenizer does not belong to this model: special ids "
+            f"(<image>, <|endofchunk|>, <PAD>) {ids} vs {want} in config.json, {len(processor.tokenizer)} tokens "
+            f"for an embedding of {config.text_config.vocab_size}"
+        )
+    return processor
+
+
+def _load_model(directory: Path, dtype: torch.dtype | str | None) -> FlamingoForConditionalGeneration:
+    _check_weights(directory)
+    try:
+        return FlamingoForConditionalGeneration.from_pretrained(directory, dtype=dtype).eval()
+    except (RuntimeError, ValueError, OSError, KeyError) as err:
+        raise GraceInputError(f"{directory}: the weights do not match config.json ({err})") from None
+
+
+def _check_index(directory: Path, index: IdentifierIndex, processor: Any, config: GraceConfig) -> None:
+    """The identifier index belongs to this model: its new tokens are whole tokens of the tokenizer, and it holds as
+    many identifiers as the model memorized."""
+    path = directory / IDENTIFIERS_FILE
+    vocabulary = processor.tokenizer.get_vocab()
+    missing = [token for token in index.new_tokens if token not in vocabulary]
+    if missing:
+        raise GraceInputError(
+            f"{path}: identifier token {missing[0]!r} is not in the model's tokenizer ({len(missing)} missing): "
+            "this identifiers.json belongs to another model"
+        )
+    count = sum(len(ids) for ids in index.images.values())
+    if config.num_identifiers is not None and count != config.num_identifiers:
+        raise GraceInputError(
+            f"{path}: {count} identifiers, but the model memorized {config.num_identifiers} "
+            f"({GRACE_CONFIG_FILE}): this identifiers.json belongs to another model"
+        )
+    if config.identifier_kind is not None and index.kind != config.identifier_kind:
+        raise GraceInputError(f"{path}: {index.kind} identifiers for a model trained on {config.identifier_kind} ones")
+
+
+def _load_saved_trie(directory: Path) -> IdentifierTrie | None:
+    path = directory / TRIE_FILE
+    if not path.is_file():
+        return None
+    try:
+        return IdentifierTrie.load(path)
+    except (SafetensorError, ValueError, KeyError, OSError):
+        return None  # a corrupt cache: the collection rebuilds the trie from the identifiers anyway
+
+
+def read_model_dir(
+    model: str | os.PathLike, dtype: torch.dtype | str | None = None, retriever: bool = True
+) -> ModelDirectory:
+    """Check and load a model directory (or Hub repo); `retriever=False` for a captioner (no identifiers).
+
+    Raises `GraceInputError` naming the file that is missing, corrupt or belongs to another model.
+    """
+    directory = resolve_model_dir(model)
+    _check_files(directory, retriever)
+    config = _load_config(directory)
+    processor = _load_processor(directory, config)
+    grace_config = GraceConfig()
+    if (directory / GRACE_CONFIG_FILE).is_file():
+        grace_config = GraceConfig.load(directory / GRACE_CONFIG_FILE)
+    index = None
+    if retriever:
+        index = IdentifierIndex.load(directory / IDENTIFIERS_FILE)
+        _check_index(directory, index, processor, grace_config)
+    loaded = _load_model(directory, dtype)
+    return ModelDirectory(directory, loaded, processor, index, grace_config, _load_saved_trie(directory))

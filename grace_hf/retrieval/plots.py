@@ -1,0 +1,34 @@
+"""Recall curves as a picture."""
+
+from __future__ import annotations
+
+import io
+import os
+from collections.abc import Mapping, Sequence
+
+import matplotlib
+
+matplotlib.use("Agg")  # files only: no display is needed or assumed
+import matplotlib.pyplot as plt  # noqa: E402 (after choosing the backend)
+
+from grace_hf.io_utils import atomic_write_bytes  # noqa: E402
+
+__all__ = ["write_recall_plot"]
+
+
+def write_recall_plot(path: str | os.PathLike, curves: Mapping[str, Sequence[float]], title: str) -> None:
+    """Recall@K against K, one line per named curve, as a PNG written atomically."""
+    fig, ax = plt.subplots(figsize=(5, 3.5))
+    for name, curve in curves.items():
+        ax.plot(range(1, len(curve) + 1), [100 * r for r in curve], marker="o", label=name)
+    max_k = max(len(curve) for curve in curves.values())
+    ax.set(xlabel="K", ylabel="Recall@K (%)", title=title, ylim=(0, 100), xticks=list(range(1, max_k + 1)))
+    ax.grid(alpha=0.3)
+    ax.legend(loc="lower right")
+    fig.tight_layout()
+    buffer = io.BytesIO()
+    try:
+        fig.savefig(buffer, format="png", dpi=100)
+    finally:
+        plt.close(fig)
+    atomic_write_bytes(path, buffer.getvalue())
