@@ -21,7 +21,7 @@ from grace_hf.io_utils import read_json
 __all__ = ["SPLITS", "MEMORIZED_SPLITS", "KarpathyImage", "KarpathyCorpus", "load_karpathy", "verify_images"]
 
 SPLITS = ("train", "val", "test", "restval")
-MEMORIZED_SPLITS = ("train", "val", "test")  # restval is not memorized (DESIGN.md §3)
+MEMORIZED_SPLITS = ("train", "val", "test")  # restval is not memorized, as in the original GRACE
 
 
 @dataclass(frozen=True)
