@@ -19,6 +19,7 @@ from grace_hf.dense.train import DenseTrainingArgs, run_baseline
 from grace_hf.errors import GraceInputError
 from grace_hf.image_features import FEATURES_FILE
 from grace_hf.io_utils import atomic_write_json, atomic_write_text, read_json
+from grace_hf.outputs import DEMO, finish_output_dir, open_output_dir
 from grace_hf.prepare import prepare
 from grace_hf.retrieval.evaluate import evaluate_model, load_eval_queries
 from grace_hf.retrieval.gallery import GalleryEntry, folder_image_loader, write_gallery
@@ -92,10 +93,10 @@ def run_demo(
     num_images: int = 500,
     seed: int = 0,
     max_steps: int | None = None,
+    overwrite: bool = False,
 ) -> dict[str, Any]:
-    """Run every stage; return the metrics of the first kind in `kinds`."""
-    out = Path(output_dir)
-    out.mkdir(parents=True, exist_ok=True)
+    """Run every stage into `output_dir` (replacing an earlier demo there); return the first kind's metrics."""
+    out = open_output_dir(output_dir, DEMO, overwrite=overwrite, command="grace-hf demo")
     data = out / "data"
     _log(f"write {num_images} synthetic images with captions and pseudo-queries -> {data}")
     write_synthetic(data, num_images, seed)
@@ -127,4 +128,5 @@ def run_demo(
     _log(f"done\n\n{table}")
     for name in ("metrics.json", "gallery.html", "recall.png", "comparison.md", "queries.jsonl"):
         print(f"  {out / name}")
+    finish_output_dir(out, DEMO)
     return first

@@ -1,50 +1,21 @@
-"""Atomic output: build into a temporary sibling, rename into place only when complete."""
+"""Atomic files and careful JSON reading: write to a temporary sibling and rename; name the file on every error."""
 
 from __future__ import annotations
 
 import json
 import os
-import shutil
 import tempfile
-from collections.abc import Iterator
-from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
 from grace_hf.errors import GraceInputError
 
 
-def _umask() -> int:
+def umask() -> int:
+    """The process's file mode creation mask (new files get 0o666 & ~umask, directories 0o777 & ~umask)."""
     mask = os.umask(0)
     os.umask(mask)
     return mask
-
-
-@contextmanager
-def atomic_directory(path: str | os.PathLike, overwrite: bool = True) -> Iterator[Path]:
-    """Yield a temporary directory that replaces `path` when the block exits without error.
-
-    On error the temporary directory is removed and `path` is left as it was, so a failed run
-    never leaves a half-written output behind.
-    """
-    path = Path(path)
-    if path.exists() and not overwrite:
-        raise FileExistsError(f"{path} exists")
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.tmp-", dir=path.parent))
-    os.chmod(tmp, 0o777 & ~_umask())  # mkdtemp makes it private; the output is an ordinary directory
-    try:
-        yield tmp
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    if path.exists():
-        old = path.with_name(f".{path.name}.old-{os.getpid()}")
-        os.replace(path, old)
-        os.replace(tmp, path)
-        shutil.rmtree(old, ignore_errors=True)
-    else:
-        os.replace(tmp, path)
 
 
 def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
@@ -55,7 +26,7 @@ def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
     try:
         with os.fdopen(fd, "wb") as f:
             f.write(data)
-        os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes it private; the output is an ordinary file
+        os.chmod(tmp, 0o666 & ~umask())  # mkstemp makes it private; the output is an ordinary file
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
@@ -79,5 +50,11 @@ def read_json(path: str | os.PathLike, what: str = "file") -> Any:
             return json.load(f)
     except FileNotFoundError:
         raise GraceInputError(f"{path}: {what} not found") from None
-    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+    except IsADirectoryError:
+        raise GraceInputError(f"{path}: is a directory, not a {what}") from None
+    except OSError as err:
+        raise GraceInputError(f"{path}: cannot read the {what}: {err.strerror}") from None
+    except RecursionError:
+        raise GraceInputError(f"{path}: not valid JSON: nested too deeply") from None
+    except (ValueError, UnicodeDecodeError) as err:  # JSONDecodeError is a ValueError
         raise GraceInputError(f"{path}: not valid JSON: {err}") from None

@@ -10,7 +10,6 @@ import hashlib
 import os
 import tempfile
 from collections.abc import Iterator
-from pathlib import Path
 from typing import Any
 
 from datasets import Dataset, DatasetDict, Features, Image, Value
@@ -19,11 +18,17 @@ from grace_hf.data.karpathy import KarpathyCorpus, KarpathyImage, load_karpathy
 from grace_hf.data.prepared import PREPARE_FILE
 from grace_hf.data.pseudo_queries import load_pseudo_queries
 from grace_hf.identifiers import IDENTIFIERS_FILE, IdentifierIndex, build_identifiers, get_identifier_kind
-from grace_hf.io_utils import atomic_directory, atomic_write_json
+from grace_hf.io_utils import atomic_write_json
+from grace_hf.outputs import PREPARED_DATASET, check_output_dir, output_directory
 
-__all__ = ["prepare"]
+__all__ = ["options_paths", "prepare"]
 
 TEXT = Value("string")
+
+
+def options_paths(options: Any) -> list[str]:
+    """The files an identifier kind's options read (features files, CLIP weights): inputs to keep safe."""
+    return [value for name, value in vars(options).items() if name in ("image_features", "clip_pretrained") and value]
 
 
 def _sha256(path: str | os.PathLike) -> str:
@@ -144,6 +149,7 @@ def prepare(
     pseudo_queries: str | os.PathLike | None = None,
     num_workers: int | None = None,
     check_images: bool = True,
+    overwrite: bool = False,
     **identifier_options: Any,
 ) -> dict[str, Any]:
     """Build the prepared dataset directory `output_dir`; return what prepare.json records.
@@ -156,15 +162,20 @@ def prepare(
         >>> prepare("data/synthetic/dataset_synthetic.json", "data/synthetic", "structured", "data/prepared",
         ...         pseudo_queries="data/synthetic/pseudo_queries.json", pixel_features=True)
     """
-    get_identifier_kind(identifier_kind).make_options(identifier_options)  # fail before reading any image
+    options = get_identifier_kind(identifier_kind).make_options(identifier_options)  # fail before reading any image
+    inputs = [karpathy_json, image_root, pseudo_queries, *options_paths(options)]
+    check_output_dir(output_dir, PREPARED_DATASET, inputs, overwrite)
     corpus = load_karpathy(karpathy_json, image_root, check_images=check_images, num_workers=num_workers)
     queries = load_pseudo_queries(pseudo_queries, corpus) if pseudo_queries is not None else {}
     index = build_identifiers(identifier_kind, corpus, queries, num_workers, **identifier_options)
-    inputs = _inputs_record(karpathy_json, image_root, identifier_kind, identifier_options, pseudo_queries)
-    with atomic_directory(Path(output_dir)) as tmp, tempfile.TemporaryDirectory(prefix="grace-prepare-") as cache:
+    record_inputs = _inputs_record(karpathy_json, image_root, identifier_kind, identifier_options, pseudo_queries)
+    with (
+        output_directory(output_dir, PREPARED_DATASET, inputs, overwrite, "grace-hf prepare") as tmp,
+        tempfile.TemporaryDirectory(prefix="grace-prepare-") as cache,
+    ):
         dataset = build_dataset_dict(corpus, index, queries, cache)
         dataset.save_to_disk(str(tmp))
         index.save(tmp / IDENTIFIERS_FILE)
-        record = {"inputs": inputs, "counts": _counts(corpus, index, queries, dataset), "identifiers": index.report}
+        record = {"inputs": record_inputs, "counts": _counts(corpus, index, queries, dataset), "identifiers": index.report}
         atomic_write_json(tmp / PREPARE_FILE, record)
     return record

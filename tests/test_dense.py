@@ -60,6 +60,7 @@ def test_run_writes_model_features_and_metrics(synthetic, run_dir):
     root, _ = synthetic
     corpus = load_karpathy(root / "dataset_synthetic.json", root)
     assert sorted(p.name for p in run_dir.iterdir()) == [
+        ".grace_hf_output.json",
         "image_features.safetensors",
         "metrics.json",
         "open_clip_config.json",

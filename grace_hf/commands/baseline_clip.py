@@ -7,7 +7,7 @@ queries, same candidates).
 
 from __future__ import annotations
 
-from grace_hf.commands.common import add_num_threads, command_parser, setup_threads
+from grace_hf.commands.common import add_num_threads, add_overwrite, command_parser, setup_threads
 from grace_hf.dense.model import PRESETS
 from grace_hf.dense.train import DenseTrainingArgs, run_baseline
 
@@ -28,6 +28,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--num-workers", type=int, default=defaults.num_workers, help="image loading processes")
     parser.add_argument("--eval-batch-size", type=int, default=32, help="queries encoded per batch at test time")
     add_num_threads(parser)
+    add_overwrite(parser)
     args = parser.parse_args(argv)
     setup_threads(args)
     training = DenseTrainingArgs(
@@ -46,6 +47,7 @@ def main(argv: list[str] | None = None) -> int:
         args.model_config,
         training,
         args.eval_batch_size,
+        args.overwrite,
     )
     recalls = ", ".join(f"R@{k} {100 * metrics[f'recall@{k}']:.1f}" for k in (1, 5, 10))
     print(f"dense-clip: {recalls} on {metrics['num_queries']} queries; trained in {metrics['train_seconds']:.0f} s")

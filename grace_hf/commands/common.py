@@ -8,7 +8,7 @@ from collections.abc import Mapping, Sequence
 from grace_hf.errors import GraceInputError
 from grace_hf.runtime import configure_threads
 
-__all__ = ["add_num_threads", "command_parser", "setup_threads"]
+__all__ = ["add_num_threads", "add_overwrite", "command_parser", "setup_threads"]
 
 
 class _Renamed(argparse.Action):
@@ -37,6 +37,16 @@ def command_parser(
     for old, new in (renamed or {}).items():
         parser.add_argument(old, action=_Renamed, new=new)
     return parser
+
+
+def add_overwrite(parser: argparse.ArgumentParser) -> None:
+    """`--overwrite`: replace an existing --output-dir that is not this command's own kind of output."""
+    parser.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="replace an existing --output-dir even if it is not this command's output (never the working "
+        "directory, a parent of it, the home directory or a directory holding an input)",
+    )
 
 
 def add_num_threads(parser: argparse.ArgumentParser) -> None:

@@ -6,9 +6,10 @@ recall curves in one picture.
 
 from __future__ import annotations
 
-from grace_hf.commands.common import command_parser
+from grace_hf.commands.common import add_overwrite, command_parser
 from grace_hf.compare import comparison_table, load_run_metrics, run_name
-from grace_hf.io_utils import atomic_directory, atomic_write_text
+from grace_hf.io_utils import atomic_write_text
+from grace_hf.outputs import COMPARISON, output_directory
 from grace_hf.retrieval.plots import write_recall_plot
 
 TABLE_FILE = "comparison.md"
@@ -19,12 +20,13 @@ def main(argv: list[str] | None = None) -> int:
     parser = command_parser("compare", __doc__.split("\n\n")[0], renamed={"--output": "--output-dir"})
     parser.add_argument("runs", nargs="+", metavar="RUN", help="run directories with a metrics.json (or the file)")
     parser.add_argument("--output-dir", default=None, help=f"also write {TABLE_FILE} and {PLOT_FILE} here")
+    add_overwrite(parser)
     args = parser.parse_args(argv)
     table = comparison_table(args.runs)
     print(table, end="")
     if args.output_dir:
         curves = {run_name(run): load_run_metrics(run).get("recall_curve") for run in args.runs}
-        with atomic_directory(args.output_dir) as tmp:
+        with output_directory(args.output_dir, COMPARISON, args.runs, args.overwrite, "grace-hf compare") as tmp:
             atomic_write_text(tmp / TABLE_FILE, table)
             curves = {name: curve for name, curve in curves.items() if curve}
             if curves:

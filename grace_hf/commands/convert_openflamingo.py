@@ -13,7 +13,7 @@ from pathlib import Path
 
 import torch
 
-from grace_hf.commands.common import command_parser
+from grace_hf.commands.common import add_overwrite, command_parser
 from grace_hf.models.flamingo import FLAMINGO_PRESETS
 from grace_hf.models.flamingo.convert_openflamingo import convert_openflamingo, load_config
 
@@ -29,6 +29,7 @@ def main(argv: list[str] | None = None) -> int:
     preset.add_argument("--model-config", type=Path, help="a FlamingoConfig config.json (or its directory)")
     parser.add_argument("--dtype", choices=("float32", "bfloat16", "float16"), default="float32")
     parser.add_argument("--output-dir", type=Path, required=True, help="the model directory to write")
+    add_overwrite(parser)
     args = parser.parse_args(argv)
     convert_openflamingo(
         args.openflamingo_checkpoint,
@@ -38,6 +39,7 @@ def main(argv: list[str] | None = None) -> int:
         load_config(args.preset, args.model_config),
         tokenizer=args.tokenizer,
         dtype=getattr(torch, args.dtype),
+        overwrite=args.overwrite,
     )
     print(f"wrote {args.output_dir}")
     return 0

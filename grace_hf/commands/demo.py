@@ -6,7 +6,7 @@ grace-hf demo --output-dir demo_output --identifier-kind all    # every identifi
 
 from __future__ import annotations
 
-from grace_hf.commands.common import add_num_threads, command_parser, setup_threads
+from grace_hf.commands.common import add_num_threads, add_overwrite, command_parser, setup_threads
 from grace_hf.demo import DEFAULT_KIND, run_demo
 from grace_hf.identifiers import IDENTIFIER_KINDS, get_identifier_kind
 
@@ -24,6 +24,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--max-steps", type=int, default=None, help="override the recipes' training steps")
     add_num_threads(parser)
+    add_overwrite(parser)
     args = parser.parse_args(argv)
     setup_threads(args)
     kinds = args.identifier_kind
@@ -31,5 +32,5 @@ def main(argv: list[str] | None = None) -> int:
         kinds = [DEFAULT_KIND, *(kind for kind in IDENTIFIER_KINDS if kind != DEFAULT_KIND)]
     for kind in kinds:
         get_identifier_kind(kind)
-    run_demo(args.output_dir, kinds, args.num_images, args.seed, args.max_steps)
+    run_demo(args.output_dir, kinds, args.num_images, args.seed, args.max_steps, args.overwrite)
     return 0

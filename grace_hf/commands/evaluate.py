@@ -14,9 +14,9 @@ from pathlib import Path
 
 from accelerate import PartialState
 
-from grace_hf.commands.common import add_num_threads, command_parser, setup_threads
+from grace_hf.commands.common import add_num_threads, add_overwrite, command_parser, setup_threads
 from grace_hf.distributed import create_accelerator
-from grace_hf.io_utils import atomic_directory
+from grace_hf.outputs import EVALUATION, check_output_dir, output_directory
 from grace_hf.retrieval.evaluate import KS, evaluate_model, load_eval_queries, write_evaluation
 from grace_hf.retrieval.retriever import GraceRetriever
 
@@ -39,12 +39,14 @@ def build_parser():
     parser.add_argument("--limit", type=int, default=None, help="evaluate only the first N queries")
     parser.add_argument("--dtype", default=None, choices=["float32", "bfloat16", "float16"], help="model dtype")
     add_num_threads(parser)
+    add_overwrite(parser)
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     setup_threads(args)
+    check_output_dir(args.output_dir, EVALUATION, [args.model, args.data], args.overwrite)
     accelerator = create_accelerator()
     queries, gold, candidates = load_eval_queries(args.data, args.limit)
     retriever = GraceRetriever.from_pretrained(
@@ -65,7 +67,8 @@ def main(argv: list[str] | None = None) -> int:
         distributed_type=str(state.distributed_type).split(".")[-1],
     )
     if state.is_main_process:
-        with atomic_directory(args.output_dir) as tmp:
+        inputs = [args.model, args.data]
+        with output_directory(args.output_dir, EVALUATION, inputs, args.overwrite, "grace-hf evaluate") as tmp:
             write_evaluation(tmp, metrics, records, curve, Path(args.model).name)
         summary = ", ".join(f"R@{k} {100 * metrics[f'recall@{k}']:.1f}" for k in KS)
         print(

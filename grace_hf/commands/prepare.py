@@ -12,7 +12,7 @@ import dataclasses
 import sys
 import typing
 
-from grace_hf.commands.common import command_parser
+from grace_hf.commands.common import add_overwrite, command_parser
 from grace_hf.data.prepared import PREPARE_FILE, push_prepared_to_hub
 from grace_hf.identifiers import IDENTIFIER_KINDS, IDENTIFIERS_FILE, get_identifier_kind
 from grace_hf.prepare import prepare
@@ -53,6 +53,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--push-to-hub", default=None, metavar="REPO", help="also push the result to this dataset repo"
     )
+    add_overwrite(parser)
     option_names = add_identifier_options(parser)
     args = parser.parse_args(argv)
 
@@ -65,6 +66,7 @@ def main(argv: list[str] | None = None) -> int:
         pseudo_queries=args.pseudo_queries,
         num_workers=args.num_workers,
         check_images=not args.skip_image_check,
+        overwrite=args.overwrite,
         **options,
     )
     counts = record["counts"]

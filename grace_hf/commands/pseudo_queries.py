@@ -14,11 +14,11 @@ from pathlib import Path
 import torch
 
 from grace_hf.captioning import file_names, generate_pseudo_queries
-from grace_hf.commands.common import add_num_threads, command_parser, setup_threads
+from grace_hf.commands.common import add_num_threads, add_overwrite, command_parser, setup_threads
 from grace_hf.data.karpathy import MEMORIZED_SPLITS, load_karpathy
 from grace_hf.data.pseudo_queries import PSEUDO_QUERIES_FILE, write_pseudo_queries
 from grace_hf.errors import GraceInputError
-from grace_hf.io_utils import atomic_directory
+from grace_hf.outputs import PSEUDO_QUERIES, check_output_dir, output_directory
 from grace_hf.retrieval.model_dir import read_model_dir
 
 
@@ -35,8 +35,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--batch-size", type=int, default=8, help="images per generate call")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     add_num_threads(parser)
+    add_overwrite(parser)
     args = parser.parse_args(argv)
     setup_threads(args)
+    inputs = [args.model, args.karpathy_json, args.image_root]
+    check_output_dir(args.output_dir, PSEUDO_QUERIES, inputs, args.overwrite)
     if args.num_queries > args.num_beams:
         raise GraceInputError(f"--num-queries ({args.num_queries}) cannot exceed --num-beams ({args.num_beams})")
 
@@ -55,7 +58,7 @@ def main(argv: list[str] | None = None) -> int:
         args.batch_size,
     )
     names = file_names(corpus.images)
-    with atomic_directory(args.output_dir) as tmp:
+    with output_directory(args.output_dir, PSEUDO_QUERIES, inputs, args.overwrite, "grace-hf pseudo-queries") as tmp:
         write_pseudo_queries(tmp / PSEUDO_QUERIES_FILE, {names[key]: texts for key, texts in queries.items()})
     empty = sum(not texts for texts in queries.values())
     path = Path(args.output_dir) / PSEUDO_QUERIES_FILE

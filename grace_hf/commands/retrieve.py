@@ -10,9 +10,10 @@ from __future__ import annotations
 
 import json
 
-from grace_hf.commands.common import add_num_threads, command_parser, setup_threads
+from grace_hf.commands.common import add_num_threads, add_overwrite, command_parser, setup_threads
 from grace_hf.errors import GraceInputError
-from grace_hf.io_utils import atomic_directory, atomic_write_text
+from grace_hf.io_utils import atomic_write_text
+from grace_hf.outputs import RETRIEVAL, check_output_dir, output_directory
 from grace_hf.retrieval.evaluate import load_eval_queries
 from grace_hf.retrieval.gallery import GalleryEntry, dataset_image_loader, folder_image_loader, write_gallery
 from grace_hf.retrieval.retriever import GraceRetriever, RetrievedImage
@@ -36,6 +37,7 @@ def build_parser():
     parser.add_argument("--image-root", default=None, help="folder of the image files, for thumbnails")
     parser.add_argument("--output-dir", default=None, help="also write results.jsonl and gallery.html here")
     add_num_threads(parser)
+    add_overwrite(parser)
     return parser
 
 
@@ -51,6 +53,9 @@ def _print(query: str, gold: str | None, hits: list[RetrievedImage]) -> None:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     setup_threads(args)
+    inputs = [args.model, args.data, args.image_root]
+    if args.output_dir:
+        check_output_dir(args.output_dir, RETRIEVAL, inputs, args.overwrite)
     queries: list[str] = list(args.queries)
     gold: list[str | None] = [None] * len(queries)
     candidates = None
@@ -81,7 +86,7 @@ def main(argv: list[str] | None = None) -> int:
             {"query": q, "gold": key, "results": [hit.__dict__ for hit in hits]}
             for q, key, hits in zip(queries, gold, results)
         ]
-        with atomic_directory(args.output_dir) as tmp:
+        with output_directory(args.output_dir, RETRIEVAL, inputs, args.overwrite, "grace-hf retrieve") as tmp:
             atomic_write_text(tmp / RESULTS_FILE, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records))
             write_gallery(tmp / GALLERY_FILE, entries, load_image=loader, title=f"GRACE retrieval: {args.model}")
         print(f"wrote {args.output_dir}/{RESULTS_FILE} and {GALLERY_FILE}")

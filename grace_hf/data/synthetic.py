@@ -26,7 +26,8 @@ from PIL import Image, ImageChops, ImageDraw
 
 from grace_hf.data.pseudo_queries import PSEUDO_QUERIES_FILE, write_pseudo_queries
 from grace_hf.errors import GraceInputError
-from grace_hf.io_utils import atomic_directory, atomic_write_text
+from grace_hf.io_utils import atomic_write_text
+from grace_hf.outputs import SYNTHETIC_DATA, check_output_dir, output_directory
 from grace_hf.runtime import progress_bar
 
 __all__ = ["SYNTHETIC_JSON", "PSEUDO_QUERIES_JSON", "IMAGE_DIR", "MAX_IMAGES", "write_synthetic"]
@@ -268,9 +269,13 @@ def _splits(num_images: int, rng: np.random.Generator) -> list[str]:
 
 
 def write_synthetic(
-    out_dir: str | os.PathLike, num_images: int = 1000, seed: int = 0, num_workers: int | None = None
+    out_dir: str | os.PathLike,
+    num_images: int = 1000,
+    seed: int = 0,
+    num_workers: int | None = None,
+    overwrite: bool = False,
 ) -> Path:
-    """Write the synthetic dataset to `out_dir` (replaced atomically) and return `out_dir`.
+    """Write the synthetic dataset to `out_dir` (built aside, then renamed; see `grace_hf.outputs`) and return it.
 
     `out_dir/dataset_synthetic.json` is the Karpathy JSON (image root: `out_dir`),
     `out_dir/pseudo_queries.json` maps the file name of every val/test image to five queries.
@@ -278,6 +283,7 @@ def write_synthetic(
     """
     if not 3 <= num_images <= MAX_IMAGES:
         raise GraceInputError(f"--num-images must be between 3 and {MAX_IMAGES}, got {num_images}")
+    check_output_dir(out_dir, SYNTHETIC_DATA, overwrite=overwrite)
     rng = np.random.default_rng(seed)
     contents = _contents(num_images, rng)
     splits = _splits(num_images, rng)
@@ -305,7 +311,7 @@ def write_synthetic(
             pseudo_queries[name] = _pseudo_queries(content)
 
     out_dir = Path(out_dir)
-    with atomic_directory(out_dir) as tmp:
+    with output_directory(out_dir, SYNTHETIC_DATA, overwrite=overwrite, command="grace-hf synthetic") as tmp:
         (tmp / IMAGE_DIR).mkdir()
         jobs = [(str(tmp / IMAGE_DIR / name), c, j) for name, c, j in zip(names, contents, jitters)]
         workers = num_workers or min(8, os.cpu_count() or 1)

@@ -25,7 +25,8 @@ from grace_hf.data.pseudo_queries import load_pseudo_queries
 from grace_hf.dense.model import DualEncoder, resolve_model_config
 from grace_hf.errors import GraceInputError
 from grace_hf.image_features import FEATURES_FILE, read_rgb, save_image_features
-from grace_hf.io_utils import atomic_directory, atomic_write_json
+from grace_hf.io_utils import atomic_write_json
+from grace_hf.outputs import DENSE_BASELINE, check_output_dir, output_directory
 from grace_hf.retrieval.metrics import recall_at_k, recall_curve
 from grace_hf.runtime import progress_bar
 
@@ -213,9 +214,12 @@ def run_baseline(
     model_config: str | os.PathLike = "tiny",
     args: DenseTrainingArgs | None = None,
     eval_batch_size: int = 32,
+    overwrite: bool = False,
 ) -> dict[str, Any]:
     """Train, save and evaluate the dense baseline; returns the metrics written to `metrics.json`."""
     args = args or DenseTrainingArgs()
+    inputs = [karpathy_json, image_root, pseudo_queries, model_config if Path(str(model_config)).is_file() else None]
+    check_output_dir(output_dir, DENSE_BASELINE, inputs, overwrite)
     model_config = resolve_model_config(model_config)  # a bad --model-config fails before the data is read
     torch.manual_seed(args.seed)
 
@@ -231,7 +235,7 @@ def run_baseline(
     encoder = DualEncoder.from_config(model_config)
     result = train_dual_encoder(encoder, image_paths, texts, args)
 
-    with atomic_directory(output_dir) as out:
+    with output_directory(output_dir, DENSE_BASELINE, inputs, overwrite, "grace-hf baseline-clip") as out:
         encoder.save(out)
         features = encoder.encode_images([image.path for image in memorized])  # (N, D)
         save_image_features(out / FEATURES_FILE, features, [image.key for image in memorized])

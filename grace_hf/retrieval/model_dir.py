@@ -30,6 +30,7 @@ from grace_hf.errors import GraceInputError
 from grace_hf.identifiers import IDENTIFIERS_FILE, IdentifierIndex
 from grace_hf.io_utils import atomic_write_json, atomic_write_text, read_json
 from grace_hf.models.flamingo import FlamingoConfig, FlamingoForConditionalGeneration, FlamingoProcessor
+from grace_hf.outputs import MARKER_FILE, read_marker
 from grace_hf.retrieval.collection import Collection
 from grace_hf.retrieval.trie import IdentifierTrie
 
@@ -54,7 +55,7 @@ METRICS_FILE = "metrics.json"
 MODEL_CARD_FILE = "README.md"
 CHECKPOINTS_DIR = "checkpoints"
 LOGS_DIR = "logs"
-NOT_PUSHED = [f"{CHECKPOINTS_DIR}/*", f"{LOGS_DIR}/*"]
+NOT_PUSHED = [f"{CHECKPOINTS_DIR}/*", f"{LOGS_DIR}/*", MARKER_FILE, ".grace-*"]
 WEIGHTS_FILES = ("model.safetensors", "model.safetensors.index.json")
 REQUIRED_FILES = ("config.json", "tokenizer.json", "tokenizer_config.json", "processor_config.json")
 QUERY_IMAGE_MODES = ("none", "blank")
@@ -151,6 +152,12 @@ def write_model_dir(
 
 
 def _check_files(directory: Path, retriever: bool) -> None:
+    marker = read_marker(directory)
+    if marker is not None and not marker.get("complete", True):
+        raise GraceInputError(
+            f"{directory}: the run that writes this model has not finished (killed or still running); resume it "
+            "with `grace-hf train ... --resume-from-checkpoint latest`"
+        )
     missing = [name for name in REQUIRED_FILES if not (directory / name).is_file()]
     if not any((directory / name).is_file() for name in WEIGHTS_FILES):
         missing.append(WEIGHTS_FILES[0])

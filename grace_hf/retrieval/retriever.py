@@ -20,10 +20,15 @@ from transformers import GenerationConfig
 
 from grace_hf.errors import GraceInputError
 from grace_hf.identifiers import IdentifierIndex
-from grace_hf.io_utils import atomic_directory
+from grace_hf.outputs import MODEL, output_directory
 from grace_hf.prompts import query_prompt
 from grace_hf.retrieval.collection import Collection
-from grace_hf.retrieval.model_dir import QUERY_IMAGE_MODES, GraceConfig, read_model_dir, write_model_dir
+from grace_hf.retrieval.model_dir import (
+    QUERY_IMAGE_MODES,
+    GraceConfig,
+    read_model_dir,
+    write_model_dir,
+)
 from grace_hf.retrieval.trie import IdentifierTrie, TrieLogitsProcessor
 
 __all__ = ["GraceRetriever", "RetrievedImage"]
@@ -133,9 +138,10 @@ class GraceRetriever:
         retriever._engine = engine  # keeps the DeepSpeed engine (and its sharding hooks) alive with the retriever
         return retriever
 
-    def save_pretrained(self, directory: str | os.PathLike) -> None:
-        """Write a self-contained model directory (weights, processor, identifiers, GRACE config, trie)."""
-        with atomic_directory(directory) as tmp:
+    def save_pretrained(self, directory: str | os.PathLike, overwrite: bool = False) -> None:
+        """Write a self-contained model directory (weights, processor, identifiers, GRACE config, trie); an existing
+        directory is replaced only if it is a grace_hf model, or with `overwrite` (see `grace_hf.outputs`)."""
+        with output_directory(directory, MODEL, overwrite=overwrite) as tmp:
             write_model_dir(
                 tmp,
                 self.model,

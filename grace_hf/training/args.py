@@ -139,6 +139,10 @@ class GraceTrainingArguments:
             "help": f"Trackers, any of {REPORT_TO_CHOICES} ('all' = every one installed); missing ones skipped."
         },
     )
+    overwrite: bool = field(
+        default=False,
+        metadata={"help": "Replace an output_dir that is not a finished grace_hf model (never the working directory)."},
+    )
     push_to_hub: str | None = field(default=None, metadata={"help": "Push the final directory to this Hub repo."})
 
     def __post_init__(self) -> None:

@@ -1,23 +1,27 @@
-"""The final model directory of a run, written whole or not at all, and its push to the Hub.
+"""The final model files of a run, and its push to the Hub.
 
-The files are written into a temporary sibling that then replaces `<output_dir>`; what was already in
-`<output_dir>` (checkpoints, logs) is moved into it just before, so it survives. The layout is
-`grace_hf.retrieval.model_dir`'s.
+The run's output directory already holds its checkpoints and logs. The model files are written into a staging
+directory inside it, then each is renamed into place, and the output's marker says complete last: a kill at any
+moment leaves a directory that `--resume-from-checkpoint latest` resumes, and one that `read_model_dir` refuses
+until the run has finished. The layout is `grace_hf.retrieval.model_dir`'s.
 """
 
 from __future__ import annotations
 
 import os
+import shutil
 from pathlib import Path
 from typing import Any
 
 from huggingface_hub import HfApi
 
 from grace_hf.identifiers import IdentifierIndex
-from grace_hf.io_utils import atomic_directory
+from grace_hf.outputs import MODEL, finish_output_dir
 from grace_hf.retrieval.model_dir import NOT_PUSHED, GraceConfig, write_model_dir
 
-__all__ = ["push_directory", "save_model_directory"]
+__all__ = ["STAGING_PREFIX", "push_directory", "save_model_directory"]
+
+STAGING_PREFIX = ".grace-final-"
 
 
 def save_model_directory(
@@ -36,20 +40,24 @@ def save_model_directory(
     state_dict = accelerator.get_state_dict(model)
     if accelerator.is_main_process:
         output_dir = Path(output_dir)
-        with atomic_directory(output_dir) as tmp:
-            write_model_dir(
-                tmp,
-                accelerator.unwrap_model(model),
-                processor,
-                index=index,
-                grace_config=grace_config,
-                metrics=metrics,
-                model_card=model_card,
-                state_dict=state_dict,
-            )
-            for entry in output_dir.iterdir() if output_dir.is_dir() else ():
-                if not (tmp / entry.name).exists():
-                    os.replace(entry, tmp / entry.name)
+        for stale in output_dir.glob(f"{STAGING_PREFIX}*"):  # a final save that was killed
+            shutil.rmtree(stale)
+        staging = output_dir / f"{STAGING_PREFIX}{os.getpid()}"
+        staging.mkdir()
+        write_model_dir(
+            staging,
+            accelerator.unwrap_model(model),
+            processor,
+            index=index,
+            grace_config=grace_config,
+            metrics=metrics,
+            model_card=model_card,
+            state_dict=state_dict,
+        )
+        for entry in staging.iterdir():
+            os.replace(entry, output_dir / entry.name)
+        staging.rmdir()
+        finish_output_dir(output_dir, MODEL)
     accelerator.wait_for_everyone()
 
 

@@ -24,6 +24,7 @@ from accelerate.utils import set_seed
 from transformers import get_scheduler
 
 from grace_hf.distributed import create_accelerator
+from grace_hf.outputs import MODEL, check_output_dir, open_output_dir
 from grace_hf.retrieval.model_dir import LOGS_DIR, GraceConfig
 from grace_hf.runtime import configure_threads, progress_bar
 from grace_hf.training.args import DataArguments, GraceTrainingArguments, ModelArguments
@@ -96,10 +97,20 @@ class _Trainer:
         self.model_args, self.data_args, self.args, self.command = model_args, data_args, args, command
         self.started = time.monotonic()
         configure_threads(args.torch_num_threads)
+        resume = args.resume_from_checkpoint
+        continues = resume is not None and (
+            resume == "latest" or Path(args.output_dir).resolve() in Path(resume).resolve().parents
+        )
+        inputs = [data_args.data, data_args.karpathy_json, data_args.image_root, model_args.model]
+        inputs += [resume] if resume is not None and not continues else []
+        check_output_dir(args.output_dir, MODEL, inputs, args.overwrite)  # before any work
         self.data = load_training_data(data_args, args)
         # t2id without an image and no i2id leaves the perceiver and cross-attention without gradients
         uses_images = any(s.name != "t2id" for s in self.data.streams) or data_args.t2id_image == "blank"
         self.accelerator = create_accelerator(args.report_to, args.output_dir, find_unused_parameters=not uses_images)
+        if self.accelerator.is_main_process:
+            open_output_dir(args.output_dir, MODEL, inputs, args.overwrite, True, continues, command)
+        self.accelerator.wait_for_everyone()
         set_seed(args.seed)
         new_tokens = self.data.index.new_tokens if self.data.index is not None else []
         self.model, self.processor = build_model_and_processor(model_args, self.data.tokenizer_texts, new_tokens)
@@ -254,7 +265,7 @@ class _Trainer:
         hyperparameters = {
             key: value
             for key, value in _hyperparameters(self.model_args, self.data_args, self.args).items()
-            if key not in ("output_dir", "resume_from_checkpoint", "push_to_hub", "report_to")
+            if key not in ("output_dir", "resume_from_checkpoint", "push_to_hub", "report_to", "overwrite")
         }
         hyperparameters["num_processes"] = self.accelerator.num_processes
         card = render_model_card(

@@ -21,7 +21,7 @@ from safetensors.torch import load_file
 from transformers import AutoTokenizer, CLIPImageProcessor
 
 from grace_hf.errors import GraceInputError
-from grace_hf.io_utils import atomic_directory
+from grace_hf.outputs import MODEL, check_output_dir, output_directory
 
 from .configuration_flamingo import FlamingoConfig
 from .modeling_flamingo import FlamingoForConditionalGeneration
@@ -214,8 +214,11 @@ def convert_openflamingo(
     config: FlamingoConfig,
     tokenizer: Path | None = None,
     dtype: torch.dtype = torch.float32,
+    overwrite: bool = False,
 ) -> Path:
     """Convert and write `output_dir` atomically (model, generation config and, with `tokenizer`, the processor)."""
+    inputs = [openflamingo_checkpoint, mpt_weights, clip_weights, tokenizer]
+    check_output_dir(output_dir, MODEL, inputs, overwrite)
     with torch.device("meta"):
         model = FlamingoForConditionalGeneration(config)
     expected = {k: v.shape for k, v in model.state_dict().items() if k != "lm_head.weight"}
@@ -235,7 +238,7 @@ def convert_openflamingo(
     processor = None
     if tokenizer is not None:
         processor = _build_processor(tokenizer, config)
-    with atomic_directory(output_dir) as tmp:
+    with output_directory(output_dir, MODEL, inputs, overwrite, "grace-hf convert-openflamingo") as tmp:
         model.save_pretrained(tmp)
         if processor is not None:
             processor.save_pretrained(tmp)
