@@ -69,7 +69,9 @@ def _contains(outer: Path, inner: Path) -> bool:
     return outer == inner or outer in inner.parents
 
 
-def check_output_dir(path: PathLike, kind: str, inputs: Iterable[PathLike | None] = (), overwrite: bool = False) -> Path:
+def check_output_dir(
+    path: PathLike, kind: str, inputs: Iterable[PathLike | None] = (), overwrite: bool = False
+) -> Path:
     """Refuse an output directory that must not be written or replaced (see the module docstring); return it."""
     output = Path(path).expanduser()
     where = f"--output-dir {os.fspath(path)}"

@@ -176,6 +176,10 @@ def prepare(
         dataset = build_dataset_dict(corpus, index, queries, cache)
         dataset.save_to_disk(str(tmp))
         index.save(tmp / IDENTIFIERS_FILE)
-        record = {"inputs": record_inputs, "counts": _counts(corpus, index, queries, dataset), "identifiers": index.report}
+        record = {
+            "inputs": record_inputs,
+            "counts": _counts(corpus, index, queries, dataset),
+            "identifiers": index.report,
+        }
         atomic_write_json(tmp / PREPARE_FILE, record)
     return record

@@ -15,6 +15,7 @@ from grace_hf.cli import main as cli_main
 from grace_hf.commands import evaluate, retrieve
 from grace_hf.errors import GraceInputError
 from grace_hf.identifiers import IdentifierIndex
+from grace_hf.retrieval.gallery import folder_image_loader
 
 TEST_IMAGES = IMAGES[4:]
 
@@ -147,3 +148,14 @@ def test_two_process_evaluation_equals_one_process(setup, single_run, mode, tmp_
     ranked_one = [json.loads(line)["image_keys"] for line in (single_run / "queries.jsonl").open()]
     ranked_two = [json.loads(line)["image_keys"] for line in (output / "queries.jsonl").open()]
     assert ranked_one == ranked_two
+
+
+def test_gallery_never_reads_outside_the_image_root(tmp_path):
+    (tmp_path / "root").mkdir()
+    (tmp_path / "secret.png").write_bytes(b"not for the gallery")
+    load = folder_image_loader(tmp_path / "root")
+    assert load("missing.png") is None
+    with pytest.raises(GraceInputError, match="not a path inside the image root"):
+        load("../secret.png")
+    with pytest.raises(GraceInputError, match="not a normalised path inside an image root"):
+        IdentifierIndex("numeric", {"../secret.png": ["1"]}).validate()

@@ -143,3 +143,41 @@ def test_bad_pseudo_queries(corpus_dir, content, message):
     with pytest.raises(GraceInputError, match=message) as info:
         load_pseudo_queries(path, corpus)
     assert str(path) in str(info.value)
+
+
+@pytest.mark.parametrize(
+    "filepath, key",
+    [
+        ("imgs", "imgs/0.png"),
+        ("./imgs", "imgs/0.png"),
+        ("imgs/", "imgs/0.png"),
+        ("imgs//", "imgs/0.png"),
+        ("", "0.png"),
+    ],
+)
+def test_keys_are_normalised(corpus_dir, filepath, key):
+    root, data = corpus_dir
+    if key == "0.png":
+        (root / "imgs" / "0.png").rename(root / "0.png")
+    data["images"] = [_entry("0.png", "test", filepath=filepath)]
+    corpus = load_karpathy(_write(root, data), root)
+    assert corpus.images[0].key == key and corpus.images[0].path == root / key
+
+
+def test_one_file_named_twice_is_a_duplicate(corpus_dir):
+    root, data = corpus_dir
+    data["images"] = [_entry("0.png", "train", filepath="imgs"), _entry("0.png", "test", filepath="./imgs")]
+    with pytest.raises(
+        GraceInputError, match=r"images\[1\]: duplicate image key 'imgs/0.png' \(first at images\[0\]\)"
+    ):
+        load_karpathy(_write(root, data), root)
+
+
+@pytest.mark.parametrize("filepath", ["..", "../imgs", "imgs/../..", "/etc"])
+@pytest.mark.parametrize("check_images", [True, False])
+def test_a_key_outside_the_image_root_is_refused(corpus_dir, filepath, check_images):
+    root, data = corpus_dir
+    (root.parent / "secret.txt").write_text("not an image")
+    data["images"] = [_entry("secret.txt", "test", filepath=filepath)]
+    with pytest.raises(GraceInputError, match=r"images\[0\] \('secret.txt'\): 'filepath' .* leaves the image root"):
+        load_karpathy(_write(root, data), root, check_images=check_images)

@@ -2,11 +2,13 @@
 
 import json
 import os
+import random
 import shutil
 import signal
 import subprocess
 import sys
 import textwrap
+import time
 from pathlib import Path
 
 import pytest
@@ -18,6 +20,7 @@ from safetensors.torch import load_file
 
 from grace_hf.commands import train as train_command
 from grace_hf.errors import GraceInputError
+from grace_hf.retrieval.model_dir import read_model_dir
 from grace_hf.training import parse_args
 from grace_hf.training import train as train_module
 from grace_hf.training.checkpoints import list_checkpoints, resolve_checkpoint, save_checkpoint
@@ -217,20 +220,47 @@ def test_checkpoints_are_atomic_and_pruned(tmp_path):
 
 # whole runs
 
-KILL_AFTER_STEP_4 = textwrap.dedent(
+# SIGKILLs the training process at the point named by KILL_AT
+KILLER = textwrap.dedent(
     """
     import os, signal, sys
+    import grace_hf.training.checkpoints as checkpoints
+    import grace_hf.training.saving as saving
     import grace_hf.training.train as train
 
-    save = train.save_checkpoint
+    where, _, at = os.environ["KILL_AT"].partition(":")
 
-    def save_then_die(accelerator, output_dir, step, *args, **kwargs):
-        path = save(accelerator, output_dir, step, *args, **kwargs)
-        if step == 4:
-            os.kill(os.getpid(), signal.SIGKILL)
-        return path
+    def die():
+        os.kill(os.getpid(), signal.SIGKILL)
 
-    train.save_checkpoint = save_then_die
+    if where == "step":  # between two optimizer steps
+        step = train._Trainer._step
+
+        def step_then_die(self, *args):
+            result = step(self, *args)
+            if self.step == int(at):
+                die()
+            return result
+
+        train._Trainer._step = step_then_die
+    elif where == "checkpoint":  # the checkpoint's files written, not yet renamed into place
+        write = checkpoints.atomic_write_json
+
+        def write_then_die(path, obj):
+            if obj.get("step") == int(at):
+                die()
+            write(path, obj)
+
+        checkpoints.atomic_write_json = write_then_die
+    elif where == "final":  # the first final file renamed into the output, the others not
+        replace = os.replace
+
+        def replace_then_die(source, target):
+            replace(source, target)
+            if saving.STAGING_PREFIX in str(source):
+                die()
+
+        os.replace = replace_then_die
     from grace_hf.commands import train as train_command
     sys.exit(train_command.main(sys.argv[1:]))
     """
@@ -315,27 +345,61 @@ def test_saved_directory_retrieves_and_pushes(reference_run):
 
 
 @pytest.mark.slow
-def test_kill_and_resume_ends_with_the_same_weights(reference_run, tmp_path, prepared):
+def _kill(recipe, tmp_path, kill_at):
+    """Run the recipe in a subprocess and SIGKILL it at `kill_at` (a point of KILLER, or `log:N`: as soon as N steps
+    are logged, wherever the run then is)."""
+    script = tmp_path / "killer.py"
+    script.write_text(KILLER)
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "KILL_AT": kill_at}
+    process = subprocess.Popen(
+        [sys.executable, str(script), "--config", recipe], cwd=ROOT, env=env, stderr=subprocess.PIPE, text=True
+    )
+    if kill_at.startswith("log:"):
+        history = tmp_path / "out" / train_module.LOG_HISTORY_FILE
+        deadline = time.monotonic() + 240
+        while process.poll() is None and time.monotonic() < deadline:
+            if history.is_file() and len(history.read_text().splitlines()) >= int(kill_at[4:]):
+                process.send_signal(signal.SIGKILL)
+                break
+            time.sleep(0.005)
+    _, stderr = process.communicate(timeout=240)
+    assert process.returncode == -signal.SIGKILL, stderr[-2000:]
+
+
+# kill points: between steps, inside a checkpoint, inside the final save, and two moments picked at random by a
+# fixed seed among the steps (the kill lands wherever the run is when N steps are logged)
+KILL_POINTS = ["step:3", "checkpoint:4", "final"] + [f"log:{n}" for n in random.Random(0).sample(range(2, 6), 2)]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("kill_at", KILL_POINTS)
+def test_killed_at_any_moment_resumes_to_the_same_weights(kill_at, reference_run, tmp_path, prepared):
     reference_dir, _, _ = reference_run
     recipe = write_recipe(tmp_path / "recipe.yaml", tiny_recipe(prepared, tmp_path / "out"))
-    script = tmp_path / "kill_after_4.py"
-    script.write_text(KILL_AFTER_STEP_4)
-    killed = subprocess.run(
-        [sys.executable, str(script), "--config", recipe],
-        cwd=ROOT,
-        env={**os.environ, "HF_HUB_OFFLINE": "1"},
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
-    assert killed.returncode == -signal.SIGKILL, killed.stderr[-2000:]
-    assert [step for step, _ in list_checkpoints(tmp_path / "out")] == [2, 4]
-    assert not (tmp_path / "out" / "model.safetensors").exists()
+    _kill(recipe, tmp_path, kill_at)
+    output = tmp_path / "out"
+    assert list_checkpoints(output), "a kill past the first checkpoint leaves one to resume from"
+    with pytest.raises(GraceInputError, match="has not finished"):
+        read_model_dir(output)
+    with pytest.raises(GraceInputError, match="holds an unfinished run; resume it"):
+        run_training(["--config", recipe])
 
-    run_training(["--config", recipe, "--resume_from_checkpoint", "latest"])
-    resumed = load_file(tmp_path / "out" / "model.safetensors")
+    run_training(["--config", recipe, "--resume-from-checkpoint", "latest"])
+    resumed = load_file(output / "model.safetensors")
     reference = load_file(reference_dir / "model.safetensors")
     assert resumed.keys() == reference.keys()
     for name in reference:
         assert torch.equal(resumed[name], reference[name]), name
-    assert [r["loss"] for r in _log(tmp_path / "out")] == [r["loss"] for r in _log(reference_dir)]
+    assert [r["loss"] for r in _log(output)] == [r["loss"] for r in _log(reference_dir)]
+    assert read_model_dir(output).index is not None
+    assert sorted(p.name for p in output.iterdir() if p.name.startswith(".")) == [".grace_hf_output.json"]
+
+
+def test_killed_before_the_first_checkpoint_starts_again(tmp_path, prepared):
+    recipe = write_recipe(tmp_path / "recipe.yaml", tiny_recipe(prepared, tmp_path / "out"))
+    _kill(recipe, tmp_path, "step:1")
+    assert (tmp_path / "out").is_dir() and not list_checkpoints(tmp_path / "out")
+    with pytest.raises(GraceInputError, match="no checkpoint to resume from .yet.; run again without"):
+        run_training(["--config", recipe, "--resume-from-checkpoint", "latest"])
+    run_training(["--config", recipe])
+    assert [step for step, _ in list_checkpoints(tmp_path / "out")] == [2, 4, 6]

@@ -9,7 +9,7 @@ from __future__ import annotations
 from grace_hf.commands.common import add_overwrite, command_parser
 from grace_hf.compare import comparison_table, load_run_metrics, run_name
 from grace_hf.io_utils import atomic_write_text
-from grace_hf.outputs import COMPARISON, output_directory
+from grace_hf.outputs import COMPARISON, check_output_dir, output_directory
 from grace_hf.retrieval.plots import write_recall_plot
 
 TABLE_FILE = "comparison.md"
@@ -22,6 +22,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--output-dir", default=None, help=f"also write {TABLE_FILE} and {PLOT_FILE} here")
     add_overwrite(parser)
     args = parser.parse_args(argv)
+    if args.output_dir:
+        check_output_dir(args.output_dir, COMPARISON, args.runs, args.overwrite)
     table = comparison_table(args.runs)
     print(table, end="")
     if args.output_dir:

@@ -8,6 +8,7 @@ The file holds `images[]`, each with `filename`, an optional `filepath` (COCO: `
 from __future__ import annotations
 
 import os
+import posixpath
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -18,7 +19,16 @@ from tqdm import tqdm
 from grace_hf.errors import GraceInputError
 from grace_hf.io_utils import read_json
 
-__all__ = ["SPLITS", "MEMORIZED_SPLITS", "KarpathyImage", "KarpathyCorpus", "load_karpathy", "verify_images"]
+__all__ = [
+    "SPLITS",
+    "MEMORIZED_SPLITS",
+    "KarpathyImage",
+    "KarpathyCorpus",
+    "image_file",
+    "load_karpathy",
+    "normalize_key",
+    "verify_images",
+]
 
 SPLITS = ("train", "val", "test", "restval")
 MEMORIZED_SPLITS = ("train", "val", "test")  # restval is not memorized, as in the original GRACE
@@ -69,6 +79,25 @@ class KarpathyCorpus:
         return {name: sum(image.split == name for image in self.images) for name in SPLITS}
 
 
+def normalize_key(key: str) -> str | None:
+    """`key` with `./`, `//` and trailing `/` removed (`./images//a.png` -> `images/a.png`); None when it is empty,
+    absolute, or leaves its root (`..`, `../x`)."""
+    if not key or key.startswith("/"):
+        return None
+    normal = posixpath.normpath(key)
+    if normal in (".", "..") or normal.startswith("../"):
+        return None
+    return normal
+
+
+def image_file(image_root: str | os.PathLike, key: str) -> Path:
+    """The file of image `key` under `image_root`; a key that leaves the root is a `GraceInputError`."""
+    normal = normalize_key(key)
+    if normal is None:
+        raise GraceInputError(f"image key {key!r} is not a path inside the image root {image_root}")
+    return Path(image_root) / normal
+
+
 def _item(json_path: Path, index: int, entry: dict) -> str:
     name = entry.get("filename") if isinstance(entry, dict) else None
     return f"{json_path}: images[{index}]" + (f" ({name!r})" if isinstance(name, str) else "")
@@ -82,7 +111,7 @@ def _parse_image(json_path: Path, image_root: Path, index: int, entry: object) -
         if key not in entry:
             raise GraceInputError(f"{item}: missing key {key!r}")
     filename, filepath = entry["filename"], entry.get("filepath")
-    if not isinstance(filename, str) or not filename.strip() or "/" in filename:
+    if not isinstance(filename, str) or not filename.strip() or "/" in filename or filename in (".", ".."):
         raise GraceInputError(f"{item}: 'filename' must be a non-empty file name, got {filename!r}")
     if filepath is not None and not isinstance(filepath, str):
         raise GraceInputError(f"{item}: 'filepath' must be a string, got {filepath!r}")
@@ -102,7 +131,9 @@ def _parse_image(json_path: Path, image_root: Path, index: int, entry: object) -
         if not isinstance(raw, str) or not raw.strip():
             raise GraceInputError(f"{item}: empty caption in sentences[{j}]")
         captions.append(raw.strip())
-    key = f"{filepath.strip('/')}/{filename}" if filepath else filename
+    key = normalize_key(f"{filepath}/{filename}" if filepath else filename)
+    if key is None:
+        raise GraceInputError(f"{item}: 'filepath' {filepath!r} leaves the image root {image_root}")
     return KarpathyImage(key=key, path=image_root / key, split=entry["split"], captions=captions, imgid=imgid)
 
 

@@ -8,6 +8,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from grace_hf.data.karpathy import normalize_key
 from grace_hf.errors import GraceInputError
 from grace_hf.io_utils import atomic_write_text, read_json
 
@@ -45,7 +46,11 @@ class IdentifierIndex:
     report: dict = field(default_factory=dict, compare=False, repr=False)
 
     def validate(self, source: str = "identifiers") -> None:
-        """Every image has >= 1 non-empty identifier, no identifier names two images, collection images exist."""
+        """Every image key is a path inside an image root, every image has >= 1 non-empty identifier, no identifier
+        names two images, collection images exist."""
+        for key in self.images:
+            if not isinstance(key, str) or normalize_key(key) != key:
+                raise GraceInputError(f"{source}: image key {key!r} is not a normalised path inside an image root")
         self.identifier_to_image(source)
         missing = [key for key in self.collection if key not in self.images]
         if missing:

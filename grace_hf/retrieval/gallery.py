@@ -13,7 +13,9 @@ from pathlib import Path
 
 from PIL import Image
 
+from grace_hf.data.karpathy import image_file
 from grace_hf.data.prepared import load_prepared
+from grace_hf.image_features import read_rgb
 from grace_hf.io_utils import atomic_write_text
 from grace_hf.retrieval.retriever import RetrievedImage
 
@@ -100,12 +102,15 @@ def write_gallery(path: str | os.PathLike, entries: Sequence[GalleryEntry], **kw
 
 
 def folder_image_loader(image_root: str | os.PathLike) -> ImageLoader:
-    """Images as files `<image_root>/<image key>` (the Karpathy layout); None where a file is missing."""
-    root = Path(image_root)
+    """Images as files `<image_root>/<image key>` (the Karpathy layout); None where a file is missing or does not
+    decode; a key that leaves the root is a `GraceInputError`."""
 
     def load(key: str) -> Image.Image | None:
-        path = root / key
-        return Image.open(path) if path.is_file() else None
+        path = image_file(image_root, key)
+        try:
+            return read_rgb(path) if path.is_file() else None
+        except (OSError, ValueError):  # PIL's errors for an undecodable file
+            return None
 
     return load
 

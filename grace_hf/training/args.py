@@ -141,7 +141,9 @@ class GraceTrainingArguments:
     )
     overwrite: bool = field(
         default=False,
-        metadata={"help": "Replace an output_dir that is not a finished grace_hf model (never the working directory)."},
+        metadata={
+            "help": "Replace an output_dir that is not a finished grace_hf model (never the working directory)."
+        },
     )
     push_to_hub: str | None = field(default=None, metadata={"help": "Push the final directory to this Hub repo."})
 

@@ -39,7 +39,9 @@ def resolve_checkpoint(output_dir: str | os.PathLike, spec: str) -> Path:
     if spec == "latest":
         checkpoints = list_checkpoints(output_dir)
         if not checkpoints:
-            raise GraceInputError(f"{Path(output_dir) / CHECKPOINTS_DIR}: no checkpoint to resume from")
+            raise GraceInputError(
+                f"{output_dir}: no checkpoint to resume from (yet); run again without --resume-from-checkpoint"
+            )
         return checkpoints[-1][1]
     path = Path(spec)
     if not (path / TRAINER_STATE_FILE).is_file():

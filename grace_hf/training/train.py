@@ -24,11 +24,12 @@ from accelerate.utils import set_seed
 from transformers import get_scheduler
 
 from grace_hf.distributed import create_accelerator
+from grace_hf.io_utils import atomic_write_text
 from grace_hf.outputs import MODEL, check_output_dir, open_output_dir
 from grace_hf.retrieval.model_dir import LOGS_DIR, GraceConfig
 from grace_hf.runtime import configure_threads, progress_bar
 from grace_hf.training.args import DataArguments, GraceTrainingArguments, ModelArguments
-from grace_hf.training.checkpoints import TRAINER_STATE_FILE, resolve_checkpoint, save_checkpoint
+from grace_hf.training.checkpoints import TRAINER_STATE_FILE, list_checkpoints, resolve_checkpoint, save_checkpoint
 from grace_hf.training.data import TrainingData, load_training_data, stream_batches
 from grace_hf.training.evaluation import evaluate_recall
 from grace_hf.training.model_card import render_model_card
@@ -97,19 +98,13 @@ class _Trainer:
         self.model_args, self.data_args, self.args, self.command = model_args, data_args, args, command
         self.started = time.monotonic()
         configure_threads(args.torch_num_threads)
-        resume = args.resume_from_checkpoint
-        continues = resume is not None and (
-            resume == "latest" or Path(args.output_dir).resolve() in Path(resume).resolve().parents
-        )
-        inputs = [data_args.data, data_args.karpathy_json, data_args.image_root, model_args.model]
-        inputs += [resume] if resume is not None and not continues else []
-        check_output_dir(args.output_dir, MODEL, inputs, args.overwrite)  # before any work
+        self.checkpoint = self._check_output()  # before any work
         self.data = load_training_data(data_args, args)
         # t2id without an image and no i2id leaves the perceiver and cross-attention without gradients
         uses_images = any(s.name != "t2id" for s in self.data.streams) or data_args.t2id_image == "blank"
         self.accelerator = create_accelerator(args.report_to, args.output_dir, find_unused_parameters=not uses_images)
         if self.accelerator.is_main_process:
-            open_output_dir(args.output_dir, MODEL, inputs, args.overwrite, True, continues, command)
+            self._open_output()
         self.accelerator.wait_for_everyone()
         set_seed(args.seed)
         new_tokens = self.data.index.new_tokens if self.data.index is not None else []
@@ -125,9 +120,38 @@ class _Trainer:
         self.weights = {stream.name: stream.weight for stream in self.data.streams}
         self.step, self.previous_seconds = 0, 0.0
 
-    # resume
+    # output and resume
+    def _inputs(self) -> list:
+        inputs = [self.data_args.data, self.data_args.karpathy_json, self.data_args.image_root, self.model_args.model]
+        return inputs + ([self.checkpoint] if self.checkpoint is not None and not self._continues() else [])
+
+    def _continues(self) -> bool:
+        """Whether the run resumes from one of its own output directory's checkpoints."""
+        output = Path(self.args.output_dir).resolve()
+        return self.checkpoint is not None and output in self.checkpoint.resolve().parents
+
+    def _check_output(self) -> Path | None:
+        """The checkpoint to resume from (None: a fresh run), after checking that the output may be written."""
+        spec = self.args.resume_from_checkpoint
+        self.checkpoint = resolve_checkpoint(self.args.output_dir, spec) if spec is not None else None
+        check_output_dir(self.args.output_dir, MODEL, self._inputs(), self.args.overwrite)
+        return self.checkpoint
+
+    def _open_output(self) -> None:
+        """Open the output directory in place (main process): a run with checkpoints there is kept for resuming."""
+        has_checkpoints = bool(list_checkpoints(self.args.output_dir))
+        output = self.args.output_dir
+        open_output_dir(
+            output, MODEL, self._inputs(), self.args.overwrite, has_checkpoints, self._continues(), self.command
+        )
+        history = Path(output) / LOG_HISTORY_FILE
+        if self._continues() and history.is_file():  # the steps after the checkpoint will be logged again
+            step = json.loads((self.checkpoint / TRAINER_STATE_FILE).read_text(encoding="utf-8"))["step"]
+            lines = history.read_text(encoding="utf-8").splitlines(keepends=True)
+            atomic_write_text(history, "".join(line for line in lines if json.loads(line)["step"] <= step))
+
     def resume(self) -> None:
-        path = resolve_checkpoint(self.args.output_dir, self.args.resume_from_checkpoint)
+        path = self.checkpoint
         self.accelerator.load_state(str(path))
         state = json.loads((path / TRAINER_STATE_FILE).read_text(encoding="utf-8"))
         self.scheduler.load_state_dict(state["scheduler"])
@@ -314,7 +338,7 @@ class _Trainer:
             f"{self.data_args.task}: {self.num_steps} steps x {accelerator.num_processes} processes; streams "
             f"{streams}; {sizes['trainable']:,} of {sizes['total']:,} parameters trained"
         )
-        if args.resume_from_checkpoint:
+        if self.checkpoint is not None:
             self.resume()
         metrics = self._final_metrics(self.train())
         self.save(metrics)
