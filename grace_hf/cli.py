@@ -11,6 +11,7 @@ import os
 import sys
 
 from grace_hf.errors import GraceInputError
+from grace_hf.runtime import configure_threads
 
 COMMANDS: dict[str, tuple[str, str]] = {
     "synthetic": ("synthetic", "write the built-in demo data (Karpathy format)"),
@@ -51,6 +52,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"grace-hf: unknown command {command!r}\n\n{_usage()}", file=sys.stderr)
         return 2
     module = importlib.import_module(f"grace_hf.commands.{COMMANDS[command][0]}")
+    configure_threads()  # a safe default for every command; `--num-threads` (train: `torch_num_threads`) overrides
     try:
         return module.main(rest) or 0
     except GraceInputError as err:

@@ -12,7 +12,7 @@ import dataclasses
 import sys
 import typing
 
-from grace_hf.commands.common import add_overwrite, command_parser
+from grace_hf.commands.common import add_num_threads, add_overwrite, command_parser, setup_threads
 from grace_hf.data.prepared import PREPARE_FILE, push_prepared_to_hub
 from grace_hf.identifiers import IDENTIFIER_KINDS, IDENTIFIERS_FILE, get_identifier_kind
 from grace_hf.prepare import prepare
@@ -54,8 +54,10 @@ def main(argv: list[str] | None = None) -> int:
         "--push-to-hub", default=None, metavar="REPO", help="also push the result to this dataset repo"
     )
     add_overwrite(parser)
+    add_num_threads(parser)
     option_names = add_identifier_options(parser)
     args = parser.parse_args(argv)
+    setup_threads(args)
 
     options = {name: getattr(args, name) for name in option_names if getattr(args, name) is not None}
     record = prepare(

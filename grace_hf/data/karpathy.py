@@ -14,10 +14,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from PIL import Image
-from tqdm import tqdm
 
 from grace_hf.errors import GraceInputError
 from grace_hf.io_utils import read_json
+from grace_hf.runtime import progress_bar
 
 __all__ = [
     "SPLITS",
@@ -154,7 +154,9 @@ def verify_images(corpus: KarpathyCorpus, num_workers: int | None = None) -> Non
     workers = num_workers or min(8, (os.cpu_count() or 1) * 2)
     with ThreadPoolExecutor(workers) as pool:
         problems = list(
-            tqdm(pool.map(_check_one, corpus.images, chunksize=64), total=len(corpus.images), desc="checking images")
+            progress_bar(
+                pool.map(_check_one, corpus.images, chunksize=64), total=len(corpus.images), desc="checking images"
+            )
         )
     bad = [(i, p) for i, p in enumerate(problems) if p is not None]
     if bad:
