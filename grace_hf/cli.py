@@ -25,6 +25,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "pseudo-queries": ("grace_hf.data.captioner", "write pseudo-queries with a trained captioner"),
     "baseline-clip": ("grace_hf.dense.train", "train and evaluate a dense open_clip dual encoder"),
     "compare": ("grace_hf.compare", "one table: identifier kinds beside the dense baseline"),
+    "serve": ("grace_hf.commands.serve", "a trained retriever in the browser and behind an HTTP API (Gradio)"),
     "demo": ("grace_hf.demo", "the end-to-end demo on built-in synthetic data"),
 }
 
