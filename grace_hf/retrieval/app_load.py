@@ -1,8 +1,12 @@
 """Drive a `grace-hf serve` app: start it in a subprocess on a free loopback port, and send queries from concurrent
-`gradio_client` clients, timing each. The serve tests and `benchmarks/serve_load.py` use it."""
+plain-HTTP clients, timing each. The serve tests and `benchmarks/serve_load.py` use it.
+
+The clients speak the app's plain HTTP API (POST the inputs, read the answer from the event stream) rather than
+`gradio_client`, whose result polling (50 ms sleeps) would dominate the latencies measured."""
 
 from __future__ import annotations
 
+import json
 import os
 import socket
 import subprocess
@@ -17,11 +21,10 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 
 import numpy as np
-from gradio_client import Client
 
 from grace_hf.retrieval.app import API_NAME
 
-__all__ = ["LoadRun", "free_port", "run_clients", "serve_subprocess"]
+__all__ = ["LoadRun", "free_port", "run_clients", "search_http", "serve_subprocess"]
 
 Request = tuple[str, int]  # (query, top_k)
 
@@ -84,18 +87,37 @@ class LoadRun:
         return 1e3 * float(np.percentile(self.latencies, percentile))
 
 
+def search_http(url: str, query: str, top_k: int, timeout: float = 60.0) -> tuple[str, list]:
+    """One call of the `/search` endpoint over plain HTTP: `(event, data)`, where event is "complete" (data: the
+    outputs `[gallery, status, answer]`) or "error". A refusal (e.g. a full queue) raises `urllib.error.HTTPError`."""
+    body = json.dumps({"data": [query, top_k]}).encode()
+    post = urllib.request.Request(f"{url}gradio_api/call/{API_NAME}", body, {"Content-Type": "application/json"})
+    with urllib.request.urlopen(post, timeout=timeout) as response:
+        event_id = json.loads(response.read())["event_id"]
+    with urllib.request.urlopen(f"{url}gradio_api/call/{API_NAME}/{event_id}", timeout=timeout) as stream:
+        event = None
+        for line in stream:
+            line = line.decode().rstrip("\n")
+            if line.startswith("event: "):
+                event = line.removeprefix("event: ")
+            elif line.startswith("data: ") and event in ("complete", "error"):
+                return event, json.loads(line.removeprefix("data: "))
+    raise ConnectionError(f"{url}: the event stream of {event_id} ended without an answer")
+
+
 def run_clients(url: str, requests: Sequence[Sequence[Request]], timeout: float = 60.0) -> LoadRun:
-    """One `gradio_client.Client` per entry of `requests`, all at once; each sends its requests one after another
-    and waits at most `timeout` seconds for each answer. An error or a timeout in any client is raised."""
+    """One client per entry of `requests`, all at once; each sends its requests one after another and waits at most
+    `timeout` seconds for each answer. Any error, refusal or timeout is raised."""
 
     def client_run(own: Sequence[Request]) -> tuple[list[dict], list[float]]:
-        client = Client(url, verbose=False, download_files=False, analytics_enabled=False)
         answers, latencies = [], []
         for query, top_k in own:
             start = time.perf_counter()
-            _, _, answer = client.submit(query, top_k, api_name=f"/{API_NAME}").result(timeout=timeout)
+            event, data = search_http(url, query, top_k, timeout)
             latencies.append(time.perf_counter() - start)
-            answers.append(answer)
+            if event != "complete":
+                raise RuntimeError(f"{url}: {query!r} failed: {data}")
+            answers.append(data[2])
         return answers, latencies
 
     start = time.perf_counter()
