@@ -2,12 +2,14 @@
 by the command on a free loopback port and driven by headless Chromium (Selenium), `gradio_client`, plain HTTP, a
 burst beyond its queue, and 8 concurrent clients x 50 queries whose answers must equal the single-query answers."""
 
+import importlib.util
 import json
 import os
 import shutil
 import urllib.error
 import urllib.request
 from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
 
 import pytest
 from PIL import Image
@@ -17,12 +19,14 @@ if not os.environ.get("CI"):  # `make test` installs the `app` extra and Chromiu
 
 from grace_hf.commands import serve  # noqa: E402
 from grace_hf.errors import GraceInputError  # noqa: E402
+from grace_hf.identifiers import IdentifierIndex  # noqa: E402
 from grace_hf.retrieval import GraceRetriever  # noqa: E402
 from grace_hf.retrieval.app import GOLD_COLOR, SearchService, read_test_captions  # noqa: E402
 from grace_hf.retrieval.app_load import run_clients, search_http, serve_subprocess  # noqa: E402
 from grace_hf.retrieval.evaluate import load_eval_queries  # noqa: E402
 from grace_hf.retrieval.gallery import folder_image_loader  # noqa: E402
 
+ROOT = Path(__file__).resolve().parents[1]
 CHROMIUM, CHROMEDRIVER = shutil.which("chromium"), shutil.which("chromedriver")
 CHROMIUM_FLAGS = [  # no network on this machine: nothing may try to reach one
     "--headless",
@@ -132,6 +136,30 @@ def test_test_captions_file_and_command_errors(tmp_path, trained_model):
     with pytest.raises(SystemExit):
         serve.main(["--model", model_dir, "--data", "d", "--queries", "q.jsonl"])
     assert "0.0.0.0 exposes the app" in " ".join(serve.build_parser().format_help().split())
+
+
+def test_space_recipe_lays_out_model_thumbnails_and_library(tmp_path, trained_model, collection):
+    spec = importlib.util.spec_from_file_location("prepare_space", ROOT / "recipes" / "space" / "prepare_space.py")
+    recipe = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(recipe)
+    model_dir, _, image_root = trained_model
+    _, captions = collection
+    queries = tmp_path / "queries.jsonl"
+    queries.write_text("".join(json.dumps({"query": q, "gold": g}) + "\n" for q, g in [*captions, ("x", "train.png")]))
+    space = recipe.prepare_space(model_dir, image_root, tmp_path / "space", queries, thumbnail_size=32)
+
+    assert (space / "app.py").read_text() == (ROOT / "recipes" / "space" / "app.py").read_text()
+    assert (space / "grace_hf" / "commands" / "serve.py").is_file() and (space / "requirements.txt").is_file()
+    assert (space / "README.md").read_text().startswith("---\ntitle: model\nsdk: gradio\n")
+    assert (space / "model" / "model.safetensors").is_file() and not (space / "model" / "logs").exists()
+    collection_keys = IdentifierIndex.load(model_dir).collection
+    assert sorted(str(p.relative_to(space / "images")) for p in (space / "images").rglob("*.png")) == sorted(
+        collection_keys
+    )
+    assert all(Image.open(space / "images" / key).size == (32, 32) for key in collection_keys)
+    assert read_test_captions(space / "queries.jsonl") == captions  # the caption of a train image is left out
+    with pytest.raises(GraceInputError, match="exists; choose a new folder"):
+        recipe.prepare_space(model_dir, image_root, space)
 
 
 # the running app
