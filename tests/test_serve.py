@@ -124,6 +124,8 @@ def test_test_captions_file_and_command_errors(tmp_path, trained_model):
     (tmp_path / "bad.jsonl").write_text('{"query": "a", "gold": "a.png"}\n{"query": \n')
     with pytest.raises(GraceInputError, match=r"bad.jsonl: line 2: not JSON"):
         read_test_captions(tmp_path / "bad.jsonl")
+    with pytest.raises(GraceInputError, match="missing.jsonl: no such file of test captions"):
+        read_test_captions(tmp_path / "missing.jsonl")
     (tmp_path / "fields.jsonl").write_text('{"text": "a"}\n')
     with pytest.raises(GraceInputError, match=r"line 1: expected an object with 'query' and 'gold' strings"):
         read_test_captions(tmp_path / "fields.jsonl")

@@ -45,6 +45,8 @@ GalleryItem = tuple[str, str]  # (thumbnail file, caption)
 def read_test_captions(path: str | os.PathLike) -> list[tuple[str, str]]:
     """`(query, gold image key)` pairs from JSON lines with "query" and "gold" (or "image_key") fields, as
     `grace-hf evaluate` writes them (`<output>_queries.jsonl`) and the demo (`queries.jsonl`)."""
+    if not Path(path).is_file():
+        raise GraceInputError(f"{path}: no such file of test captions")
     pairs = []
     for number, line in enumerate(Path(path).read_text(encoding="utf-8").splitlines(), start=1):
         if not line.strip():
@@ -230,7 +232,7 @@ def build_app(
             search = gr.Button("Search", variant="primary", scale=0, elem_id="search")
         status = gr.Markdown(label="Status", elem_id="status")
         gallery = gr.Gallery(label="Ranked images", columns=5, height="auto", object_fit="contain", elem_id="results")
-        with gr.Accordion("Answer as JSON (what the API returns)", open=False):
+        with gr.Accordion("Answer as JSON (what the API returns)", open=service.thumbnails is None):
             answer = gr.JSON(label="Answer", elem_id="answer")
         examples = service.examples()
         if examples:
