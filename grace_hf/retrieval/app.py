@@ -231,7 +231,7 @@ def build_app(
             )
             search = gr.Button("Search", variant="primary", scale=0, elem_id="search")
         status = gr.Markdown(label="Status", elem_id="status")
-        gallery = gr.Gallery(label="Ranked images", columns=5, height="auto", object_fit="contain", elem_id="results")
+        gallery = gr.Gallery(label="Ranked images", columns=5, object_fit="contain", elem_id="results")
         with gr.Accordion("Answer as JSON (what the API returns)", open=service.thumbnails is None):
             answer = gr.JSON(label="Answer", elem_id="answer")
         examples = service.examples()
