@@ -8,13 +8,16 @@ BIN := $(VENV)/bin
 TORCH_SPEC ?= torch==2.14.1 torchvision==0.29.1
 DEMO_DIR ?= demo_output
 
-.PHONY: install demo test lint format clean
+# The browser test drives Debian's Chromium through Selenium; nothing downloads a browser.
+SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
+
+.PHONY: install browser demo test lint format clean
 
 $(BIN)/grace-hf: pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --quiet --upgrade pip
 	$(BIN)/pip install --quiet $(TORCH_SPEC)
-	$(BIN)/pip install --quiet -e ".[dev]"
+	$(BIN)/pip install --quiet -e ".[dev,app]"
 	# The reference OpenFlamingo modules for the parity tests; its own pins are years old.
 	$(BIN)/pip install --quiet --no-deps "open-flamingo==2.0.1"
 	touch $(BIN)/grace-hf
@@ -22,18 +25,22 @@ $(BIN)/grace-hf: pyproject.toml
 install: $(BIN)/grace-hf
 
 demo: install
-	HF_HUB_OFFLINE=1 $(BIN)/python -m grace_hf.demo --output-dir $(DEMO_DIR)
+	HF_HUB_OFFLINE=1 $(BIN)/python -m grace_hf demo --output-dir $(DEMO_DIR)
 
-test: install
+browser:
+	command -v chromium >/dev/null && command -v chromedriver >/dev/null || { $(SUDO) apt-get update -qq && \
+		$(SUDO) env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium chromium-driver >/dev/null; }
+
+test: install browser
 	HF_HUB_OFFLINE=1 $(BIN)/python -m pytest -q
 
 lint: install
-	$(BIN)/ruff check grace_hf tests benchmarks
-	$(BIN)/ruff format --check grace_hf tests benchmarks
+	$(BIN)/ruff check grace_hf tests benchmarks recipes
+	$(BIN)/ruff format --check grace_hf tests benchmarks recipes
 
 format: install
-	$(BIN)/ruff check --fix grace_hf tests benchmarks
-	$(BIN)/ruff format grace_hf tests benchmarks
+	$(BIN)/ruff check --fix grace_hf tests benchmarks recipes
+	$(BIN)/ruff format grace_hf tests benchmarks recipes
 
 clean:
 	rm -rf $(VENV) $(DEMO_DIR) .pytest_cache .ruff_cache *.egg-info

@@ -1,6 +1,7 @@
 """grace_hf: generative cross-modal retrieval (GRACE, ACL 2024) on HuggingFace transformers.
 
-Importing `grace_hf` registers the Flamingo model with `AutoConfig`, `AutoModelForCausalLM` and `AutoProcessor`.
+Importing `grace_hf` registers the Flamingo model with `AutoConfig`, `AutoModelForCausalLM` and `AutoProcessor`, and
+the `transformers.pipeline` task "text-to-image-retrieval".
 
 Example:
     >>> from grace_hf import GraceRetriever
@@ -12,6 +13,7 @@ Example:
 from grace_hf.identifiers import IdentifierIndex
 from grace_hf.models.flamingo import FlamingoConfig, FlamingoForConditionalGeneration, FlamingoProcessor
 from grace_hf.retrieval import GraceRetriever, IdentifierTrie, RetrievedImage
+from grace_hf.retrieval.pipeline import TextToImageRetrievalPipeline
 
 __version__ = "0.1.0"
 
@@ -23,5 +25,6 @@ __all__ = [
     "IdentifierIndex",
     "IdentifierTrie",
     "RetrievedImage",
+    "TextToImageRetrievalPipeline",
     "__version__",
 ]

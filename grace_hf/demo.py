@@ -128,5 +128,7 @@ def run_demo(
     _log(f"done\n\n{table}")
     for name in ("metrics.json", "gallery.html", "recall.png", "comparison.md", "queries.jsonl"):
         print(f"  {out / name}")
+    serve = f"grace-hf serve --model {runs[0]} --image-root {data} --queries {out / 'queries.jsonl'}"
+    print(f"\nSearch the model in the browser (the `app` extra: pip install -e '.[app]'):\n  {serve}")
     finish_output_dir(out, DEMO)
     return first

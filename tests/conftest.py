@@ -35,3 +35,28 @@ def prepared(tmp_path_factory):
         pixel_features=True,
     )
     return root / "prepared"
+
+
+@pytest.fixture(scope="session")
+def trained_model(tmp_path_factory):
+    """A tiny GRACE model trained for a few steps on 60 synthetic images (structured identifiers; 6 test images with
+    30 test captions): `(model directory, prepared dataset, image root)`."""
+    from test_training import run_training, tiny_recipe, write_recipe
+
+    from grace_hf.data.synthetic import write_synthetic
+    from grace_hf.prepare import prepare
+
+    root = tmp_path_factory.mktemp("trained")
+    write_synthetic(root / "raw", num_images=60, seed=0)
+    data = root / "prepared"
+    prepare(
+        root / "raw" / "dataset_synthetic.json",
+        root / "raw",
+        "structured",
+        data,
+        pseudo_queries=root / "raw" / "pseudo_queries.json",
+        pixel_features=True,
+    )
+    recipe = tiny_recipe(data, root / "model", max_steps=10, save_steps=0, eval_num_queries=0)
+    run_training(["--config", write_recipe(root / "recipe.yaml", recipe)])
+    return root / "model", data, root / "raw"

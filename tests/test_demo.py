@@ -10,9 +10,11 @@ from PIL import Image
 from grace_hf.commands.demo import main
 
 
-def test_demo_writes_metrics_gallery_plot_and_table(tmp_path):
+def test_demo_writes_metrics_gallery_plot_and_table(tmp_path, capsys):
     out = tmp_path / "demo"
     assert main(["--output-dir", str(out), "--num-images", "30", "--max-steps", "3"]) == 0
+    serve = f"grace-hf serve --model {out / 'model-structured'} --image-root {out / 'data'}"
+    assert capsys.readouterr().out.rstrip().endswith(f"{serve} --queries {out / 'queries.jsonl'}")
 
     metrics = json.loads((out / "metrics.json").read_text())
     assert metrics["identifier_kind"] == "structured"

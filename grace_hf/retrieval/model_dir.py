@@ -45,6 +45,7 @@ __all__ = [
     "GraceConfig",
     "ModelDirectory",
     "read_model_dir",
+    "read_retrieval_files",
     "resolve_model_dir",
     "write_model_dir",
 ]
@@ -249,6 +250,19 @@ def _load_saved_trie(directory: Path) -> IdentifierTrie | None:
         return None  # a corrupt cache: the collection rebuilds the trie from the identifiers anyway
 
 
+def read_retrieval_files(
+    directory: Path, processor: Any
+) -> tuple[IdentifierIndex, GraceConfig, IdentifierTrie | None]:
+    """The identifier index (checked against the model's tokenizer), the GRACE config and the saved trie of a
+    model directory."""
+    grace_config = GraceConfig()
+    if (directory / GRACE_CONFIG_FILE).is_file():
+        grace_config = GraceConfig.load(directory / GRACE_CONFIG_FILE)
+    index = IdentifierIndex.load(directory / IDENTIFIERS_FILE)
+    _check_index(directory, index, processor, grace_config)
+    return index, grace_config, _load_saved_trie(directory)
+
+
 def read_model_dir(
     model: str | os.PathLike, dtype: torch.dtype | str | None = None, retriever: bool = True
 ) -> ModelDirectory:
@@ -260,12 +274,7 @@ def read_model_dir(
     _check_files(directory, retriever)
     config = _load_config(directory)
     processor = _load_processor(directory, config)
-    grace_config = GraceConfig()
-    if (directory / GRACE_CONFIG_FILE).is_file():
-        grace_config = GraceConfig.load(directory / GRACE_CONFIG_FILE)
-    index = None
+    index, grace_config, saved_trie = None, GraceConfig(), None
     if retriever:
-        index = IdentifierIndex.load(directory / IDENTIFIERS_FILE)
-        _check_index(directory, index, processor, grace_config)
-    loaded = _load_model(directory, dtype)
-    return ModelDirectory(directory, loaded, processor, index, grace_config, _load_saved_trie(directory))
+        index, grace_config, saved_trie = read_retrieval_files(directory, processor)
+    return ModelDirectory(directory, _load_model(directory, dtype), processor, index, grace_config, saved_trie)

@@ -1,0 +1,114 @@
+"""`transformers.pipeline("text-to-image-retrieval", model=...)`: a GRACE model directory or Hub id behind the
+standard pipeline call. Importing `grace_hf` registers the task.
+
+>>> from transformers import pipeline
+>>> retrieve = pipeline("text-to-image-retrieval", model="demo_output/model-structured", image_root="demo_output/data")
+>>> retrieve("a small red star at the top left", top_k=3)  # one query -> its ranking, best first
+[{'image_key': 'images/synthetic_000123.png', 'identifier': '3_1-0_2', 'score': -0.12, 'image': <PIL.Image>}, ...]
+>>> retrieve(["a red circle", "two green squares"], batch_size=8)  # a list of queries -> a list of rankings
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+from transformers.pipelines import PIPELINE_REGISTRY, Pipeline
+
+from grace_hf.errors import GraceInputError
+from grace_hf.identifiers import IDENTIFIERS_FILE
+from grace_hf.models.flamingo import FlamingoForConditionalGeneration
+from grace_hf.retrieval.gallery import folder_image_loader
+from grace_hf.retrieval.model_dir import read_retrieval_files, resolve_model_dir
+from grace_hf.retrieval.retriever import GraceRetriever, RetrievedImage
+
+__all__ = ["TASK", "TextToImageRetrievalPipeline"]
+
+TASK = "text-to-image-retrieval"
+
+
+class TextToImageRetrievalPipeline(Pipeline):
+    """Text queries -> ranked images of the model's collection, by trie-constrained beam search (`GraceRetriever`).
+
+    Built by `pipeline("text-to-image-retrieval", model=DIR_or_hub_id, device=...)`; the model directory's
+    `identifiers.json`, `grace_config.json` and cached trie come with the model.
+
+    Construction arguments, besides the pipeline's own (`device`, `dtype`, `batch_size`):
+        num_beams: beams per query, the most results a query can get (default 10).
+        length_penalty: as in `GraceRetriever` (default 0.0).
+        candidates: image keys to rank (default: the model's collection).
+        image_root, top_k: defaults for the call arguments.
+
+    Call arguments:
+        top_k: results per query (default 5, at most `num_beams`).
+        image_root: folder of the image files (`<image_root>/<image key>`); each result then carries its "image".
+        batch_size: queries per `generate` call.
+
+    Each query gives a list of `{"image_key", "identifier", "score"}` (+ `"image"`, a PIL image), best first.
+    """
+
+    _load_processor = True
+    _load_tokenizer = False
+    _load_image_processor = False
+    _load_feature_extractor = False
+    _load_video_processor = False
+
+    def __init__(
+        self,
+        *args: Any,
+        num_beams: int = 10,
+        length_penalty: float = 0.0,
+        candidates: Sequence[str] | None = None,
+        **kwargs: Any,
+    ):
+        super().__init__(*args, **kwargs)
+        name_or_path = getattr(self.model.config, "_name_or_path", "")
+        directory = resolve_model_dir(name_or_path) if name_or_path else None
+        if directory is None or not (directory / IDENTIFIERS_FILE).is_file():
+            raise GraceInputError(
+                f"{TASK}: the model must come from a GRACE model directory or Hub repo (with {IDENTIFIERS_FILE}); "
+                f"got {name_or_path!r}"
+            )
+        index, grace_config, saved_trie = read_retrieval_files(directory, self.processor)
+        self.retriever = GraceRetriever(
+            self.model,
+            self.processor,
+            index,
+            num_beams=num_beams,
+            length_penalty=length_penalty,
+            query_image=grace_config.query_image,
+            candidates=candidates,
+            saved_trie=saved_trie if candidates is None else None,
+        )
+
+    def _sanitize_parameters(self, top_k: int | None = None, image_root: str | None = None):
+        forward_params = {} if top_k is None else {"top_k": top_k}
+        postprocess_params = {} if image_root is None else {"image_root": image_root}
+        return {}, forward_params, postprocess_params
+
+    def preprocess(self, inputs: str) -> dict[str, str]:
+        if not isinstance(inputs, str) or not inputs.strip():
+            raise GraceInputError(f"{TASK}: each query must be a non-empty string, got {inputs!r}")
+        return {"query": inputs}
+
+    def _forward(self, model_inputs: dict[str, Any], top_k: int = 5) -> dict[str, list]:
+        # batch_size > 1: the pipeline's collate turns the strings of a batch into a list
+        query = model_inputs["query"]
+        queries = [query] if isinstance(query, str) else list(query)
+        results = self.retriever.retrieve(queries, top_k=top_k, batch_size=len(queries))
+        return {"hits": results[0] if isinstance(query, str) else results}
+
+    def postprocess(self, model_outputs: dict[str, list[RetrievedImage]], image_root: str | None = None) -> list[dict]:
+        load_image = folder_image_loader(image_root) if image_root is not None else None
+        ranking = []
+        for hit in model_outputs["hits"]:
+            result = {"image_key": hit.image_key, "identifier": hit.identifier, "score": hit.score}
+            if load_image is not None:
+                result["image"] = load_image(hit.image_key)
+            ranking.append(result)
+        return ranking
+
+
+PIPELINE_REGISTRY.register_pipeline(
+    TASK, pipeline_class=TextToImageRetrievalPipeline, pt_model=FlamingoForConditionalGeneration, type="text"
+)
