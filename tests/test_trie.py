@@ -7,8 +7,8 @@ import pytest
 import torch
 from transformers import GPT2Config, GPT2LMHeadModel, PrefixConstrainedLogitsProcessor
 
+from benchmarks.dict_trie import NestedDictTrie
 from grace_hf.retrieval import IdentifierTrie
-from grace_hf.retrieval.trie import NestedDictTrie
 
 EOS, PAD, VOCAB = 1, 0, 24
 
