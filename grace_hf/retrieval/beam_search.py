@@ -123,6 +123,7 @@ class TrieBeamSearch:
         self._penalty = torch.tensor([(t + 1) ** length_penalty for t in range(self.depth)], device=self.device)
         self._steps = torch.arange(self.depth, device=self.device)
         self._terminal = trie.tables(self.device)[1].long()  # (N,)
+        trie.step_tables(self.device)  # built here, never inside a traced or captured step
         options = compile if isinstance(compile, dict) else {}
         self._decode = torch.compile(self._decode_step, fullgraph=True, **options) if compile else self._decode_step
         self._shapes: OrderedDict[tuple, _Shape] = OrderedDict()
@@ -161,28 +162,19 @@ class TrieBeamSearch:
             return self._shapes[key]
         while len(self._shapes) >= self.max_shapes:
             self._shapes.popitem(last=False)
-        batch, prompt_length = inputs[0].shape
-        text_config = self.model.config.text_config
-        cache = StaticCache(config=self.model.config, max_cache_len=prompt_length + self.depth)
-        cache.early_initialization(
-            batch_size=batch * self.num_beams,
-            num_heads=text_config.n_heads,
-            head_dim=text_config.head_dim,
-            dtype=self.model.dtype,
-            device=self.device,
-        )
-        shape = _Shape(cache)
+        prompt_length = inputs[0].shape[1]
+        shape = _Shape(StaticCache(config=self.model.config, max_cache_len=prompt_length + self.depth))
         if self.graph:
             shape.inputs = tuple(t.clone() for t in inputs)
             # warm up on a side stream (lazy initialisations, compilation), then capture the whole search
             stream = torch.cuda.Stream(self.device)
             stream.wait_stream(torch.cuda.current_stream(self.device))
             with torch.cuda.stream(stream):
-                self._search(cache, *shape.inputs)
+                self._search(shape.cache, *shape.inputs)
             torch.cuda.current_stream(self.device).wait_stream(stream)
             shape.graph = torch.cuda.CUDAGraph()
             with torch.cuda.graph(shape.graph):
-                shape.outputs = self._search(cache, *shape.inputs)
+                shape.outputs = self._search(shape.cache, *shape.inputs)
         self._shapes[key] = shape
         return shape
 
@@ -210,6 +202,9 @@ class TrieBeamSearch:
             use_cache=True,
             logits_to_keep=1,
         ).logits[:, -1]  # (B, V)
+        if not cache.layers[0].is_initialized:  # sized now: under autocast the keys' dtype is not the weights'
+            keys = prefill.layers[0].keys  # (B, H, P, d)
+            cache.early_initialization(batch * beams, keys.shape[1], keys.shape[3], keys.dtype, self.device)
         for static, layer in zip(cache.layers, prefill.layers):
             # every beam of a query starts from the query's prompt: (B, H, P, d) -> rows (B * K, H, P, d)
             static.keys[:, :, :prompt_length].unflatten(0, (batch, beams)).copy_(layer.keys[:, None])

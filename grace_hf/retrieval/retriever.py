@@ -22,6 +22,7 @@ from transformers import GenerationConfig
 from grace_hf.errors import GraceInputError
 from grace_hf.identifiers import IdentifierIndex
 from grace_hf.io_utils import atomic_directory, atomic_write_json, read_json
+from grace_hf.retrieval.beam_search import TrieBeamSearch
 from grace_hf.retrieval.trie import IdentifierTrie, TrieLogitsProcessor
 
 __all__ = ["GRACE_CONFIG_FILE", "TRIE_FILE", "GraceRetriever", "RetrievedImage", "build_identifier_trie"]
@@ -31,6 +32,7 @@ logger = logging.getLogger(__name__)
 GRACE_CONFIG_FILE = "grace_config.json"
 TRIE_FILE = "identifier_trie.safetensors"
 QUERY_IMAGE_MODES = ("none", "blank")
+DECODING_MODES = ("auto", "fast", "generate")
 _UNLIMITED = 10**9  # tokenizers without a real limit report ~1e30
 
 
@@ -87,6 +89,12 @@ class GraceRetriever:
         max_length: the model's token limit (default: the tokenizer's `model_max_length`, if it sets one). A query
             whose prompt plus the longest identifier would exceed it is cut at the end to fit, with a warning.
         trie: a prebuilt trie for these candidates (used only if its fingerprint matches, else rebuilt).
+        decoding: "fast" (`TrieBeamSearch`: static cache, each beam's trie node carried along, no host sync
+            between steps; one CUDA graph per call on a GPU), "generate" (transformers' `generate` with
+            `TrieLogitsProcessor`), or "auto" (default): fast on a GPU, generate on a CPU, with one beam (greedy
+            search) and under DeepSpeed ZeRO-3. Both give the same ranking; `self.decoding` says which is used.
+        compile: with fast decoding, also run its step through `torch.compile` (minutes of compilation per batch
+            shape on first use; fewer, fused kernels after).
     """
 
     def __init__(
@@ -101,6 +109,8 @@ class GraceRetriever:
         batch_size: int = 16,
         max_length: int | None = None,
         trie: IdentifierTrie | None = None,
+        decoding: str = "auto",
+        compile: bool = False,
     ):
         if query_image not in QUERY_IMAGE_MODES:
             raise GraceInputError(f"query_image must be one of {QUERY_IMAGE_MODES}, got {query_image!r}")
@@ -128,8 +138,33 @@ class GraceRetriever:
             )
         self.num_beams = min(num_beams, len(self.identifiers))
         self.max_length = max_length if max_length is not None else _model_limit(processor)
+        self.decoding, reason = self._choose_decoding(decoding)
+        self.compile = compile
+        logger.info(f"GraceRetriever decodes with {self.decoding} ({reason})")
         self._blank_features: torch.Tensor | None = None
+        self._fast_search: TrieBeamSearch | None = None
         self._engine = None
+
+    def _choose_decoding(self, requested: str) -> tuple[str, str]:
+        """The decoding `requested` resolves to, and why."""
+        if requested not in DECODING_MODES:
+            raise GraceInputError(f"decoding must be one of {DECODING_MODES}, got {requested!r}")
+        parameter = next(self.model.parameters())
+        if self.num_beams < 2:
+            blocker = "one beam is greedy search"
+        elif hasattr(parameter, "ds_id"):
+            blocker = "DeepSpeed ZeRO-3 shards the model"
+        else:
+            blocker = None
+        if requested == "fast" and blocker:
+            raise GraceInputError(f"decoding='fast' is not available here: {blocker}")
+        if requested != "auto":
+            return requested, "requested"
+        if blocker:
+            return "generate", blocker
+        if parameter.device.type != "cuda":
+            return "generate", "no GPU"
+        return "fast", "GPU: static cache, one CUDA graph per call"
 
     @classmethod
     def from_pretrained(
@@ -258,9 +293,21 @@ class GraceRetriever:
         # in place under beam search, which hands the processor a fresh log_softmax every step
         return self.trie.logits_processor(prompt_length, self.processor.pad_token_id, inplace=self.num_beams > 1)
 
-    @torch.no_grad()
-    def _search(self, queries: list[str], top_k: int) -> list[list[RetrievedImage]]:
-        inputs = self._inputs(queries)
+    def _beam_search(self) -> TrieBeamSearch:
+        if self._fast_search is None or self._fast_search.length_penalty != self.length_penalty:
+            self._fast_search = TrieBeamSearch(
+                self.model,
+                self.trie,
+                self.num_beams,
+                eos_token_id=self.processor.end_of_chunk_token_id,
+                pad_token_id=self.processor.pad_token_id,
+                length_penalty=self.length_penalty,
+                compile=self.compile,
+            )
+        return self._fast_search
+
+    def _generate(self, inputs: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+        """`generate` with the trie processor: the identifier index (-1: none) and score of each beam, (B, K)."""
         prompt_length = inputs["input_ids"].shape[1]
         output = self.model.generate(
             **inputs,
@@ -270,9 +317,19 @@ class GraceRetriever:
         found = self.trie.lookup(
             output.sequences[:, prompt_length:], end_token_id=self.processor.end_of_chunk_token_id
         )
-        found = found.view(len(queries), self.num_beams).tolist()  # identifier index per beam, best first
         scores = output.sequences_scores if self.num_beams > 1 else self._greedy_scores(output, prompt_length)
-        scores = scores.float().view(len(queries), self.num_beams).tolist()
+        return found.view(-1, self.num_beams), scores.view(-1, self.num_beams)
+
+    @torch.no_grad()
+    def _search(self, queries: list[str], top_k: int) -> list[list[RetrievedImage]]:
+        inputs = self._inputs(queries)
+        if self.decoding == "fast":
+            output = self._beam_search()(inputs["input_ids"], inputs["attention_mask"], inputs.get("image_features"))
+            found, scores = output.identifiers, output.scores
+        else:
+            found, scores = self._generate(inputs)
+        found = found.tolist()  # identifier index per beam, best first
+        scores = scores.float().tolist()
         # Beam search fills the slots it could not fill with a finished identifier with beams whose log-probability
         # carries a -1e9 penalty (they may repeat a finished identifier): those are dropped, the query still counts.
         filler = -0.5e9 / self.trie.max_depth ** max(self.length_penalty, 0.0)

@@ -186,6 +186,7 @@ class IdentifierTrie:
 
         Fixed shapes and no host synchronisation. `depth`: the number of tokens every live row has generated, when
         known (it sizes the step to that depth's nodes); None sizes it for any depth. `inplace` overwrites `scores`.
+        The first call on a device builds the tables there (host work): make it outside `torch.compile` or a graph.
         """
         keys, _ = self.tables(scores.device)
         width, has_wide = self.step_tables(scores.device).layout(depth)
