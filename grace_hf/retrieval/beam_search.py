@@ -19,17 +19,20 @@ that a whole search can be one CUDA graph:
 
 from __future__ import annotations
 
+import logging
 from collections import OrderedDict
 from dataclasses import dataclass
 from typing import Any
 
 import torch
-from transformers import DynamicCache, StaticCache
+from transformers import StaticCache
 
 from grace_hf.models.flamingo.modeling_flamingo import check_media_count, media_index_from_input_ids
 from grace_hf.retrieval.trie import IdentifierTrie
 
 __all__ = ["TrieBeamSearch", "TrieBeamSearchOutput"]
+
+logger = logging.getLogger(__name__)
 
 _FINISHED = -1.0e9  # transformers' penalty for a beam that may no longer run or finish
 
@@ -66,8 +69,10 @@ class _BeamState:
 
 @dataclass
 class _Shape:
-    """A cache and (on CUDA) a captured graph for one (batch, prompt length, image shape)."""
+    """The caches and (on CUDA) the captured graph for one (batch, prompt length, image shape): the prompt's (one row
+    per query) and the beams' (one row per beam, prompt + identifier depth)."""
 
+    prompt_cache: StaticCache
     cache: StaticCache
     inputs: tuple[torch.Tensor | None, ...] = ()  # static input buffers of the graph
     outputs: tuple[torch.Tensor, torch.Tensor] | None = None
@@ -146,8 +151,8 @@ class TrieBeamSearch:
             inputs += (image_features.to(self.device),)
         key = tuple((tuple(t.shape), t.dtype) for t in inputs)
         shape = self._shape(key, inputs)
-        if not self.graph:
-            identifiers, scores = self._search(shape.cache, *inputs)
+        if shape.graph is None:
+            identifiers, scores = self._search(shape, *inputs)
         else:
             for buffer, value in zip(shape.inputs, inputs):
                 buffer.copy_(value)
@@ -163,49 +168,67 @@ class TrieBeamSearch:
         while len(self._shapes) >= self.max_shapes:
             self._shapes.popitem(last=False)
         prompt_length = inputs[0].shape[1]
-        shape = _Shape(StaticCache(config=self.model.config, max_cache_len=prompt_length + self.depth))
+        config = self.model.config
+        shape = _Shape(
+            StaticCache(config=config, max_cache_len=prompt_length),
+            StaticCache(config=config, max_cache_len=prompt_length + self.depth),
+        )
         if self.graph:
-            shape.inputs = tuple(t.clone() for t in inputs)
-            # warm up on a side stream (lazy initialisations, compilation), then capture the whole search
-            stream = torch.cuda.Stream(self.device)
-            stream.wait_stream(torch.cuda.current_stream(self.device))
-            with torch.cuda.stream(stream):
-                self._search(shape.cache, *shape.inputs)
-            torch.cuda.current_stream(self.device).wait_stream(stream)
-            shape.graph = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(shape.graph):
-                shape.outputs = self._search(shape.cache, *shape.inputs)
+            self._capture(shape, inputs)
         self._shapes[key] = shape
         return shape
+
+    def _capture(self, shape: _Shape, inputs: tuple[torch.Tensor, ...]) -> None:
+        """Warm up on a side stream (lazy initialisations, compilation), then capture the whole search; if the
+        capture fails, this shape runs without a graph (same results, slower) and says so."""
+        shape.inputs = tuple(t.clone() for t in inputs)
+        stream = torch.cuda.Stream(self.device)
+        stream.wait_stream(torch.cuda.current_stream(self.device))
+        with torch.cuda.stream(stream):
+            self._search(shape, *shape.inputs)
+        torch.cuda.current_stream(self.device).wait_stream(stream)
+        graph = torch.cuda.CUDAGraph()
+        try:
+            with torch.cuda.graph(graph):
+                shape.outputs = self._search(shape, *shape.inputs)
+        except RuntimeError as err:
+            logger.warning(f"TrieBeamSearch: CUDA graph capture failed, decoding without a graph: {err}")
+            return
+        shape.graph = graph
 
     # the search
     def _search(
         self,
-        cache: StaticCache,
+        shape: _Shape,
         input_ids: torch.Tensor,
         attention_mask: torch.Tensor,
         image_features: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """Prefill once per query, then `depth` steps; returns the finished (identifiers, scores), (B, K) each."""
+        """Prefill once per query, then `depth` steps; returns the finished (identifiers, scores), (B, K) each.
+
+        The first call initialises the caches (lazily: under autocast the keys' dtype is not the weights'), so that a
+        graph captured after it allocates nothing outside its pool."""
         batch, prompt_length = input_ids.shape
-        beams = self.num_beams
+        beams, cache = self.num_beams, shape.cache
         media_index = None
         if image_features is not None:
             media_index = media_index_from_input_ids(input_ids, self.model.config.media_token_id)  # (B, P)
-        prefill = DynamicCache()
+        for layer in shape.prompt_cache.layers:
+            if layer.is_initialized:
+                layer.cumulative_length.zero_()
         logits = self.model(
             input_ids=input_ids,
             attention_mask=attention_mask,
             image_features=image_features,
             media_index=media_index,
-            cache=prefill,
+            cache=shape.prompt_cache,
             use_cache=True,
             logits_to_keep=1,
         ).logits[:, -1]  # (B, V)
-        if not cache.layers[0].is_initialized:  # sized now: under autocast the keys' dtype is not the weights'
-            keys = prefill.layers[0].keys  # (B, H, P, d)
+        if not cache.layers[0].is_initialized:
+            keys = shape.prompt_cache.layers[0].keys  # (B, H, P, d)
             cache.early_initialization(batch * beams, keys.shape[1], keys.shape[3], keys.dtype, self.device)
-        for static, layer in zip(cache.layers, prefill.layers):
+        for static, layer in zip(cache.layers, shape.prompt_cache.layers):
             # every beam of a query starts from the query's prompt: (B, H, P, d) -> rows (B * K, H, P, d)
             static.keys[:, :, :prompt_length].unflatten(0, (batch, beams)).copy_(layer.keys[:, None])
             static.values[:, :, :prompt_length].unflatten(0, (batch, beams)).copy_(layer.values[:, None])

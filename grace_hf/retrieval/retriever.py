@@ -25,7 +25,14 @@ from grace_hf.io_utils import atomic_directory, atomic_write_json, read_json
 from grace_hf.retrieval.beam_search import TrieBeamSearch
 from grace_hf.retrieval.trie import IdentifierTrie, TrieLogitsProcessor
 
-__all__ = ["GRACE_CONFIG_FILE", "TRIE_FILE", "GraceRetriever", "RetrievedImage", "build_identifier_trie"]
+__all__ = [
+    "GRACE_CONFIG_FILE",
+    "TRIE_FILE",
+    "GraceRetriever",
+    "RetrievedImage",
+    "beam_generation_config",
+    "build_identifier_trie",
+]
 
 logger = logging.getLogger(__name__)
 
@@ -63,6 +70,26 @@ def build_identifier_trie(processor: Any, identifiers: Sequence[str]) -> Identif
         if eoc in sequence[:-1]:
             raise GraceInputError(f"identifier {identifier!r} contains the end-of-chunk token")
     return IdentifierTrie(sequences, metadata={"fingerprint": _fingerprint(processor, identifiers)})
+
+
+def beam_generation_config(
+    num_beams: int, max_new_tokens: int, length_penalty: float, eos_token_id: int, pad_token_id: int
+) -> GenerationConfig:
+    """How the retriever calls `generate`: every beam returned with its score, up to the trie's depth."""
+    return GenerationConfig(
+        num_beams=num_beams,
+        num_return_sequences=num_beams,
+        max_new_tokens=max_new_tokens,
+        length_penalty=length_penalty,
+        do_sample=False,
+        early_stopping=False,
+        eos_token_id=eos_token_id,
+        pad_token_id=pad_token_id,
+        return_dict_in_generate=True,
+        output_scores=True,
+        output_logits=num_beams == 1,  # greedy search returns no sequence scores: computed from these
+        use_cache=True,
+    )
 
 
 def _model_limit(processor: Any) -> int | None:
@@ -274,19 +301,12 @@ class GraceRetriever:
 
     # search
     def _generation_config(self) -> GenerationConfig:
-        return GenerationConfig(
-            num_beams=self.num_beams,
-            num_return_sequences=self.num_beams,
-            max_new_tokens=self.trie.max_depth,
-            length_penalty=self.length_penalty,
-            do_sample=False,
-            early_stopping=False,
-            eos_token_id=self.processor.end_of_chunk_token_id,
-            pad_token_id=self.processor.pad_token_id,
-            return_dict_in_generate=True,
-            output_scores=True,
-            output_logits=self.num_beams == 1,  # greedy search returns no sequence scores: computed from these
-            use_cache=True,
+        return beam_generation_config(
+            self.num_beams,
+            self.trie.max_depth,
+            self.length_penalty,
+            self.processor.end_of_chunk_token_id,
+            self.processor.pad_token_id,
         )
 
     def _trie_processor(self, prompt_length: int) -> TrieLogitsProcessor:
