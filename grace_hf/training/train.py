@@ -38,7 +38,16 @@ from grace_hf.training.model_card import render_model_card
 from grace_hf.training.modeling import build_model_and_processor, count_parameters, optimizer_parameter_groups
 from grace_hf.training.saving import push_directory, save_model_directory
 
-__all__ = ["LOG_HISTORY_FILE", "configure_deepspeed", "create_accelerator", "main", "step_loss", "train"]
+__all__ = [
+    "LOG_HISTORY_FILE",
+    "batch_to_device",
+    "configure_deepspeed",
+    "create_accelerator",
+    "create_optimizer",
+    "main",
+    "step_loss",
+    "train",
+]
 
 LOG_HISTORY_FILE = "logs/log_history.jsonl"
 
@@ -84,6 +93,22 @@ def create_accelerator(
         project_config=project,
         kwargs_handlers=handlers,
     )
+
+
+def create_optimizer(
+    model: torch.nn.Module, accelerator: Accelerator, learning_rate: float, weight_decay: float
+) -> torch.optim.AdamW:
+    """AdamW over `optimizer_parameter_groups`. On a GPU without DeepSpeed it is the fused kernel: one pass over the
+    parameters and their two moments instead of the multi-tensor path's several, the largest fixed cost of a small
+    step for a 3B model; the update is the same (to float rounding)."""
+    fused = accelerator.device.type == "cuda" and accelerator.state.deepspeed_plugin is None
+    groups = optimizer_parameter_groups(model, weight_decay)
+    return torch.optim.AdamW(groups, lr=learning_rate, **({"fused": True} if fused else {}))
+
+
+def batch_to_device(batch: dict[str, torch.Tensor], device: torch.device) -> dict[str, torch.Tensor]:
+    """The batch on `device`; from page-locked memory the copies do not wait for the GPU to finish the last step."""
+    return {key: value.to(device, non_blocking=True) for key, value in batch.items()}
 
 
 def configure_deepspeed(accelerator: Accelerator, micro_batch_size: int, max_grad_norm: float) -> None:
@@ -132,7 +157,7 @@ class _Trainer:
         new_tokens = self.data.index.new_tokens if self.data.index is not None else []
         self.model, self.processor = build_model_and_processor(model_args, self.data.tokenizer_texts, new_tokens)
         self.num_steps = _total_steps(args, self.data, self.accelerator.num_processes)
-        optimizer = torch.optim.AdamW(optimizer_parameter_groups(self.model, args.weight_decay), lr=args.learning_rate)
+        optimizer = create_optimizer(self.model, self.accelerator, args.learning_rate, args.weight_decay)
         # stepped here once per optimizer step (not prepared: Accelerate would step it once per process)
         self.scheduler = get_scheduler(
             args.lr_scheduler_type, optimizer, num_warmup_steps=args.warmup_steps, num_training_steps=self.num_steps
@@ -178,6 +203,7 @@ class _Trainer:
                 world_size=accelerator.num_processes,
                 start_step=self.step,
                 num_workers=self.args.dataloader_num_workers,
+                pin_memory=accelerator.device.type == "cuda",
             )
             for position, stream in enumerate(self.data.streams)
         }
@@ -218,8 +244,7 @@ class _Trainer:
         )
         while self.step < self.num_steps:
             batches = {
-                name: {key: value.to(accelerator.device) for key, value in next(iterator).items()}
-                for name, iterator in iterators.items()
+                name: batch_to_device(next(iterator), accelerator.device) for name, iterator in iterators.items()
             }
             total, losses = step_loss(self.model, batches, weights, no_sync)
             accelerator.backward(total)
