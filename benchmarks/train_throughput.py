@@ -122,13 +122,27 @@ def _launch(
         return result
 
 
+def synchronize(accelerator) -> None:
+    """Every process done with the work it queued: no step may still be running on a GPU when the clock is read."""
+    import torch
+
+    if accelerator.device.type == "cuda":
+        torch.cuda.synchronize(accelerator.device)
+    accelerator.wait_for_everyone()
+
+
 def worker(shape: str, steps: int, warmup: int, result_path: str) -> None:
     """Time `steps` training steps of `shape` under the current launch; the main process writes the result."""
     import torch
 
     from grace_hf.models.flamingo import FlamingoConfig, FlamingoForConditionalGeneration
-    from grace_hf.training.modeling import optimizer_parameter_groups
-    from grace_hf.training.train import configure_deepspeed, create_accelerator, step_loss
+    from grace_hf.training.train import (
+        batch_to_device,
+        configure_deepspeed,
+        create_accelerator,
+        create_optimizer,
+        step_loss,
+    )
 
     accelerator = create_accelerator(report_to=["none"])
     preset, overrides = SHAPES[shape]
@@ -137,7 +151,7 @@ def worker(shape: str, steps: int, warmup: int, result_path: str) -> None:
     model = FlamingoForConditionalGeneration(config)
     if shape == "3b":
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-    optimizer = torch.optim.AdamW(optimizer_parameter_groups(model, 0.1), lr=1e-4)
+    optimizer = create_optimizer(model, accelerator, learning_rate=1e-4, weight_decay=0.1)
     configure_deepspeed(accelerator, sum(size for size, _ in BATCH.values()), 1.0)
     model, optimizer = accelerator.prepare(model, optimizer)
     model.train()
@@ -152,19 +166,21 @@ def worker(shape: str, steps: int, warmup: int, result_path: str) -> None:
         inputs = {"input_ids": input_ids, "attention_mask": torch.ones_like(input_ids), "labels": input_ids.clone()}
         if task == "i2id":
             inputs["pixel_values"] = torch.randn(size, 1, 1, 3, image_size, image_size, generator=generator)
-        return {key: value.to(accelerator.device) for key, value in inputs.items()}
+        if accelerator.device.type == "cuda":  # as `train`'s loader: page-locked
+            inputs = {key: value.pin_memory() for key, value in inputs.items()}
+        return batch_to_device(inputs, accelerator.device)
 
     weights = {"i2id": 1.0, "t2id": 1.0}
     for step in range(warmup + steps):
         if step == warmup:
-            accelerator.wait_for_everyone()
+            synchronize(accelerator)
             started = time.monotonic()
         total, _ = step_loss(model, {task: batch(task) for task in BATCH}, weights)
         accelerator.backward(total)
         accelerator.clip_grad_norm_(model.parameters(), 1.0)
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
-    accelerator.wait_for_everyone()
+    synchronize(accelerator)
     seconds = time.monotonic() - started
     if accelerator.is_main_process:
         samples = steps * sum(size for size, _ in BATCH.values()) * accelerator.num_processes
@@ -231,15 +247,13 @@ def compare_worker(model_kind: str, shape: str, batch: int, length: int, steps: 
 
     for step in range(warmup + steps):
         if step == warmup:
-            if accelerator.device.type == "cuda":
-                torch.cuda.synchronize()
+            synchronize(accelerator)
             started = time.monotonic()
         accelerator.backward(loss_of(batch_to_device(inputs, accelerator.device)))
         accelerator.clip_grad_norm_(model.parameters(), 1.0)
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
-    if accelerator.device.type == "cuda":
-        torch.cuda.synchronize()
+    synchronize(accelerator)
     seconds = time.monotonic() - started
     Path(result_path).write_text(
         json.dumps({"samples_per_second": steps * batch / seconds, "seconds_per_step": seconds / steps})
