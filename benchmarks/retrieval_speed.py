@@ -45,9 +45,10 @@ def sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def median_seconds(fn: Callable[[], object], repeats: int, device: torch.device) -> float:
-    """Median wall time of `fn` over `repeats` calls, after one warm-up call (compilation, graph capture)."""
-    fn()
+def median_seconds(fn: Callable[[], object], repeats: int, device: torch.device) -> tuple[float, object]:
+    """Median wall time of `fn` over `repeats` calls after one warm-up call (compilation, graph capture), and what
+    the warm-up call returned."""
+    result = fn()
     times = []
     for _ in range(repeats):
         sync(device)
@@ -55,7 +56,7 @@ def median_seconds(fn: Callable[[], object], repeats: int, device: torch.device)
         fn()
         sync(device)
         times.append(time.perf_counter() - start)
-    return statistics.median(times)
+    return statistics.median(times), result
 
 
 def ordinary_tokens(vocab: int, specials: set[int]) -> torch.Tensor:
@@ -148,8 +149,7 @@ def main(argv: list[str] | None = None) -> int:
         seconds, results = {}, {}
         for row in rows:
             call = functools.partial(run, row, input_ids, attention_mask)
-            results[row] = call()
-            seconds[row] = median_seconds(call, args.repeats, device)
+            seconds[row], results[row] = median_seconds(call, args.repeats, device)
         cells = [f"{1e3 * seconds[row]:.1f} | {batch / seconds[row]:,.1f}" for row in rows]
         baseline = rows[0]
         ratios = ", ".join(f"{seconds[row] / seconds[baseline]:.1f}x {row}" for row in rows[1:])
