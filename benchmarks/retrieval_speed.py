@@ -16,6 +16,7 @@ processor. On CUDA each is captured in a CUDA graph and replayed, so the figure 
 
     python benchmarks/retrieval_speed.py --preset tiny        # CPU: the tiny model, 2,000 identifiers, seconds
     python benchmarks/retrieval_speed.py                      # GPU: OpenFlamingo-3B shape, bf16, 100k identifiers
+    python benchmarks/retrieval_speed.py --preset tiny --dtype float32 --compile   # GPU: do all paths agree?
 """
 
 from __future__ import annotations
@@ -92,12 +93,13 @@ def main(argv: list[str] | None = None) -> int:
         "--rows", nargs="+", default=["fast", "eager", "original"], choices=["fast", "eager", "original"]
     )
     parser.add_argument("--compile", action="store_true", help="add a row with the fast path's step compiled")
+    parser.add_argument("--dtype", choices=["bfloat16", "float32"], default=None, help="default: bf16 on CUDA")
     parser.add_argument("--threads", type=int, default=1, help="torch CPU threads")
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
     device = torch.device(args.device)
     preset, default_count = PRESETS[args.preset or ("3b" if device.type == "cuda" else "tiny")]
-    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    dtype = getattr(torch, args.dtype or ("bfloat16" if device.type == "cuda" else "float32"))
     torch.manual_seed(0)
 
     started = time.perf_counter()
