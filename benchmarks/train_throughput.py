@@ -148,7 +148,8 @@ def worker(shape: str, steps: int, warmup: int, result_path: str) -> None:
     preset, overrides = SHAPES[shape]
     config = FlamingoConfig.from_preset(preset, **overrides)
     torch.manual_seed(0)
-    model = FlamingoForConditionalGeneration(config)
+    with accelerator.device:  # random weights made where they train (ZeRO partitions them in `prepare`)
+        model = FlamingoForConditionalGeneration(config)
     if shape == "3b":
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     optimizer = create_optimizer(model, accelerator, learning_rate=1e-4, weight_decay=0.1)
