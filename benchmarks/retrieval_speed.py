@@ -142,7 +142,9 @@ def main(argv: list[str] | None = None) -> int:
 
     rows = [*searches, *(row for row in args.rows if row != "fast")] if "fast" in args.rows else args.rows
     print(
-        "| batch | " + " | ".join(f"{row} ms | {row} q/s" for row in rows) + f" | {rows[0]} faster than | same ranking |"
+        "| batch | "
+        + " | ".join(f"{row} ms | {row} q/s" for row in rows)
+        + f" | {rows[0]} faster than | same ranking |"
     )
     print("| --- | " + " | ".join("--- | ---" for _ in rows) + " | --- | --- |")
     for batch in args.batches:

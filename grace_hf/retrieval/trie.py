@@ -189,11 +189,11 @@ class IdentifierTrie:
         The first call on a device builds the tables there (host work): make it outside `torch.compile` or a graph.
         """
         keys, _ = self.tables(scores.device)
-        width, has_wide = self.step_tables(scores.device).layout(depth)
+        tables = self.step_tables(scores.device)
+        width, has_wide = tables.layout(depth)
         start, count = self.edge_ranges(node)  # (R,), (R,)
         kept = None
         if has_wide:
-            tables = self.step_tables(scores.device)
             row = torch.searchsorted(tables.wide_nodes, node)  # (R,) the node's dense row; K (all False) if none
             row = torch.where(tables.wide_nodes.take(row) == node, row, tables.wide_nodes.numel() - 1)
             bound = self.vocab_bound
