@@ -44,31 +44,38 @@ def build_ours(device: torch.device) -> FlamingoForConditionalGeneration:
     return FlamingoForConditionalGeneration(FlamingoConfig(**SHAPE)).to(device)
 
 
-def build_reference(device: torch.device) -> Flamingo:
-    text = SHAPE["text_config"]
+def build_reference(config: FlamingoConfig) -> Flamingo:
+    """open-flamingo's `Flamingo` of `config`'s shape: an open_clip ViT and transformers' `MptForCausalLM`, joined as
+    OpenFlamingo's factory joins them (its perceiver and cross-attention shapes are fixed: those of the presets)."""
+    vision, text = config.vision_config, config.text_config
     clip = open_clip.model.CLIP(
-        embed_dim=VISION["width"],
-        vision_cfg=VISION,
+        embed_dim=vision["width"],
+        vision_cfg=vision,
         text_cfg={"context_length": 8, "vocab_size": 64, "width": 64, "heads": 1, "layers": 1},
+        quick_gelu=config.vision_quick_gelu,
     )
     clip.visual.output_tokens = True
     lang = MptForCausalLM(
         MptConfig(
-            d_model=text["d_model"],
-            n_heads=text["n_heads"],
-            n_layers=text["n_layers"],
-            expansion_ratio=4,
-            vocab_size=text["vocab_size"],
-            max_seq_len=128,
-            attn_config={"alibi": True, "alibi_bias_max": 8},
+            d_model=text.d_model,
+            n_heads=text.n_heads,
+            n_layers=text.n_layers,
+            expansion_ratio=text.expansion_ratio,
+            vocab_size=text.vocab_size,
+            max_seq_len=2048,
+            attn_config={"alibi": True, "alibi_bias_max": text.alibi_bias_max},
         )
     )
     extend_instance(lang, FlamingoLMMixin)
     lang.set_decoder_layers_attr_name("transformer.blocks")
-    model = Flamingo(
-        clip, lang, EOC, MEDIA, vis_dim=VISION["width"], cross_attn_every_n_layers=SHAPE["cross_attn_every_n_layers"]
+    return Flamingo(
+        clip,
+        lang,
+        config.end_of_chunk_token_id,
+        config.media_token_id,
+        vis_dim=vision["width"],
+        cross_attn_every_n_layers=config.cross_attn_every_n_layers,
     )
-    return model.to(device)
 
 
 def timed(fn: Callable[[], object], repeats: int, device: torch.device) -> float:
@@ -123,7 +130,7 @@ def main(argv: list[str] | None = None) -> int:
     torch.set_num_threads(args.threads)
     device = torch.device(args.device)
     torch.manual_seed(0)
-    ours, reference = build_ours(device).train(), build_reference(device).train()
+    ours, reference = build_ours(device).train(), build_reference(FlamingoConfig(**SHAPE)).to(device).train()
 
     ids, mask, pixels = make_batch(args.train_batch, args.train_length, 8, device)
     labels = ids.clone()

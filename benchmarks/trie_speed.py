@@ -19,9 +19,10 @@ import time
 import tracemalloc
 
 import torch
+from dict_trie import NestedDictTrie
 from transformers import PrefixConstrainedLogitsProcessor
 
-from grace_hf.retrieval.trie import IdentifierTrie, NestedDictTrie
+from grace_hf.retrieval.trie import IdentifierTrie
 
 ID_TOKEN, END_TOKEN, PAD_TOKEN, FIRST_DIGIT = 3, 0, 2, 10  # ids like the tiny tokenizer's
 

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from transformers import AutoConfig, AutoModelForCausalLM, DynamicCache
+from transformers import AutoConfig, AutoModelForCausalLM, DynamicCache, StaticCache
 from transformers.generation import LogitsProcessor, LogitsProcessorList
 
 from grace_hf.models.flamingo import FlamingoConfig, FlamingoForConditionalGeneration
@@ -114,6 +114,40 @@ def test_cache_matches_full_forward_and_refuses_tuples(model_tester):
     torch.testing.assert_close(step.logits, full[:, 6:], atol=1e-5, rtol=1e-5)
     with pytest.raises(ValueError, match="Cache"):
         model(input_ids=ids, cache=((torch.zeros(1),),))
+
+
+def test_static_cache_matches_dynamic_cache(model_tester):
+    """A `StaticCache` (fixed shapes: keys span its whole length, its fill level stays on the device) gives the
+    dynamic cache's logits, step by step and through `generate` (beam search and greedy)."""
+    model = model_tester.model()
+    inputs = model_tester.inputs()
+    features = model.get_image_features(inputs["pixel_values"])
+    ids, mask = inputs["input_ids"], inputs["attention_mask"]
+    media_index = media_index_from_input_ids(ids, MEDIA)
+    outputs = {}
+    for name, cache in (("dynamic", DynamicCache()), ("static", StaticCache(config=model.config, max_cache_len=12))):
+        prefix = model(input_ids=ids[:, :6], attention_mask=mask[:, :6], image_features=features, cache=cache)
+        step = model(
+            input_ids=ids[:, 6:],
+            attention_mask=mask,
+            image_features=features,
+            media_index=media_index[:, 6:],
+            cache=cache,
+        )
+        outputs[name] = torch.cat([prefix.logits, step.logits], 1)
+    assert torch.is_tensor(cache.get_seq_length())  # read on the device, never on the host
+    real = mask.bool()  # a padding position attends to nothing real: its output differs and is never used
+    torch.testing.assert_close(outputs["static"][real], outputs["dynamic"][real], atol=1e-5, rtol=1e-5)
+
+    inputs["input_ids"], inputs["attention_mask"] = ids[:, :5], mask[:, :5]
+    for num_beams in (3, 1):
+        kwargs = dict(num_beams=num_beams, num_return_sequences=num_beams, max_new_tokens=4, pad_token_id=PAD)
+        kwargs.update(eos_token_id=EOC, do_sample=False, return_dict_in_generate=True, output_scores=True)
+        dynamic = model.generate(**inputs, **kwargs)
+        static = model.generate(**inputs, cache_implementation="static", **kwargs)
+        assert torch.equal(static.sequences, dynamic.sequences)
+        if num_beams > 1:
+            torch.testing.assert_close(static.sequences_scores, dynamic.sequences_scores)
 
 
 def test_generate_beam_search_with_and_without_cache(model_tester, monkeypatch):

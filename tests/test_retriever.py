@@ -171,3 +171,37 @@ def test_blank_query_image_and_semantic_identifiers(tmp_path):
         keys = [hit.image_key for hit in query_hits]
         assert len(keys) == len(set(keys)) >= 3  # two identifiers per image, one entry per image
         assert all(identifier_to_image[hit.identifier] == hit.image_key for hit in query_hits)
+
+
+def assert_same_rankings(fast, slow):
+    for fast_hits, slow_hits in zip(fast, slow, strict=True):
+        assert [(h.image_key, h.identifier) for h in fast_hits] == [(h.image_key, h.identifier) for h in slow_hits]
+        assert [h.score for h in fast_hits] == pytest.approx([h.score for h in slow_hits], rel=1e-5, abs=1e-4)
+
+
+@pytest.mark.parametrize(
+    ("kind", "query_image", "length_penalty"), [("numeric", "none", 0.0), ("semantic", "blank", -2.0)]
+)
+def test_fast_decoding_ranks_like_generate(tmp_path, kind, query_image, length_penalty):
+    directory = build_tiny_model_dir(tmp_path / kind, kind=kind, query_image=query_image, seed=2)
+    queries = [*QUERIES, "a"]  # prompts of different lengths: left padding
+    rankings = {}
+    for decoding in ("fast", "generate"):
+        retriever = GraceRetriever.from_pretrained(
+            directory, device="cpu", decoding=decoding, length_penalty=length_penalty, candidates=IMAGES
+        )
+        assert retriever.decoding == decoding
+        rankings[decoding] = retriever.retrieve(queries, top_k=10, batch_size=3)
+    assert_same_rankings(rankings["fast"], rankings["generate"])
+    assert all(len(hits) >= 5 for hits in rankings["fast"])
+
+
+def test_decoding_choice_is_logged_and_checked(retriever, caplog):
+    with caplog.at_level(logging.INFO, logger="grace_hf.retrieval.retriever"):
+        auto = GraceRetriever(retriever.model, retriever.processor, retriever.index)
+    assert auto.decoding == "generate"  # the fast path is picked on a GPU
+    assert "decodes with generate (no GPU)" in caplog.text
+    with pytest.raises(GraceInputError, match="decoding must be one of"):
+        GraceRetriever(retriever.model, retriever.processor, retriever.index, decoding="turbo")
+    with pytest.raises(GraceInputError, match="decoding='fast' is not available here: one beam is greedy search"):
+        GraceRetriever(retriever.model, retriever.processor, retriever.index, candidates=IMAGES[1:2], decoding="fast")

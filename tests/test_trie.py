@@ -5,10 +5,10 @@ import random
 
 import pytest
 import torch
+from dict_trie import NestedDictTrie
 from transformers import GPT2Config, GPT2LMHeadModel, PrefixConstrainedLogitsProcessor
 
 from grace_hf.retrieval import IdentifierTrie
-from grace_hf.retrieval.trie import NestedDictTrie
 
 EOS, PAD, VOCAB = 1, 0, 24
 

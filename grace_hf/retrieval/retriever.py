@@ -22,6 +22,7 @@ from grace_hf.errors import GraceInputError
 from grace_hf.identifiers import IdentifierIndex
 from grace_hf.outputs import MODEL, output_directory
 from grace_hf.prompts import query_prompt
+from grace_hf.retrieval.beam_search import TrieBeamSearch
 from grace_hf.retrieval.collection import Collection
 from grace_hf.retrieval.model_dir import (
     QUERY_IMAGE_MODES,
@@ -31,10 +32,11 @@ from grace_hf.retrieval.model_dir import (
 )
 from grace_hf.retrieval.trie import IdentifierTrie, TrieLogitsProcessor
 
-__all__ = ["GraceRetriever", "RetrievedImage"]
+__all__ = ["GraceRetriever", "RetrievedImage", "beam_generation_config"]
 
 logger = logging.getLogger(__name__)
 
+DECODING_MODES = ("auto", "fast", "generate")
 _UNLIMITED = 10**9  # tokenizers without a real limit report ~1e30
 
 
@@ -46,6 +48,26 @@ class RetrievedImage:
     image_key: str
     identifier: str
     score: float
+
+
+def beam_generation_config(
+    num_beams: int, max_new_tokens: int, length_penalty: float, eos_token_id: int, pad_token_id: int
+) -> GenerationConfig:
+    """How the retriever calls `generate`: every beam returned with its score, up to the trie's depth."""
+    return GenerationConfig(
+        num_beams=num_beams,
+        num_return_sequences=num_beams,
+        max_new_tokens=max_new_tokens,
+        length_penalty=length_penalty,
+        do_sample=False,
+        early_stopping=False,
+        eos_token_id=eos_token_id,
+        pad_token_id=pad_token_id,
+        return_dict_in_generate=True,
+        output_scores=True,
+        output_logits=num_beams == 1,  # greedy search returns no sequence scores: computed from these
+        use_cache=True,
+    )
 
 
 def _model_limit(processor: Any) -> int | None:
@@ -73,6 +95,12 @@ class GraceRetriever:
             whose prompt plus the longest identifier would exceed it is cut at the end to fit, with a warning.
         saved_trie: a trie saved for these candidates; used only as a check (the trie is always built from the
             tokenized identifiers, and a stale saved one is reported).
+        decoding: "fast" (`TrieBeamSearch`: static cache, each beam's trie node carried along, no host sync
+            between steps; one CUDA graph per call on a GPU), "generate" (transformers' `generate` with
+            `TrieLogitsProcessor`), or "auto" (default): fast on a GPU, generate on a CPU, with one beam (greedy
+            search) and under DeepSpeed ZeRO-3. Both give the same ranking; `self.decoding` says which is used.
+        compile: with fast decoding, also run its step through `torch.compile` (minutes of compilation per batch
+            shape on first use; fewer, fused kernels after).
     """
 
     def __init__(
@@ -87,6 +115,8 @@ class GraceRetriever:
         batch_size: int = 16,
         max_length: int | None = None,
         saved_trie: IdentifierTrie | None = None,
+        decoding: str = "auto",
+        compile: bool = False,
     ):
         if query_image not in QUERY_IMAGE_MODES:
             raise GraceInputError(f"query_image must be one of {QUERY_IMAGE_MODES}, got {query_image!r}")
@@ -105,8 +135,33 @@ class GraceRetriever:
             )
         self.num_beams = min(num_beams, len(self.identifiers))
         self.max_length = max_length if max_length is not None else _model_limit(processor)
+        self.decoding, reason = self._choose_decoding(decoding)
+        self.compile = compile
+        logger.info(f"GraceRetriever decodes with {self.decoding} ({reason})")
         self._blank_features: torch.Tensor | None = None
+        self._fast_search: TrieBeamSearch | None = None
         self._engine = None
+
+    def _choose_decoding(self, requested: str) -> tuple[str, str]:
+        """The decoding `requested` resolves to, and why."""
+        if requested not in DECODING_MODES:
+            raise GraceInputError(f"decoding must be one of {DECODING_MODES}, got {requested!r}")
+        parameter = next(self.model.parameters())
+        if self.num_beams < 2:
+            blocker = "one beam is greedy search"
+        elif hasattr(parameter, "ds_id"):
+            blocker = "DeepSpeed ZeRO-3 shards the model"
+        else:
+            blocker = None
+        if requested == "fast" and blocker:
+            raise GraceInputError(f"decoding='fast' is not available here: {blocker}")
+        if requested != "auto":
+            return requested, "requested"
+        if blocker:
+            return "generate", blocker
+        if parameter.device.type != "cuda":
+            return "generate", "no GPU"
+        return "fast", "GPU: static cache, one CUDA graph per call"
 
     @classmethod
     def from_pretrained(
@@ -205,28 +260,33 @@ class GraceRetriever:
 
     # search
     def _generation_config(self) -> GenerationConfig:
-        return GenerationConfig(
-            num_beams=self.num_beams,
-            num_return_sequences=self.num_beams,
-            max_new_tokens=self.trie.max_depth,
-            length_penalty=self.length_penalty,
-            do_sample=False,
-            early_stopping=False,
-            eos_token_id=self.processor.end_of_chunk_token_id,
-            pad_token_id=self.processor.pad_token_id,
-            return_dict_in_generate=True,
-            output_scores=True,
-            output_logits=self.num_beams == 1,  # greedy search returns no sequence scores: computed from these
-            use_cache=True,
+        return beam_generation_config(
+            self.num_beams,
+            self.trie.max_depth,
+            self.length_penalty,
+            self.processor.end_of_chunk_token_id,
+            self.processor.pad_token_id,
         )
 
     def _trie_processor(self, prompt_length: int) -> TrieLogitsProcessor:
         # in place under beam search, which hands the processor a fresh log_softmax every step
         return self.trie.logits_processor(prompt_length, self.processor.pad_token_id, inplace=self.num_beams > 1)
 
-    @torch.no_grad()
-    def _search(self, queries: list[str], top_k: int) -> list[list[RetrievedImage]]:
-        inputs = self._inputs(queries)
+    def _beam_search(self) -> TrieBeamSearch:
+        if self._fast_search is None or self._fast_search.length_penalty != self.length_penalty:
+            self._fast_search = TrieBeamSearch(
+                self.model,
+                self.trie,
+                self.num_beams,
+                eos_token_id=self.processor.end_of_chunk_token_id,
+                pad_token_id=self.processor.pad_token_id,
+                length_penalty=self.length_penalty,
+                compile=self.compile,
+            )
+        return self._fast_search
+
+    def _generate(self, inputs: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+        """`generate` with the trie processor: the identifier index (-1: none) and score of each beam, (B, K)."""
         prompt_length = inputs["input_ids"].shape[1]
         output = self.model.generate(
             **inputs,
@@ -236,9 +296,19 @@ class GraceRetriever:
         found = self.trie.lookup(
             output.sequences[:, prompt_length:], end_token_id=self.processor.end_of_chunk_token_id
         )
-        found = found.view(len(queries), self.num_beams).tolist()  # identifier index per beam, best first
         scores = output.sequences_scores if self.num_beams > 1 else self._greedy_scores(output, prompt_length)
-        scores = scores.float().view(len(queries), self.num_beams).tolist()
+        return found.view(-1, self.num_beams), scores.view(-1, self.num_beams)
+
+    @torch.no_grad()
+    def _search(self, queries: list[str], top_k: int) -> list[list[RetrievedImage]]:
+        inputs = self._inputs(queries)
+        if self.decoding == "fast":
+            output = self._beam_search()(inputs["input_ids"], inputs["attention_mask"], inputs.get("image_features"))
+            found, scores = output.identifiers, output.scores
+        else:
+            found, scores = self._generate(inputs)
+        found = found.tolist()  # identifier index per beam, best first
+        scores = scores.float().tolist()
         # Beam search fills the slots it could not fill with a finished identifier with beams whose log-probability
         # carries a -1e9 penalty (they may repeat a finished identifier): those are dropped, the query still counts.
         filler = -0.5e9 / self.trie.max_depth ** max(self.length_penalty, 0.0)

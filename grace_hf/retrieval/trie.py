@@ -12,6 +12,11 @@ generation step at once, on the scores' device:
 - `terminal` (N): the index of the sequence that ends at a node, -1 where none does.
 
 12 bytes per node: a million numeric identifiers (about two million nodes) take 24 MB.
+
+A masking step has fixed shapes and no host synchronisation, so it runs inside `torch.compile` and CUDA graphs:
+each row writes a fixed number of edge slots (the widest fan-out among the trie's narrow nodes, per depth), and the
+few wide nodes (over 1/16 of the token ids, e.g. the first token of atomic identifiers) each keep one dense row of
+allowed tokens. Both are derived from the tables once per device (`IdentifierTrie.step_tables`).
 """
 
 from __future__ import annotations
@@ -21,6 +26,7 @@ import json
 import math
 import os
 from collections.abc import Sequence
+from dataclasses import dataclass
 
 import numpy as np
 import torch
@@ -30,6 +36,28 @@ from transformers import LogitsProcessor
 
 _FORMAT = "grace_hf.identifier_trie.v1"
 _TABLES = ("edge_keys", "terminal")
+_WIDE_SHARE = 16  # a node whose children cover over 1/16 of the token ids gets a dense row of allowed tokens
+
+
+@dataclass(frozen=True)
+class TrieStepTables:
+    """What a fixed-shape masking step needs, on one device.
+
+    `widths[d]` / `wide_at[d]`: edge slots per row and whether a wide node exists among the nodes at depth `d`
+    (entry `max_depth + 1` is the trie-wide maximum, for a step whose depth is not known when it is traced).
+    `wide_nodes` (K + 1,): the wide nodes, sorted, then a sentinel larger than any node; `wide_allowed`
+    (K + 1, vocab_bound): their allowed tokens, the last row all False.
+    """
+
+    widths: tuple[int, ...]
+    wide_at: tuple[bool, ...]
+    wide_nodes: torch.Tensor
+    wide_allowed: torch.Tensor
+
+    def layout(self, depth: int | None) -> tuple[int, bool]:
+        """(edge slots, any wide node) for a step at `depth` generated tokens (None: any depth)."""
+        index = len(self.widths) - 1 if depth is None else min(depth, len(self.widths) - 2)
+        return self.widths[index], self.wide_at[index]
 
 
 class IdentifierTrie:
@@ -61,6 +89,7 @@ class IdentifierTrie:
         self.num_sequences = int(num_sequences)
         self.metadata = dict(metadata or {})
         self._on_device: dict[torch.device, tuple[torch.Tensor, torch.Tensor]] = {}
+        self._step_tables: dict[torch.device, TrieStepTables] = {}
 
     @property
     def num_nodes(self) -> int:
@@ -89,23 +118,32 @@ class IdentifierTrie:
             self._on_device[device] = (torch.cat([self.edge_keys, sentinel]).to(device), self.terminal.to(device))
         return self._on_device[device]
 
+    def step_tables(self, device: torch.device | str = "cpu") -> TrieStepTables:
+        """The fixed-shape masking layout (see `TrieStepTables`), built once per device."""
+        device = torch.device(device)
+        if device not in self._step_tables:
+            self._step_tables[device] = _build_step_tables(
+                self.edge_keys.numpy(), self.num_nodes, self.vocab_bound, self.max_depth, device
+            )
+        return self._step_tables[device]
+
+    def advance(self, node: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
+        """The child each node (R,) reaches through its token (R,); -1 where there is none or the node is -1."""
+        keys, _ = self.tables(node.device)
+        inside = (node >= 0) & (tokens >= 0) & (tokens < self.vocab_bound)
+        key = torch.where(inside, node * self.vocab_bound + tokens, -1)  # (R,) -1 is never a key
+        position = torch.searchsorted(keys, key)
+        return torch.where(keys.take(position) == key, position + 1, -1)
+
     def walk(self, tokens: torch.Tensor, lengths: torch.Tensor | None = None) -> torch.Tensor:
         """The node each row of `tokens` (R, T) reaches from the root, -1 where it leaves the trie.
 
         `lengths` (R,) limits the walk of each row to its first `lengths[r]` tokens (default: all T).
         """
-        keys, _ = self.tables(tokens.device)
-        # a token outside [0, vocab_bound) gets a key below every node's range, so it is never found
-        outside = -(self.num_nodes + 1) * self.vocab_bound
-        tokens = torch.where((tokens >= 0) & (tokens < self.vocab_bound), tokens.long(), outside)  # (R, T)
+        tokens = tokens.long()
         node = torch.zeros(tokens.shape[0], dtype=torch.int64, device=tokens.device)  # (R,)
         for depth in range(tokens.shape[1]):
-            if depth < self.max_depth:
-                key = torch.add(tokens[:, depth], node, alpha=self.vocab_bound)  # (R,) negative for a dead row
-                pos = torch.searchsorted(keys, key)
-                child = torch.where(keys.take(pos) == key, pos + 1, -1)
-            else:
-                child = torch.full_like(node, -1)
+            child = self.advance(node, tokens[:, depth]) if depth < self.max_depth else torch.full_like(node, -1)
             node = child if lengths is None else torch.where(depth < lengths, child, node)
         return node
 
@@ -134,6 +172,48 @@ class IdentifierTrie:
         node = self.walk(sequences, lengths)  # (R,)
         _, terminal = self.tables(sequences.device)
         return torch.where(node >= 0, terminal[node.clamp(min=0)].long(), -1)
+
+    def mask_scores(
+        self,
+        node: torch.Tensor,
+        scores: torch.Tensor,
+        dead_token_id: int | None = None,
+        depth: int | None = None,
+        inplace: bool = False,
+    ) -> torch.Tensor:
+        """Keep each row's scores (R, V) at the tokens its node (R,) allows, -inf elsewhere; a row whose node is -1
+        or a leaf may only take `dead_token_id` (nothing when None).
+
+        Fixed shapes and no host synchronisation. `depth`: the number of tokens every live row has generated, when
+        known (it sizes the step to that depth's nodes); None sizes it for any depth. `inplace` overwrites `scores`.
+        The first call on a device builds the tables there (host work): make it outside `torch.compile` or a graph.
+        """
+        keys, _ = self.tables(scores.device)
+        tables = self.step_tables(scores.device)
+        width, has_wide = tables.layout(depth)
+        start, count = self.edge_ranges(node)  # (R,), (R,)
+        kept = None
+        if has_wide:
+            row = torch.searchsorted(tables.wide_nodes, node)  # (R,) the node's dense row; K (all False) if none
+            row = torch.where(tables.wide_nodes.take(row) == node, row, tables.wide_nodes.numel() - 1)
+            bound = self.vocab_bound
+            kept = scores[:, :bound].masked_fill(~tables.wide_allowed[row], -math.inf)  # (R, vocab_bound)
+        # (R, C) edge slots; a row's unused slots repeat its first allowed token (or the dead token), so the scatter
+        # writes the same value twice instead of needing a ragged index. A wide row's slots hold its first C edges.
+        slot = torch.arange(width, device=scores.device)  # (C,)
+        edges = (start[:, None] + slot).clamp(max=keys.numel() - 1)  # (R, C); past a row's edges: unused
+        tokens = keys.take(edges) % self.vocab_bound
+        dead = dead_token_id if dead_token_id is not None else 0
+        first = torch.where(count > 0, tokens[:, 0], dead)  # (R,)
+        tokens = torch.where(slot < count[:, None], tokens, first[:, None])  # (R, C)
+        values = scores.gather(1, tokens)  # (R, C)
+        if dead_token_id is None:  # a dead row writes -inf where everything is -inf already
+            values = values.masked_fill((count == 0)[:, None], -math.inf)
+        processed = scores.fill_(-math.inf) if inplace else torch.full_like(scores, -math.inf)
+        processed.scatter_(1, tokens, values)
+        if kept is not None:  # the wide rows' other allowed tokens; everything else there is -inf in both
+            processed[:, : self.vocab_bound] = torch.maximum(processed[:, : self.vocab_bound], kept)
+        return processed
 
     def logits_processor(
         self, prompt_length: int, dead_token_id: int | None = None, inplace: bool = False
@@ -185,6 +265,10 @@ class TrieLogitsProcessor(LogitsProcessor):
     padding), or nothing when it is None. Any number of rows (beams, returned sequences) at once, on the scores'
     device. Returns a new tensor, or with `inplace=True` overwrites `scores` (safe in beam search, whose scores
     are a fresh `log_softmax`; on a CPU it saves allocating a (rows x vocabulary) tensor every step).
+
+    No host synchronisation and fixed shapes (see `IdentifierTrie.mask_scores`); the walk re-reads the generated
+    tokens every step, since `generate` does not tell a processor how it reordered the beams (the retriever's fast
+    path, `grace_hf.retrieval.beam_search`, keeps each beam's node instead).
     """
 
     def __init__(
@@ -201,70 +285,39 @@ class TrieLogitsProcessor(LogitsProcessor):
                 f"the trie holds token ids up to {self.trie.vocab_bound - 1}, but the scores cover only "
                 f"{scores.shape[-1]} tokens"
             )
-        keys, _ = self.trie.tables(scores.device)
-        node = self.trie.walk(input_ids[:, self.prompt_length :].to(scores.device))  # (R,)
-        start, count = self.trie.edge_ranges(node)  # (R,), (R,)
-        widest = int(count.max())
-        if widest * 4 <= scores.shape[-1]:
-            # (R, C) edge slots; a row's unused slots repeat its first allowed token (or the dead token), so the
-            # scatter writes the same value twice instead of needing a ragged index
-            slot = torch.arange(max(widest, 1), device=scores.device)  # (C,)
-            edges = (start[:, None] + slot).clamp(max=keys.numel() - 1)  # (R, C); past a row's edges: unused
-            tokens = keys.take(edges) % self.trie.vocab_bound
-            dead = self.dead_token_id if self.dead_token_id is not None else 0
-            first = torch.where(count > 0, tokens[:, 0], dead)  # (R,)
-            tokens = torch.where(slot < count[:, None], tokens, first[:, None])  # (R, C)
-            values = scores.gather(1, tokens)  # (R, C)
-            if self.dead_token_id is None:  # a dead row writes -inf where everything is -inf already
-                values = values.masked_fill((count == 0)[:, None], -math.inf)
-            processed = scores.fill_(-math.inf) if self.inplace else torch.full_like(scores, -math.inf)
-            return processed.scatter_(1, tokens, values)
-        # Rows that allow a large share of the vocabulary (e.g. one new token per image): one boolean row per
-        # distinct node.
-        nodes, inverse = torch.unique(node, return_inverse=True)  # (U,), (R,)
-        node_start, node_count = self.trie.edge_ranges(nodes)
-        owners, edges = _expand_ranges(node_start, node_count)
-        allowed = torch.zeros((nodes.numel(), scores.shape[-1]), dtype=torch.bool, device=scores.device)  # (U, V)
-        allowed[owners, keys.take(edges) % self.trie.vocab_bound] = True
-        if self.dead_token_id is not None:
-            allowed[node_count == 0, self.dead_token_id] = True
-        mask = ~allowed[inverse]
-        return scores.masked_fill_(mask, -math.inf) if self.inplace else scores.masked_fill(mask, -math.inf)
+        generated = input_ids[:, self.prompt_length :].to(scores.device)  # (R, depth): every live row is this deep
+        node = self.trie.walk(generated)  # (R,)
+        return self.trie.mask_scores(node, scores, self.dead_token_id, generated.shape[1], self.inplace)
 
 
-class NestedDictTrie:
-    """The original's trie (nested Python dicts, one per node): the reference the tests and benchmarks compare to."""
-
-    def __init__(self, sequences: Sequence[Sequence[int]]):
-        self.root: dict = {}
-        for sequence in sequences:
-            node = self.root
-            for token in sequence:
-                node = node.setdefault(token, {})
-
-    def allowed(self, prefix: Sequence[int]) -> list[int]:
-        node = self.root
-        for token in prefix:
-            if token not in node:
-                return []
-            node = node[token]
-        return list(node)
-
-    def prefix_allowed_tokens_fn(self, prompt_length: int, dead_token_id: int):
-        """The `generate(prefix_allowed_tokens_fn=...)` callback; a row with no continuation may only take
-        `dead_token_id` (transformers refuses an empty list)."""
-
-        def allowed_tokens(batch_id: int, input_ids: torch.Tensor) -> list[int]:
-            return self.allowed(input_ids[prompt_length:].tolist()) or [dead_token_id]
-
-        return allowed_tokens
-
-
-def _expand_ranges(start: torch.Tensor, count: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """For ranges `start[i] : start[i] + count[i]`, the owning range and the value of every element."""
-    owner = torch.repeat_interleave(torch.arange(count.numel(), device=count.device), count)  # (total,)
-    shift = start - (torch.cumsum(count, 0) - count)  # (R,) range value minus its position in the output
-    return owner, torch.arange(owner.numel(), device=count.device) + shift.take(owner)
+def _build_step_tables(
+    edge_keys: np.ndarray, num_nodes: int, vocab_bound: int, max_depth: int, device: torch.device
+) -> TrieStepTables:
+    """Fan-out and depth of every node -> the edge slots per depth, and dense rows for the wide nodes."""
+    parent = edge_keys // vocab_bound  # (N - 1,) the parent of node e + 1
+    fan_out = np.bincount(parent, minlength=num_nodes)  # (N,)
+    depth = np.zeros(num_nodes, dtype=np.int64)
+    for _ in range(max_depth):  # breadth-first numbering: one pass per level settles the next level
+        depth[1:] = depth[parent] + 1
+    wide = fan_out * _WIDE_SHARE > vocab_bound
+    widths, wide_at = [], []
+    for level in [*range(max_depth + 1), None]:
+        at = np.ones(num_nodes, dtype=bool) if level is None else depth == level
+        narrow = fan_out[at & ~wide]
+        widths.append(max(int(narrow.max()) if narrow.size else 0, 1))
+        wide_at.append(bool((at & wide).any()))
+    wide_nodes = np.nonzero(wide)[0]
+    allowed = np.zeros((wide_nodes.size + 1, vocab_bound), dtype=bool)
+    owner = np.searchsorted(wide_nodes, parent)  # edges of wide nodes -> their row
+    of_wide = wide[parent]
+    allowed[owner[of_wide], edge_keys[of_wide] % vocab_bound] = True
+    sentinel = np.array([np.iinfo(np.int64).max])
+    return TrieStepTables(
+        tuple(widths),
+        tuple(wide_at),
+        torch.from_numpy(np.concatenate([wide_nodes, sentinel])).to(device),
+        torch.from_numpy(allowed).to(device),
+    )
 
 
 def _build_tables(sequences: Sequence[Sequence[int]]):

@@ -103,10 +103,16 @@ def stream_batches(
     world_size: int,
     start_step: int,
     num_workers: int = 0,
+    pin_memory: bool = False,
 ) -> Iterator[dict]:
-    """Endless batches of `stream` for process `rank`, from `start_step` on (the same batches as an unbroken run)."""
+    """Endless batches of `stream` for process `rank`, from `start_step` on (the same batches as an unbroken run).
+
+    `pin_memory`: page-locked batches, which a GPU copies without waiting for the work queued before the copy.
+    """
     sampler = StepBatchSampler(len(stream.rows), stream.batch_size, seed, rank, world_size, start_step)
     collator = GraceCollator(processor, stream.name, data_args.t2id_image, data_args.max_query_words)
     rows = EpochRows(stream.rows, seed, flip=data_args.i2id_flip and stream.name != "t2id")
-    loader = DataLoader(rows, batch_sampler=sampler, collate_fn=collator, num_workers=num_workers)
+    loader = DataLoader(
+        rows, batch_sampler=sampler, collate_fn=collator, num_workers=num_workers, pin_memory=pin_memory
+    )
     return iter(loader)

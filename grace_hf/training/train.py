@@ -36,7 +36,7 @@ from grace_hf.training.model_card import render_model_card
 from grace_hf.training.modeling import build_model_and_processor, count_parameters, optimizer_parameter_groups
 from grace_hf.training.saving import push_directory, save_model_directory
 
-__all__ = ["LOG_HISTORY_FILE", "configure_deepspeed", "step_loss", "train"]
+__all__ = ["LOG_HISTORY_FILE", "batch_to_device", "configure_deepspeed", "create_optimizer", "step_loss", "train"]
 
 LOG_HISTORY_FILE = f"{LOGS_DIR}/log_history.jsonl"
 
@@ -59,6 +59,22 @@ def step_loss(
         losses[name] = loss.detach()
         total = weights[name] * loss if total is None else total + weights[name] * loss
     return total, losses
+
+
+def create_optimizer(
+    model: torch.nn.Module, accelerator: Accelerator, learning_rate: float, weight_decay: float
+) -> torch.optim.AdamW:
+    """AdamW over `optimizer_parameter_groups`. On a GPU without DeepSpeed it is the fused kernel: one pass over the
+    parameters and their two moments instead of the multi-tensor path's several, the largest fixed cost of a small
+    step for a 3B model; the update is the same (to float rounding)."""
+    fused = accelerator.device.type == "cuda" and accelerator.state.deepspeed_plugin is None
+    groups = optimizer_parameter_groups(model, weight_decay)
+    return torch.optim.AdamW(groups, lr=learning_rate, **({"fused": True} if fused else {}))
+
+
+def batch_to_device(batch: dict[str, torch.Tensor], device: torch.device) -> dict[str, torch.Tensor]:
+    """The batch on `device`; from page-locked memory the copies do not wait for the GPU to finish the last step."""
+    return {key: value.to(device, non_blocking=True) for key, value in batch.items()}
 
 
 def configure_deepspeed(accelerator: Accelerator, micro_batch_size: int, max_grad_norm: float) -> None:
@@ -110,7 +126,7 @@ class _Trainer:
         new_tokens = self.data.index.new_tokens if self.data.index is not None else []
         self.model, self.processor = build_model_and_processor(model_args, self.data.tokenizer_texts, new_tokens)
         self.num_steps = _total_steps(args, self.data, self.accelerator.num_processes)
-        optimizer = torch.optim.AdamW(optimizer_parameter_groups(self.model, args.weight_decay), lr=args.learning_rate)
+        optimizer = create_optimizer(self.model, self.accelerator, args.learning_rate, args.weight_decay)
         # stepped here once per optimizer step (not prepared: Accelerate would step it once per process)
         self.scheduler = get_scheduler(
             args.lr_scheduler_type, optimizer, num_warmup_steps=args.warmup_steps, num_training_steps=self.num_steps
@@ -178,6 +194,7 @@ class _Trainer:
                 world_size=accelerator.num_processes,
                 start_step=self.step,
                 num_workers=self.args.dataloader_num_workers,
+                pin_memory=accelerator.device.type == "cuda",
             )
             for position, stream in enumerate(self.data.streams)
         }
@@ -203,10 +220,7 @@ class _Trainer:
     def _step(self, iterators: dict[str, Iterator[dict]], no_sync: Callable) -> tuple[dict[str, torch.Tensor], Any]:
         """One optimizer step; returns the tasks' detached losses and the gradient norm (None without clipping)."""
         device = self.accelerator.device
-        batches = {
-            name: {key: value.to(device) for key, value in next(iterator).items()}
-            for name, iterator in iterators.items()
-        }
+        batches = {name: batch_to_device(next(iterator), device) for name, iterator in iterators.items()}
         total, losses = step_loss(self.model, batches, self.weights, no_sync)
         self.accelerator.backward(total)
         grad_norm = None

@@ -51,24 +51,43 @@ def build_alibi_slopes(num_heads: int, alibi_bias_max: int = 8, device: torch.de
 
 
 def build_self_attention_bias(
-    slopes: torch.Tensor, attention_mask: torch.Tensor | None, query_length: int, past_length: int, dtype: torch.dtype
+    slopes: torch.Tensor,
+    attention_mask: torch.Tensor | None,
+    query_length: int,
+    past_length: int | torch.Tensor,
+    dtype: torch.dtype,
+    key_length: int | None = None,
 ) -> torch.Tensor:
     """ALiBi + causal + padding as one additive SDPA bias. (B or 1, H, T_q, T_k)
 
     ALiBi is `slope * (key_pos - query_pos)`: MPT uses `slope * (key_pos - last_pos)`, which differs by a constant
     per query row and so gives the same softmax, but only the relative form stays right with a KV cache.
+    `past_length` may be a 0-d tensor (a static cache's fill level, never read on the host); `key_length` is the
+    number of keys attended to (default `past_length + query_length`; a static cache's full length, whose unwritten
+    tail is masked as the future). `attention_mask` (B, <= T_k) covers the first keys; keys past its end are real.
     """
     device = slopes.device
-    key_length = past_length + query_length
-    query_pos = torch.arange(past_length, key_length, device=device)  # (T_q,)
+    if key_length is None:
+        key_length = past_length + query_length
+    query_pos = torch.arange(query_length, device=device) + past_length  # (T_q,)
     key_pos = torch.arange(key_length, device=device)  # (T_k,)
     relative = (key_pos[None, :] - query_pos[:, None]).to(torch.float32)  # (T_q, T_k)
     bias = slopes[:, None, None] * relative[None]  # (H, T_q, T_k)
     allowed = (key_pos[None, :] <= query_pos[:, None])[None, None]  # (1, 1, T_q, T_k)
     if attention_mask is not None:
-        allowed = allowed & attention_mask[:, None, None, -key_length:].bool()  # (B, 1, T_q, T_k)
+        mask = attention_mask[:, -key_length:].bool()  # (B, <= T_k)
+        if mask.shape[1] < key_length:
+            mask = torch.cat([mask, mask.new_ones(mask.shape[0], key_length - mask.shape[1])], dim=1)  # (B, T_k)
+        allowed = allowed & mask[:, None, None, :]  # (B, 1, T_q, T_k)
     # the dtype's minimum rather than -inf keeps fully masked rows (left padding) finite
     return bias[None].to(dtype).masked_fill(~allowed, torch.finfo(dtype).min)
+
+
+def check_media_count(media_index: torch.LongTensor, num_images: int) -> None:
+    """Refuse text with more `<image>` tokens than images (a host sync: reads the largest index)."""
+    most = int(media_index.max()) if media_index.numel() else 0
+    if most > num_images:
+        raise ValueError(f"the text has {most} <image> tokens but only {num_images} images")
 
 
 class FlamingoFeedForward(nn.Module):
@@ -393,34 +412,39 @@ class FlamingoModel(FlamingoPreTrainedModel):
             raise ValueError("pass either pixel_values or image_features, not both")
         if cache is not None and not isinstance(cache, Cache):
             raise ValueError(f"cache must be a transformers Cache (e.g. DynamicCache), got {type(cache).__name__}")
-        if pixel_values is not None:
-            image_features = self.get_image_features(pixel_values)
-        if image_features is not None:
-            if media_index is None:
-                if cache is not None and cache.get_seq_length() > 0:
-                    raise ValueError("with a non-empty cache, pass media_index computed from the full input_ids")
-                media_index = media_index_from_input_ids(input_ids, self.config.media_token_id)
-            if media_index.shape != input_ids.shape:
-                raise ValueError(f"media_index shape {tuple(media_index.shape)} != input_ids {tuple(input_ids.shape)}")
-            if int(media_index.max()) > image_features.shape[1]:
-                raise ValueError(
-                    f"the text has {int(media_index.max())} <image> tokens but only {image_features.shape[1]} images"
-                )
-            image_features = image_features.to(self.embed_tokens.weight.dtype)
-
         use_cache = use_cache if use_cache is not None else self.config.text_config.use_cache
         if self.gradient_checkpointing and self.training:
             use_cache = False
         if use_cache and cache is None:
             cache = DynamicCache()
-        past_length = cache.get_seq_length() if cache is not None else 0
+        query_length = input_ids.shape[1]
+        # a static cache reports its fill level as a 0-d tensor and attends over its full length
+        past_length = cache.get_seq_length() if use_cache else 0
+        key_length = cache.get_mask_sizes(query_length, 0)[0] if use_cache else query_length
+
+        if pixel_values is not None:
+            image_features = self.get_image_features(pixel_values)
+        if image_features is not None:
+            if media_index is None:
+                if not isinstance(past_length, int) or past_length > 0:
+                    raise ValueError("with a non-empty cache, pass media_index computed from the full input_ids")
+                media_index = media_index_from_input_ids(input_ids, self.config.media_token_id)
+                if self.training:  # the collator writes one <image> per image; a host sync every step costs more
+                    torch._assert_async(
+                        media_index.max() <= image_features.shape[1], "more <image> tokens than images"
+                    )
+                else:
+                    check_media_count(media_index, image_features.shape[1])
+            if media_index.shape != input_ids.shape:
+                raise ValueError(f"media_index shape {tuple(media_index.shape)} != input_ids {tuple(input_ids.shape)}")
+            image_features = image_features.to(self.embed_tokens.weight.dtype)
 
         hidden_states = self.embed_tokens(input_ids)  # (B, T, D)
         text_config = self.config.text_config
         slopes = build_alibi_slopes(text_config.n_heads, text_config.alibi_bias_max, device=hidden_states.device)
         attention_bias = build_self_attention_bias(
-            slopes, attention_mask, input_ids.shape[1], past_length, hidden_states.dtype
-        )  # (B or 1, H, T, past + T)
+            slopes, attention_mask, query_length, past_length, hidden_states.dtype, key_length
+        )  # (B or 1, H, T, T_k)
         all_hidden_states = () if output_hidden_states else None
         for layer in self.layers:
             if output_hidden_states:
@@ -498,7 +522,9 @@ class FlamingoForConditionalGeneration(FlamingoPreTrainedModel, GenerationMixin)
             media_index (`torch.LongTensor` of shape `(B, T)`, *optional*): for each token, the 1-based index of the
                 most recent `<image>` at or before it in the FULL sequence (0: none). Derived from `input_ids` when
                 omitted, which is only right without a cache; `prepare_inputs_for_generation` supplies it.
-            cache (`Cache`, *optional*): a `DynamicCache` of earlier steps; `past_key_values` is an alias.
+            cache (`Cache`, *optional*): a `DynamicCache` of earlier steps, or a `StaticCache` (fixed shapes for
+                `torch.compile` and CUDA graphs: the keys span its full length, `attention_mask` may then cover
+                it all); `past_key_values` is an alias.
             labels (`torch.LongTensor` of shape `(B, T)`, *optional*): next-token targets, -100 ignored; shifted here.
             logits_to_keep (`int`): if > 0, only the logits of the last `logits_to_keep` positions are computed.
         """
@@ -537,6 +563,11 @@ class FlamingoForConditionalGeneration(FlamingoPreTrainedModel, GenerationMixin)
             ]
         return model_inputs
 
+    def create_masks_for_generate(self, attention_mask: torch.Tensor | None = None, **kwargs) -> torch.Tensor | None:
+        """`generate` turns the 2D mask into a 4D one for a static cache; the forward builds its own ALiBi bias from
+        the 2D mask, so it is kept."""
+        return attention_mask
+
     @torch.no_grad()
     def generate(
         self,
@@ -555,5 +586,9 @@ class FlamingoForConditionalGeneration(FlamingoPreTrainedModel, GenerationMixin)
                 raise ValueError("pass either pixel_values or image_features, not both")
             image_features = self.get_image_features(pixel_values)
         if image_features is not None:
+            if input_ids is not None:  # once here: the steps get `media_index` and skip the check
+                check_media_count(
+                    media_index_from_input_ids(input_ids, self.config.media_token_id), image_features.shape[1]
+                )
             generate_kwargs["image_features"] = image_features
         return super().generate(input_ids=input_ids, attention_mask=attention_mask, **generate_kwargs)
