@@ -29,6 +29,8 @@ def load_run_metrics(run: str | os.PathLike) -> dict[str, Any]:
     metrics = read_json(path, "metrics file")
     if not isinstance(metrics, dict):
         raise GraceInputError(f"{path}: expected a JSON object, got {type(metrics).__name__}")
+    if "recall@1" not in metrics:
+        raise GraceInputError(f"{path}: not the metrics of an evaluated run (no recall@1)")
     return metrics
 
 

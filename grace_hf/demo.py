@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from grace_hf.compare import comparison_table
-from grace_hf.data.synthetic import PSEUDO_QUERIES_JSON, SYNTHETIC_JSON, write_synthetic
+from grace_hf.data.synthetic import PSEUDO_QUERIES_JSON, SYNTHETIC_JSON, check_synthetic_size, write_synthetic
 from grace_hf.dense.train import DenseTrainingArgs, run_baseline
 from grace_hf.errors import GraceInputError
 from grace_hf.image_features import FEATURES_FILE
@@ -96,6 +96,9 @@ def run_demo(
     overwrite: bool = False,
 ) -> dict[str, Any]:
     """Run every stage into `output_dir` (replacing an earlier demo there); return the first kind's metrics."""
+    check_synthetic_size(num_images)
+    for kind in kinds:
+        _recipe(kind)
     out = open_output_dir(output_dir, DEMO, overwrite=overwrite, command="grace-hf demo")
     data = out / "data"
     _log(f"write {num_images} synthetic images with captions and pseudo-queries -> {data}")

@@ -361,6 +361,12 @@ CASES = [
         "nothing.pt: no such weights file",
     ),
     ("demo-cwd", lambda w: ["demo", "--output-dir", "."], "working directory"),
+    ("demo-too-few-images", lambda w: ["demo", "--output-dir", "d", "--num-images", "2"], "between 3 and"),
+    (
+        "compare-not-metrics",
+        lambda w: ["compare", "data/dataset_synthetic.json"],
+        "not the metrics of an evaluated run",
+    ),
     ("demo-user-dir", lambda w: ["demo", "--output-dir", "thesis"], "thesis: exists and is not a grace_hf"),
     ("demo-old-flag", lambda w: ["demo", "--kinds", "all"], "--kinds was renamed: use --identifier-kind"),
 ]

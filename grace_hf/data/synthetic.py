@@ -30,7 +30,14 @@ from grace_hf.io_utils import atomic_write_text
 from grace_hf.outputs import SYNTHETIC_DATA, check_output_dir, output_directory
 from grace_hf.runtime import progress_bar
 
-__all__ = ["SYNTHETIC_JSON", "PSEUDO_QUERIES_JSON", "IMAGE_DIR", "MAX_IMAGES", "write_synthetic"]
+__all__ = [
+    "SYNTHETIC_JSON",
+    "PSEUDO_QUERIES_JSON",
+    "IMAGE_DIR",
+    "MAX_IMAGES",
+    "check_synthetic_size",
+    "write_synthetic",
+]
 
 SYNTHETIC_JSON = "dataset_synthetic.json"
 PSEUDO_QUERIES_JSON = PSEUDO_QUERIES_FILE
@@ -268,6 +275,12 @@ def _splits(num_images: int, rng: np.random.Generator) -> list[str]:
     return splits
 
 
+def check_synthetic_size(num_images: int) -> None:
+    """A collection needs at least one train, val and test image, and distinct contents."""
+    if not 3 <= num_images <= MAX_IMAGES:
+        raise GraceInputError(f"--num-images must be between 3 and {MAX_IMAGES}, got {num_images}")
+
+
 def write_synthetic(
     out_dir: str | os.PathLike,
     num_images: int = 1000,
@@ -281,8 +294,7 @@ def write_synthetic(
     `out_dir/pseudo_queries.json` maps the file name of every val/test image to five queries.
     The same `num_images` and `seed` give byte-identical files.
     """
-    if not 3 <= num_images <= MAX_IMAGES:
-        raise GraceInputError(f"--num-images must be between 3 and {MAX_IMAGES}, got {num_images}")
+    check_synthetic_size(num_images)
     check_output_dir(out_dir, SYNTHETIC_DATA, overwrite=overwrite)
     rng = np.random.default_rng(seed)
     contents = _contents(num_images, rng)
