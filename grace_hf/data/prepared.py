@@ -19,7 +19,14 @@ from huggingface_hub import CommitOperationAdd, HfApi, hf_hub_download
 
 from grace_hf.errors import GraceInputError
 
-__all__ = ["PREPARE_FILE", "SPLITS", "load_prepared", "prepared_file", "push_prepared_to_hub"]
+__all__ = [
+    "PREPARE_FILE",
+    "SPLITS",
+    "load_prepared",
+    "optional_prepared_file",
+    "prepared_file",
+    "push_prepared_to_hub",
+]
 
 PREPARE_FILE = "prepare.json"
 SPLITS = ("i2id", "t2id", "queries")
@@ -57,6 +64,15 @@ def prepared_file(source: str | os.PathLike, name: str) -> Path:
         raise GraceInputError(
             f"{source}: no {name} (not a prepared dataset directory or Hub dataset: {err})"
         ) from None
+
+
+def optional_prepared_file(source: str | os.PathLike, name: str) -> Path | None:
+    """The local path of the side file `name` of a prepared directory or Hub repo, or None when it has none."""
+    try:
+        path = prepared_file(source, name)
+    except GraceInputError:
+        return None
+    return path if path.is_file() else None
 
 
 def push_prepared_to_hub(
