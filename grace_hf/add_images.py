@@ -25,7 +25,7 @@ from typing import Any
 from datasets import Dataset, DatasetDict, concatenate_datasets
 
 from grace_hf.data.karpathy import KarpathyCorpus, load_karpathy
-from grace_hf.data.prepared import PREPARE_FILE, load_prepared
+from grace_hf.data.prepared import PREPARE_FILE, load_prepared, save_prepared
 from grace_hf.data.pseudo_queries import load_pseudo_queries
 from grace_hf.errors import GraceInputError
 from grace_hf.identifiers import IDENTIFIERS_FILE, IdentifierIndex, extend_identifiers
@@ -60,6 +60,11 @@ def split_batch(batch_size: int, replay_ratio: float) -> tuple[int, int]:
     """
     new = max(1, round(batch_size / (1 + replay_ratio)))
     return new, batch_size - new
+
+
+def _concatenate(parts: list[Dataset]) -> Dataset:
+    """`parts` end to end (an empty part, which may have no arrow table at all, is left out)."""
+    return concatenate_datasets([part for part in parts if len(part)] or parts[:1])
 
 
 def _replay_sources(model: ModelDirectory, data_args: AddImagesArguments) -> list[str]:
@@ -98,7 +103,7 @@ def _replayed_rows(sources: list[str], index: IdentifierIndex) -> DatasetDict:
         if unknown:
             raise GraceInputError(f"{source}: queries of image {unknown[0]!r}, which the model does not know")
         parts.append(dataset)
-    return DatasetDict({name: concatenate_datasets([part[name] for part in parts]) for name in (*TASKS, "queries")})
+    return DatasetDict({name: _concatenate([part[name] for part in parts]) for name in (*TASKS, "queries")})
 
 
 def _token_texts(
@@ -120,7 +125,7 @@ def _writer(added: DatasetDict, index: IdentifierIndex, record: dict[str, Any]):
 
     def write(directory: Path) -> None:
         target = directory / ADDED_IMAGES_DIR
-        added.save_to_disk(str(target))
+        save_prepared(added, target)
         index.save(target / IDENTIFIERS_FILE)
         atomic_write_json(target / PREPARE_FILE, record)
 
@@ -172,7 +177,7 @@ def added_training_data(
             new = batch_size
         streams.append(TaskStream(name, added[name], new, weight, replay_rows, replay))
 
-    queries = concatenate_datasets([replayed["queries"], added["queries"]])
+    queries = _concatenate([replayed["queries"], added["queries"]])
     chosen = queries.select(spread(len(queries), data_args.eval_num_queries))
     record = {
         "inputs": inputs_record(

@@ -15,7 +15,7 @@ from typing import Any
 from datasets import Dataset, DatasetDict, Features, Image, Value
 
 from grace_hf.data.karpathy import KarpathyCorpus, KarpathyImage, load_karpathy
-from grace_hf.data.prepared import PREPARE_FILE
+from grace_hf.data.prepared import PREPARE_FILE, save_prepared
 from grace_hf.data.pseudo_queries import load_pseudo_queries
 from grace_hf.identifiers import (
     CODEBOOKS_FILE,
@@ -190,7 +190,7 @@ def prepare(
         tempfile.TemporaryDirectory(prefix="grace-prepare-") as cache,
     ):
         dataset = build_dataset_dict(corpus, index, queries, cache)
-        dataset.save_to_disk(str(tmp))
+        save_prepared(dataset, tmp)
         index.save(tmp / IDENTIFIERS_FILE)
         if index.codebooks is not None:
             index.codebooks.save(tmp / CODEBOOKS_FILE)
