@@ -3,6 +3,11 @@ one untouched), the structured tree's descent, and the errors that stop it befor
 
 import hashlib
 import json
+import os
+import signal
+import subprocess
+import sys
+import textwrap
 from pathlib import Path
 
 import numpy as np
@@ -218,6 +223,56 @@ def test_adding_twice_replays_every_earlier_dataset(added, collections, tmp_path
     index = IdentifierIndex.load(tmp_path / "twice")
     assert list(index.images) == list(IdentifierIndex.load(added["out"]).images)  # the same images, one add or two
     assert index.images["images/synthetic_000029.png"] == ["2 9"]
+
+
+# SIGKILLs add-images right after optimizer step KILL_AT
+KILLER = textwrap.dedent(
+    """
+    import os, signal, sys
+    import grace_hf.training.train as train
+
+    step = train._Trainer._step
+
+    def step_then_die(self, *args):
+        result = step(self, *args)
+        if self.step == int(os.environ["KILL_AT"]):
+            os.kill(os.getpid(), signal.SIGKILL)
+        return result
+
+    train._Trainer._step = step_then_die
+    from grace_hf.commands import add_images
+    sys.exit(add_images.main(sys.argv[1:]))
+    """
+)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("added", ["structured"], indirect=True)
+def test_killed_add_resumes_to_the_same_weights(added, collections, tmp_path):
+    _, new = collections
+    steps = ["--max-steps", "4", "--save-steps", "2"]
+    run_add(add_argv(added["model"], new, tmp_path / "reference", *steps))
+    script = tmp_path / "killer.py"
+    script.write_text(KILLER)
+    argv = add_argv(added["model"], new, tmp_path / "out", *steps)
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "KILL_AT": "3"}
+    process = subprocess.run(
+        [sys.executable, str(script), *argv], env=env, capture_output=True, text=True, timeout=300
+    )
+    assert process.returncode == -signal.SIGKILL, process.stderr[-2000:]
+    with pytest.raises(GraceInputError, match="holds an unfinished run; resume it"):
+        run_add(argv)
+
+    run_add([*argv, "--resume-from-checkpoint", "latest"])
+    resumed, reference = (
+        load_file(tmp_path / "out" / "model.safetensors"),
+        load_file(tmp_path / "reference" / "model.safetensors"),
+    )
+    assert resumed.keys() == reference.keys()
+    assert all(torch.equal(resumed[name], reference[name]) for name in reference)
+    assert IdentifierIndex.load(tmp_path / "out") == IdentifierIndex.load(tmp_path / "reference")
+    assert load_prepared(tmp_path / "out" / "added_images")["i2id"].num_rows == NUM_IMAGES - NUM_OLD
+    assert _tree_digest(added["model"]) == added["before"]
 
 
 def test_every_batch_mixes_new_and_replayed_rows():
