@@ -138,6 +138,8 @@ def added_training_data(
     """Check everything, name the new images and build what the continued training reads (the new rows' arrow
     cache goes to `cache_dir`, which must outlive the training). Sets `data_args.data` to the replayed datasets
     and `data_args.t2id_image` to the model's. Nothing is written outside `cache_dir`."""
+    if model_args.model is None:
+        raise GraceInputError("add-images needs --model: the trained model directory to add images to")
     model = read_model_dir(model_args.model, weights=False)
     query_image = model.grace_config.query_image
     if data_args.t2id_image not in (None, query_image):
