@@ -4,7 +4,8 @@ Stages: check (the model directory, the output, the new images) -> identifiers f
 the model's kind codes them, no existing one changed (`extend_identifiers`) -> their rows (i2id; t2id from train
 captions and val/test pseudo-queries; the test captions as evaluation queries) -> continued training from the
 model's weights with the `train` loop, every batch mixing new rows with replayed rows of the datasets the model was
-trained on (`replay_ratio` old rows per new row), so the old images are not forgotten -> a new model directory.
+trained on (`replay_ratio` old rows per new row; by default as many as the data holds, so that batches mirror the
+whole collection), so the old images are neither forgotten nor outranked by the new ones -> a new model directory.
 
 The new directory is a complete retriever whose collection is the old one plus the new test images. It also holds
 the new rows as a prepared dataset, `added_images/` (what a later add-images replays; `grace-hf evaluate --data
@@ -173,7 +174,10 @@ def added_training_data(
             continue
         if len(added[name]) == 0:
             raise GraceInputError(f"{data_args.karpathy_json}: the new images give no {name} rows")
-        new, replay = split_batch(batch_size, data_args.replay_ratio)
+        ratio = data_args.replay_ratio
+        if ratio is None:  # each batch mirrors the collection: as many old rows per new row as the data holds
+            ratio = len(replayed[name]) / len(added[name])
+        new, replay = split_batch(batch_size, ratio)
         replay_rows = replayed[name] if replay > 0 and len(replayed[name]) > 0 else None
         if replay_rows is None:
             new = batch_size

@@ -176,6 +176,8 @@ def test_atomic_tokens_start_from_their_captions(added, tmp_path, collections):
     )
     data = added_training_data(model_args, data_args, args, str(tmp_path / "cache"))
     assert len(data.token_texts) == NUM_IMAGES - NUM_OLD
+    # batches mirror the collection: 22 old images per 8 new ones (i2id batch 4 = 1 + 3, t2id batch 8 = 2 + 6)
+    assert [(s.name, s.batch_size, s.replay_batch_size) for s in data.streams] == [("i2id", 1, 3), ("t2id", 2, 6)]
     grown, processor = build_model_and_processor(model_args, [], data.index.new_tokens, data.token_texts)
     before = load_file(model / "model.safetensors")["model.embed_tokens.weight"]
     table = grown.get_input_embeddings().weight.detach()

@@ -127,9 +127,13 @@ class AddImagesArguments(DataArguments):
     t2id_image: Literal["none", "blank"] | None = field(
         default=None, metadata={"help": "The model's own (its grace_config.json); another value is an error."}
     )
-    replay_ratio: float = field(
-        default=1.0,
-        metadata={"help": "Replayed old rows per new row in every batch (0: new rows only, which forgets)."},
+    replay_ratio: float | None = field(
+        default=None,
+        metadata={
+            "help": "Replayed old rows per new row in every batch (default: as many as the replayed data holds old "
+            "rows per new row, so batches mirror the whole collection and the model does not favour the new "
+            "images; 0: new rows only, which forgets)."
+        },
     )
     image_features: str | None = field(
         default=None,
@@ -144,7 +148,7 @@ class AddImagesArguments(DataArguments):
             raise GraceInputError(f"add-images trains retrieval, not task {self.task!r}")
         if self.karpathy_json is None or self.image_root is None:
             raise GraceInputError("add-images needs karpathy_json and image_root (the new images)")
-        if self.replay_ratio < 0:
+        if self.replay_ratio is not None and self.replay_ratio < 0:
             raise GraceInputError(f"replay_ratio must be >= 0, got {self.replay_ratio}")
         self._check_values()
 
