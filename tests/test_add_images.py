@@ -310,6 +310,9 @@ def test_new_images_descend_the_tree_into_free_places_then_new_leaves(tmp_path):
     root_leaf = KMeansTree.from_paths([[0], [1]], features[:2], leaf_size=2)
     assert root_leaf.code(features[0]) == [2]  # a root leaf has no parent: it grows
     options = StructuredOptions(pixel_features=True, k=2, leaf_size=4)
+    saved = Codebooks.load(root_leaf.to_codebooks(options, {}).save(tmp_path / "root.safetensors"))
+    assert saved.tensors["centroids"].shape == (0, 2)
+    assert KMeansTree.from_codebooks(saved, "books").code(features[0]) == [3]
     saved = Codebooks.load(tree.to_codebooks(options, {}).save(tmp_path / CODEBOOKS_FILE))
     again = KMeansTree.from_codebooks(saved, "books")
     assert again.leaves == tree.leaves and set(again.children[()]) == {0, 1, 2}

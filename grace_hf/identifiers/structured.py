@@ -123,11 +123,12 @@ def identifier_to_path(identifier: str) -> list[int] | None:
 class KMeansTree:
     """A hierarchical k-means tree, as codebooks: `children[node][label]` is the centroid (d,) of the images under
     `node + (label,)` (nodes are paths of cluster labels, the root is `()`), `leaves[leaf]` the number of images
-    in a leaf; a leaf holds at most `leaf_size` images, except the root when it is a leaf."""
+    in a leaf; a leaf holds at most `leaf_size` images, except the root when it is a leaf; `dim` is d."""
 
     children: dict[Node, dict[int, np.ndarray]]
     leaves: dict[Node, int]
     leaf_size: int
+    dim: int
 
     @classmethod
     def from_paths(cls, paths: list[list[int]], features: np.ndarray, leaf_size: int) -> KMeansTree:
@@ -140,7 +141,8 @@ class KMeansTree:
         children: dict[Node, dict[int, np.ndarray]] = defaultdict(dict)
         for child, rows in sorted(members.items()):
             children[child[:-1]][child[-1]] = features[rows].mean(axis=0)
-        return cls(dict(children), dict(Counter(tuple(path[:-1]) for path in paths)), leaf_size)
+        leaves = dict(Counter(tuple(path[:-1]) for path in paths))
+        return cls(dict(children), leaves, leaf_size, features.shape[1])
 
     def code(self, embedding: np.ndarray) -> list[int]:
         """The path of a new image with `embedding` (d,): down to the nearest leaf, its next position (a new leaf
@@ -172,7 +174,9 @@ class KMeansTree:
     def to_codebooks(self, options: StructuredOptions, tensors: dict[str, np.ndarray]) -> Codebooks:
         """The tree, the options that built it (paths absolute) and the embedding source's `tensors`."""
         child_paths = [[*node, label] for node in sorted(self.children) for label in sorted(self.children[node])]
-        centroids = np.stack([self.children[tuple(path[:-1])][path[-1]] for path in child_paths]).astype(np.float32)
+        centroids = np.zeros((len(child_paths), self.dim), dtype=np.float32)  # (C, d); none when the root is a leaf
+        for row, path in enumerate(child_paths):
+            centroids[row] = self.children[tuple(path[:-1])][path[-1]]
         metadata = {
             "options": _recorded_options(options),
             "child_paths": child_paths,
@@ -195,7 +199,7 @@ class KMeansTree:
             ]
             if dangling:
                 raise ValueError(f"node {dangling[0]} is neither split nor leaf")
-            return cls(dict(children), leaves, int(metadata["options"]["leaf_size"]))
+            return cls(dict(children), leaves, int(metadata["options"]["leaf_size"]), centroids.shape[1])
         except (KeyError, TypeError, ValueError, IndexError) as err:
             raise GraceInputError(f"{source}: not a structured k-means tree ({err})") from None
 
