@@ -186,6 +186,7 @@ class KMeansTree:
 
     @classmethod
     def from_codebooks(cls, codebooks: Codebooks, source: str) -> KMeansTree:
+        """The tree `to_codebooks` saved; a malformed one is a `GraceInputError` naming `source`."""
         try:
             centroids, metadata = codebooks.tensors["centroids"], codebooks.metadata
             if centroids.ndim != 2 or len(centroids) != len(metadata["child_paths"]):
