@@ -21,6 +21,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
         "merge OpenFlamingo, MPT and CLIP weights into one model directory",
     ),
     "train": ("train", "train with Accelerate (+ DeepSpeed) from a YAML recipe"),
+    "add-images": ("add_images", "add new images to a trained retriever (continued training with replay)"),
     "evaluate": ("evaluate", "Recall@K of a trained model on a prepared dataset"),
     "retrieve": ("retrieve", "retrieve images for text queries"),
     "pseudo-queries": ("pseudo_queries", "write pseudo-queries with a trained captioner"),

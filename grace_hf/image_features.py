@@ -31,18 +31,20 @@ from grace_hf.runtime import progress_bar
 __all__ = [
     "FEATURES_FILE",
     "OPEN_CLIP_CONFIG_FILE",
+    "OPEN_CLIP_WEIGHTS_FILE",
     "encode_images",
     "load_image_features",
     "open_clip_image_encoder",
     "pixel_embeddings",
+    "pixel_thumbnails",
     "read_open_clip_config",
     "read_rgb",
     "save_image_features",
-    "select_features",
 ]
 
 FEATURES_FILE = "image_features.safetensors"
 OPEN_CLIP_CONFIG_FILE = "open_clip_config.json"
+OPEN_CLIP_WEIGHTS_FILE = "open_clip_model.safetensors"
 PIXEL_SIDE = 16
 
 
@@ -77,8 +79,8 @@ def encode_images(
     return torch.cat(chunks) if chunks else torch.empty(0, 0)
 
 
-def pixel_embeddings(paths: Sequence[str | os.PathLike], num_workers: int | None = None) -> np.ndarray:
-    """(N, 768) centred, L2-normalised 16x16 RGB thumbnails: colour and layout without a model."""
+def pixel_thumbnails(paths: Sequence[str | os.PathLike], num_workers: int | None = None) -> np.ndarray:
+    """(N, 768) 16x16 RGB thumbnails in [0, 1]: colour and layout without a model."""
 
     def thumbnail(path: str | os.PathLike) -> np.ndarray:
         small = read_rgb(path).resize((PIXEL_SIDE, PIXEL_SIDE), Image.Resampling.BOX)
@@ -86,8 +88,12 @@ def pixel_embeddings(paths: Sequence[str | os.PathLike], num_workers: int | None
 
     with ThreadPoolExecutor(num_workers or default_workers()) as pool:
         rows = list(progress_bar(pool.map(thumbnail, paths), total=len(paths), desc="pixel features"))
-    features = np.stack(rows)  # (N, 768)
-    features -= features.mean(axis=0, keepdims=True)
+    return np.stack(rows)  # (N, 768)
+
+
+def pixel_embeddings(thumbnails: np.ndarray, mean: np.ndarray | None = None) -> np.ndarray:
+    """(N, 768) thumbnails centred on `mean` (1, 768) (default: their own mean) and L2-normalised."""
+    features = thumbnails - (thumbnails.mean(axis=0, keepdims=True) if mean is None else mean)
     return features / np.maximum(np.linalg.norm(features, axis=1, keepdims=True), 1e-8)
 
 
@@ -166,13 +172,3 @@ def load_image_features(path: str | os.PathLike) -> tuple[torch.Tensor, list[str
     if features.ndim != 2 or not isinstance(image_keys, list) or features.shape[0] != len(image_keys):
         raise GraceInputError(f"{path}: 'features' must be (N, d) with N = len(image_keys)")
     return features, image_keys
-
-
-def select_features(path: str | os.PathLike, image_keys: Sequence[str]) -> np.ndarray:
-    """Rows of a features file for `image_keys`, in that order (N, d) float32; every key must be present."""
-    features, keys = load_image_features(path)
-    row = {key: i for i, key in enumerate(keys)}
-    missing = [key for key in image_keys if key not in row]
-    if missing:
-        raise GraceInputError(f"{path}: no features for image {missing[0]!r} ({len(missing)} images missing)")
-    return features[[row[key] for key in image_keys]].numpy().astype(np.float32)

@@ -15,13 +15,26 @@ from typing import Any
 from datasets import Dataset, DatasetDict, Features, Image, Value
 
 from grace_hf.data.karpathy import KarpathyCorpus, KarpathyImage, load_karpathy
-from grace_hf.data.prepared import PREPARE_FILE
+from grace_hf.data.prepared import PREPARE_FILE, save_prepared
 from grace_hf.data.pseudo_queries import load_pseudo_queries
-from grace_hf.identifiers import IDENTIFIERS_FILE, IdentifierIndex, build_identifiers, get_identifier_kind
+from grace_hf.identifiers import (
+    CODEBOOKS_FILE,
+    IDENTIFIERS_FILE,
+    IdentifierIndex,
+    build_identifiers,
+    get_identifier_kind,
+)
 from grace_hf.io_utils import atomic_write_json
 from grace_hf.outputs import PREPARED_DATASET, check_output_dir, output_directory
 
-__all__ = ["options_paths", "prepare"]
+__all__ = [
+    "build_dataset_dict",
+    "dataset_counts",
+    "inputs_record",
+    "options_paths",
+    "prepare",
+    "training_queries",
+]
 
 TEXT = Value("string")
 
@@ -39,7 +52,7 @@ def _sha256(path: str | os.PathLike) -> str:
     return digest.hexdigest()
 
 
-def _queries_of(image: KarpathyImage, pseudo_queries: dict[str, list[str]]) -> tuple[list[str], str]:
+def training_queries(image: KarpathyImage, pseudo_queries: dict[str, list[str]]) -> tuple[list[str], str]:
     """What teaches query -> identifier for a memorized image: train captions, else its pseudo-queries."""
     if image.split == "train":
         return image.captions, "human_caption"
@@ -52,7 +65,7 @@ def _t2id_rows(images: list[KarpathyImage], index: IdentifierIndex, pseudo_queri
     rows: dict[str, list[str]] = {"query": [], "image_key": [], "identifier": []}
     for image in images:
         identifiers = index.images[image.key]
-        queries, _ = _queries_of(image, pseudo_queries)
+        queries, _ = training_queries(image, pseudo_queries)
         for j, query in enumerate(queries):
             rows["query"].append(query)
             rows["image_key"].append(image.key)
@@ -94,7 +107,7 @@ def build_dataset_dict(
     return DatasetDict({"i2id": i2id, "t2id": t2id, "queries": queries})
 
 
-def _counts(
+def dataset_counts(
     corpus: KarpathyCorpus, index: IdentifierIndex, pseudo_queries: dict[str, list[str]], dataset: DatasetDict
 ) -> dict[str, Any]:
     """The numbers prepare.json reports."""
@@ -102,7 +115,7 @@ def _counts(
     sources = {"human_caption": 0, "pseudo_query": 0}
     without_queries = 0
     for image in images:
-        queries, source = _queries_of(image, pseudo_queries)
+        queries, source = training_queries(image, pseudo_queries)
         sources[source] += len(queries)
         without_queries += not queries
     learns_from_pseudo = {image.key for image in images if image.split != "train"}
@@ -122,7 +135,7 @@ def _counts(
     }
 
 
-def _inputs_record(
+def inputs_record(
     karpathy_json: str | os.PathLike,
     image_root: str | os.PathLike,
     kind: str,
@@ -154,6 +167,9 @@ def prepare(
 ) -> dict[str, Any]:
     """Build the prepared dataset directory `output_dir`; return what prepare.json records.
 
+    Beside the splits: `identifiers.json`, `prepare.json`, and for a kind that keeps codebooks (structured: the
+    k-means tree) `identifier_codebooks.safetensors`, which training copies into the model directory.
+
     `identifier_options` are the kind's own (structured: `pixel_features`, `image_features`, `clip_model`,
     `clip_pretrained`, `k`, `leaf_size`, ...), checked before any image is read. The same inputs give a
     byte-identical `identifiers.json` and identical dataset rows.
@@ -168,17 +184,19 @@ def prepare(
     corpus = load_karpathy(karpathy_json, image_root, check_images=check_images, num_workers=num_workers)
     queries = load_pseudo_queries(pseudo_queries, corpus) if pseudo_queries is not None else {}
     index = build_identifiers(identifier_kind, corpus, queries, num_workers, **identifier_options)
-    record_inputs = _inputs_record(karpathy_json, image_root, identifier_kind, identifier_options, pseudo_queries)
+    record_inputs = inputs_record(karpathy_json, image_root, identifier_kind, identifier_options, pseudo_queries)
     with (
         output_directory(output_dir, PREPARED_DATASET, inputs, overwrite, "grace-hf prepare") as tmp,
         tempfile.TemporaryDirectory(prefix="grace-prepare-") as cache,
     ):
         dataset = build_dataset_dict(corpus, index, queries, cache)
-        dataset.save_to_disk(str(tmp))
+        save_prepared(dataset, tmp)
         index.save(tmp / IDENTIFIERS_FILE)
+        if index.codebooks is not None:
+            index.codebooks.save(tmp / CODEBOOKS_FILE)
         record = {
             "inputs": record_inputs,
-            "counts": _counts(corpus, index, queries, dataset),
+            "counts": dataset_counts(corpus, index, queries, dataset),
             "identifiers": index.report,
         }
         atomic_write_json(tmp / PREPARE_FILE, record)

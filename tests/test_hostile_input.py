@@ -36,6 +36,7 @@ def assets(tmp_path_factory):
         leaf_size=4,
     )
     build_tiny_model_dir(root / "model")
+    build_tiny_model_dir(root / "model-semantic", kind="semantic")
     queries = [f"{q} number {n}" for n, q in enumerate(QUERIES)]
     write_prepared(root / "eval-data", queries, IMAGES[4:7])
     return root
@@ -113,9 +114,27 @@ def _broken_model(work: Path, damage: str) -> str:
     return "model"
 
 
+def _new_images(work: Path, name: str, captions: list[str]) -> str:
+    """A Karpathy JSON with one new train image `images/<name>` (a copy of a synthetic image) and its captions."""
+    shutil.copy(work / "data" / "images" / "synthetic_000000.png", work / "data" / "images" / name)
+    entry = {"filepath": "images", "filename": name, "split": "train", "sentences": [{"raw": c} for c in captions]}
+    (work / f"{name}.json").write_text(json.dumps({"images": [entry]}))
+    return f"{name}.json"
+
+
+def _structured_without_codebooks(work: Path) -> str:
+    """The tiny model relabelled as a structured retriever whose directory lacks the k-means tree."""
+    index = json.loads((work / "model" / "identifiers.json").read_text())
+    index.update(kind="structured", images={key: [f"0_{n}"] for n, key in enumerate(index["images"])})
+    (work / "model" / "identifiers.json").write_text(json.dumps(index))
+    (work / "model" / "grace_config.json").write_text(json.dumps({"identifier_kind": "structured"}))
+    return "model"
+
+
 PREPARE = ["prepare", "--karpathy-json", "data/dataset_synthetic.json", "--image-root", "data"]
 PREPARE_NUMERIC = [*PREPARE, "--identifier-kind", "numeric"]
 EVALUATE = ["evaluate", "--data", "eval-data"]
+ADD = ["add-images", "--karpathy-json", "data/dataset_synthetic.json", "--image-root", "data", "--max-steps", "1"]
 
 # (id, argv builder, message the error must contain as a regex)
 CASES = [
@@ -359,6 +378,66 @@ CASES = [
             "converted",
         ],
         "nothing.pt: no such weights file",
+    ),
+    (
+        "add-images-image-already-in-collection",
+        lambda w: [
+            *ADD[:2],
+            _new_images(w, "003.png", ["a red square"]),
+            *ADD[3:],
+            "--model",
+            "model",
+            "--data",
+            "prepared",
+            "--output-dir",
+            "added",
+        ],
+        r"003.png.json: image 'images/003.png' is already in model/identifiers.json",
+    ),
+    (
+        "add-images-identifier-clash",
+        lambda w: [
+            *ADD[:2],
+            _new_images(w, "clash.png", ["Shape 3", "A picture of shape number 3"]),
+            *ADD[3:],
+            "--model",
+            "model-semantic",
+            "--data",
+            "prepared",
+            "--output-dir",
+            "added",
+        ],
+        r"every text of image 'images/clash.png' also names an earlier image \(e.g. 'shape 3' names 'images/003.png'\)",
+    ),
+    (
+        "add-images-no-codebooks",
+        lambda w: [*ADD, "--model", _structured_without_codebooks(w), "--data", "prepared", "--output-dir", "added"],
+        "model/identifiers.json: no identifier_codebooks.safetensors: structured identifiers of new images",
+    ),
+    (
+        "add-images-no-training-record",
+        lambda w: [*ADD, "--model", "model", "--output-dir", "added"],
+        "model: no training_args.json says which prepared dataset the model was trained on; pass --data",
+    ),
+    (
+        "add-images-replays-another-models-data",
+        lambda w: [*ADD, "--model", "model", "--data", "prepared", "--output-dir", "added"],
+        r"prepared: i2id\[0\]: identifier '.+' of image 'images/synthetic_000000.png' is not the model's identifier",
+    ),
+    (
+        "add-images-into-the-model",
+        lambda w: [*ADD, "--model", "model", "--data", "prepared", "--output-dir", "model"],
+        "holds the input model",
+    ),
+    (
+        "add-images-other-query-image",
+        lambda w: [*ADD, "--model", "model", "--t2id-image", "blank", "--output-dir", "added"],
+        r"t2id_image 'blank': model was trained with 'none' \(grace_config.json\)",
+    ),
+    (
+        "add-images-no-new-images",
+        lambda w: ["add-images", "--model", "model", "--output-dir", "a"],
+        "needs karpathy_json",
     ),
     ("demo-cwd", lambda w: ["demo", "--output-dir", "."], "working directory"),
     ("demo-too-few-images", lambda w: ["demo", "--output-dir", "d", "--num-images", "2"], "between 3 and"),

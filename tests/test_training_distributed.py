@@ -9,6 +9,7 @@ import textwrap
 from pathlib import Path
 
 import pytest
+import torch
 import yaml
 from safetensors.torch import load_file
 
@@ -172,3 +173,62 @@ def test_two_cpu_processes_shard_the_data_and_save_once(prepared, tmp_path):
     assert (out / "checkpoints" / "step-3" / "trainer_state.json").is_file()
     assert not [p.name for p in out.parent.iterdir() if p.name.startswith(".")]
     assert not [p.name for p in (out / "checkpoints").iterdir() if p.name.startswith(".")]
+
+
+def _old_model_and_new_images(tmp_path, kind):
+    """A tiny model trained on the first 22 of 30 synthetic images; the last 8 are the new collection."""
+    from synthetic_split import write_part
+    from test_add_images import NUM_OLD, _train_old
+
+    from grace_hf.data.synthetic import write_synthetic
+
+    write_synthetic(tmp_path / "raw", num_images=30, seed=0, num_workers=1)
+    old, new = (
+        write_part(tmp_path / "raw", tmp_path / "old", 0, NUM_OLD),
+        write_part(tmp_path / "raw", tmp_path / "new", NUM_OLD),
+    )
+    _, model = _train_old(tmp_path / "old", old, kind)
+    return model, new
+
+
+def test_add_images_with_two_cpu_processes(tmp_path):
+    from test_add_images import add_argv
+
+    from grace_hf.identifiers import IdentifierIndex
+    from grace_hf.retrieval import GraceRetriever
+
+    model, new = _old_model_and_new_images(tmp_path, "structured")
+    out = tmp_path / "added"
+    launch = ["--multi_gpu", "--num_processes", "2", "--num_machines", "1", "-m", "grace_hf"]
+    _launch(launch, ["add-images", *add_argv(model, new, out, "--save-steps", "2")], tmp_path)
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["num_processes"] == 2 and metrics["steps"] == 2
+    assert (out / "checkpoints" / "step-2" / "trainer_state.json").is_file()
+    assert len(IdentifierIndex.load(out).images) == 30
+    assert GraceRetriever.from_pretrained(out).retrieve(["a red circle"], top_k=2)[0]
+
+
+def test_add_images_under_zero3_starts_atomic_tokens_from_their_captions(tmp_path):
+    from test_add_images import add_argv
+
+    from grace_hf.models.flamingo import FlamingoProcessor
+
+    model, new = _old_model_and_new_images(tmp_path, "atomic")
+    config = tmp_path / "zero3_cpu.yaml"
+    config.write_text(yaml.safe_dump(ZERO3_CPU))
+    out = tmp_path / "added"
+    # a learning rate of 0: the saved new rows are their starting values
+    argv = add_argv(model, new, out, "--learning-rate", "0", "--max-steps", "1")
+    _launch(["--config_file", str(config), "-m", "grace_hf"], ["add-images", *argv], tmp_path)
+
+    old_table = load_file(model / "model.safetensors")["model.embed_tokens.weight"]
+    table = load_file(out / "model.safetensors")["model.embed_tokens.weight"]
+    processor = FlamingoProcessor.from_pretrained(out)
+    pseudo = json.loads((new / "pseudo_queries.json").read_text())
+    karpathy = json.loads((new / "dataset_synthetic.json").read_text())
+    for n, image in enumerate(karpathy["images"], start=22):
+        texts = [s["raw"] for s in image["sentences"]] if image["split"] == "train" else pseudo[image["filename"]]
+        ids = [i for text in texts for i in processor.tokenizer(text, add_special_tokens=False)["input_ids"]]
+        row = processor.tokenizer.convert_tokens_to_ids(f"<img_{n}>")
+        assert row == len(old_table) + n - 22
+        torch.testing.assert_close(table[row], old_table[ids].mean(0))

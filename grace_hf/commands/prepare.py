@@ -11,10 +11,11 @@ import argparse
 import dataclasses
 import sys
 import typing
+from pathlib import Path
 
 from grace_hf.commands.common import add_num_threads, add_overwrite, command_parser, setup_threads
 from grace_hf.data.prepared import PREPARE_FILE, push_prepared_to_hub
-from grace_hf.identifiers import IDENTIFIER_KINDS, IDENTIFIERS_FILE, get_identifier_kind
+from grace_hf.identifiers import CODEBOOKS_FILE, IDENTIFIER_KINDS, IDENTIFIERS_FILE, get_identifier_kind
 from grace_hf.prepare import prepare
 
 
@@ -83,6 +84,11 @@ def main(argv: list[str] | None = None) -> int:
         f"queries {counts['eval_queries']}, collection {counts['collection_images']}"
     )
     if args.push_to_hub:
-        push_prepared_to_hub(args.output_dir, args.push_to_hub, [IDENTIFIERS_FILE, PREPARE_FILE])
+        side_files = [IDENTIFIERS_FILE, PREPARE_FILE, CODEBOOKS_FILE]
+        push_prepared_to_hub(
+            args.output_dir,
+            args.push_to_hub,
+            [name for name in side_files if (Path(args.output_dir) / name).is_file()],
+        )
         print(f"pushed to https://huggingface.co/datasets/{args.push_to_hub}")
     return 0

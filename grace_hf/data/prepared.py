@@ -5,7 +5,8 @@ A prepared directory is a `datasets.DatasetDict` saved with `save_to_disk`, with
 - `i2id` (image, image_key, identifier): learning to memorize, one row per image and identifier, image bytes inside;
 - `t2id` (query, image_key, identifier): learning to retrieve (train captions, val/test pseudo-queries);
 - `queries` (query, image_key): the evaluation queries, the human captions of the test images;
-plus side files beside the splits: `identifiers.json` (the identifier index) and `prepare.json` (inputs, counts).
+plus side files beside the splits: `identifiers.json` (the identifier index), `prepare.json` (inputs, counts) and,
+for a kind that keeps them, `identifier_codebooks.safetensors` (structured: the k-means tree).
 On the Hub each split is its own config (their columns differ) and the side files sit at the repo's top.
 """
 
@@ -19,7 +20,14 @@ from huggingface_hub import CommitOperationAdd, HfApi, hf_hub_download
 
 from grace_hf.errors import GraceInputError
 
-__all__ = ["PREPARE_FILE", "SPLITS", "load_prepared", "prepared_file", "push_prepared_to_hub"]
+__all__ = [
+    "PREPARE_FILE",
+    "SPLITS",
+    "load_prepared",
+    "optional_prepared_file",
+    "prepared_file",
+    "push_prepared_to_hub",
+]
 
 PREPARE_FILE = "prepare.json"
 SPLITS = ("i2id", "t2id", "queries")
@@ -27,6 +35,14 @@ SPLITS = ("i2id", "t2id", "queries")
 
 def _is_local(source: str | os.PathLike) -> bool:
     return (Path(source) / "dataset_dict.json").is_file()
+
+
+def save_prepared(dataset: DatasetDict, directory: str | os.PathLike) -> None:
+    """`dataset.save_to_disk(directory)`, an empty split written as one empty shard: `datasets` writes none for it
+    by default, and then cannot load the directory back (e.g. a collection without test images has no queries)."""
+    dataset.save_to_disk(
+        os.fspath(directory), num_shards={name: 1 for name, split in dataset.items() if not len(split)}
+    )
 
 
 def load_prepared(source: str | os.PathLike, cache_dir: str | None = None) -> DatasetDict:
@@ -57,6 +73,15 @@ def prepared_file(source: str | os.PathLike, name: str) -> Path:
         raise GraceInputError(
             f"{source}: no {name} (not a prepared dataset directory or Hub dataset: {err})"
         ) from None
+
+
+def optional_prepared_file(source: str | os.PathLike, name: str) -> Path | None:
+    """The local path of the side file `name` of a prepared directory or Hub repo, or None when it has none."""
+    try:
+        path = prepared_file(source, name)
+    except GraceInputError:
+        return None
+    return path if path.is_file() else None
 
 
 def push_prepared_to_hub(

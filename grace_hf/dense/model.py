@@ -21,11 +21,17 @@ from PIL import Image
 from safetensors.torch import load_model, save_model
 
 from grace_hf.errors import GraceInputError
-from grace_hf.image_features import OPEN_CLIP_CONFIG_FILE, encode_images, read_open_clip_config, read_rgb
+from grace_hf.image_features import (
+    OPEN_CLIP_CONFIG_FILE,
+    OPEN_CLIP_WEIGHTS_FILE,
+    encode_images,
+    read_open_clip_config,
+    read_rgb,
+)
 from grace_hf.io_utils import atomic_write_json
 
 CONFIG_NAME = OPEN_CLIP_CONFIG_FILE
-WEIGHTS_NAME = "open_clip_model.safetensors"
+WEIGHTS_NAME = OPEN_CLIP_WEIGHTS_FILE
 
 _VOCAB_SIZE = 49408  # open_clip's SimpleTokenizer vocabulary, bundled with the package
 

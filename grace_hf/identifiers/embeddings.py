@@ -1,16 +1,36 @@
-"""The image embeddings that content-based identifiers (structured) cluster: one source out of three."""
+"""The image embeddings that content-based identifiers (structured) cluster: one source out of three.
+
+Images added to a trained model are embedded by the same source, in the same space: pixel thumbnails are centred on
+the mean saved at prepare time, an open_clip model is run again, and a features file must hold the new images,
+unless it sits in a dense-baseline directory (`grace-hf baseline-clip`), whose encoder then embeds the images the
+file lacks.
+"""
 
 from __future__ import annotations
 
+import os
+from collections.abc import Mapping
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import numpy as np
 
 from grace_hf.data.karpathy import KarpathyImage
 from grace_hf.errors import GraceInputError
-from grace_hf.image_features import encode_images, open_clip_image_encoder, pixel_embeddings, select_features
+from grace_hf.image_features import (
+    FEATURES_FILE,
+    OPEN_CLIP_CONFIG_FILE,
+    OPEN_CLIP_WEIGHTS_FILE,
+    encode_images,
+    load_image_features,
+    open_clip_image_encoder,
+    pixel_embeddings,
+    pixel_thumbnails,
+)
 
-__all__ = ["EmbeddingOptions", "embed_images"]
+__all__ = ["EmbeddingOptions", "Embeddings", "embed", "embed_images", "embedding_source"]
+
+PIXEL_MEAN = "pixel_mean"
 
 
 @dataclass
@@ -47,16 +67,84 @@ class EmbeddingOptions:
             raise GraceInputError(f"--batch-size must be >= 1, got {self.batch_size}")
 
 
-def embed_images(options: EmbeddingOptions, images: list[KarpathyImage], num_workers: int | None = None) -> np.ndarray:
-    """(N, d) float32 embeddings of `images`, in their order, from the source `options` names."""
-    if options.image_features is not None:
-        return select_features(options.image_features, [image.key for image in images])
-    paths = [image.path for image in images]
-    if options.pixel_features:
-        return pixel_embeddings(paths, num_workers)
-    model, transform = open_clip_image_encoder(options.clip_model, options.clip_pretrained)
+def embedding_source(options: EmbeddingOptions) -> str:
+    """Which source `options` name: "clip_model", "image_features" or "pixel_features"."""
+    if options.clip_model is not None:
+        return "clip_model"
+    return "image_features" if options.image_features is not None else "pixel_features"
+
+
+@dataclass
+class Embeddings:
+    """Embeddings of some images, and what embedding more images in the same space needs (`tensors`, saved with a
+    kind's codebooks: the pixel source's centring mean `pixel_mean` (1, 768))."""
+
+    features: np.ndarray  # (N, d) float32
+    tensors: dict[str, np.ndarray] = field(default_factory=dict)
+
+
+def _clip_features(
+    options: EmbeddingOptions, clip_model: str, clip_pretrained: str | None, paths: list[Path], num_workers: int | None
+) -> np.ndarray:
+    model, transform = open_clip_image_encoder(clip_model, clip_pretrained)
     model.to(options.device)
     features = encode_images(
         paths, transform, model.encode_image, options.batch_size, options.device, num_workers, desc="CLIP features"
     )
     return features.numpy()
+
+
+def _file_features(options: EmbeddingOptions, images: list[KarpathyImage], num_workers: int | None) -> np.ndarray:
+    """Rows of the features file for `images`; those it lacks from the encoder of its dense-baseline directory."""
+    path = Path(options.image_features)
+    features, keys = load_image_features(path)
+    row = {key: i for i, key in enumerate(keys)}
+    missing = [image for image in images if image.key not in row]
+    found = features[[row[image.key] for image in images if image.key in row]].numpy().astype(np.float32)
+    if not missing:
+        return found
+    encoder = path if path.is_dir() else path.parent
+    if not (encoder / OPEN_CLIP_CONFIG_FILE).is_file() or not (encoder / OPEN_CLIP_WEIGHTS_FILE).is_file():
+        raise GraceInputError(
+            f"{path}: no features for image {missing[0].key!r} ({len(missing)} images missing); pass a features file "
+            f"that holds them, or a dense-baseline directory (its {OPEN_CLIP_CONFIG_FILE} and "
+            f"{OPEN_CLIP_WEIGHTS_FILE} embed the images its {FEATURES_FILE} lacks)"
+        )
+    new = _clip_features(
+        options,
+        os.fspath(encoder / OPEN_CLIP_CONFIG_FILE),
+        os.fspath(encoder / OPEN_CLIP_WEIGHTS_FILE),
+        [image.path for image in missing],
+        num_workers,
+    )
+    if new.shape[1] != features.shape[1]:
+        raise GraceInputError(
+            f"{encoder}: its encoder embeds in {new.shape[1]} dimensions, {path} holds {features.shape[1]}"
+        )
+    result = np.empty((len(images), features.shape[1]), dtype=np.float32)  # (N, d)
+    is_missing = np.array([image.key not in row for image in images])
+    result[~is_missing], result[is_missing] = found, new
+    return result
+
+
+def embed(
+    options: EmbeddingOptions,
+    images: list[KarpathyImage],
+    num_workers: int | None = None,
+    saved: Mapping[str, np.ndarray] | None = None,
+) -> Embeddings:
+    """Embeddings of `images`, in their order, from the source `options` name; `saved`: the `tensors` of an earlier
+    call, to embed more images in its space."""
+    if options.image_features is not None:
+        return Embeddings(_file_features(options, images, num_workers))
+    paths = [image.path for image in images]
+    if options.pixel_features:
+        thumbnails = pixel_thumbnails(paths, num_workers)  # (N, 768)
+        mean = saved[PIXEL_MEAN] if saved and PIXEL_MEAN in saved else thumbnails.mean(axis=0, keepdims=True)
+        return Embeddings(pixel_embeddings(thumbnails, mean), {PIXEL_MEAN: mean})
+    return Embeddings(_clip_features(options, options.clip_model, options.clip_pretrained, paths, num_workers))
+
+
+def embed_images(options: EmbeddingOptions, images: list[KarpathyImage], num_workers: int | None = None) -> np.ndarray:
+    """(N, d) float32 embeddings of `images`, in their order, from the source `options` names."""
+    return embed(options, images, num_workers).features

@@ -10,6 +10,7 @@ from pathlib import Path
 
 from grace_hf.data.karpathy import normalize_key
 from grace_hf.errors import GraceInputError
+from grace_hf.identifiers.codebooks import Codebooks
 from grace_hf.io_utils import atomic_write_text, read_json
 
 __all__ = ["IDENTIFIERS_FILE", "IdentifierIndex"]
@@ -32,6 +33,8 @@ class IdentifierIndex:
         new_tokens: tokens the tokenizer must add (structured and atomic), in a stable order.
         collection: the image keys retrieval ranks by default (the test split).
         report: what building found (e.g. semantic collisions); recorded in prepare.json, not saved here.
+        codebooks: what the kind needs to code more images later (structured: the k-means tree); saved beside
+            identifiers.json as `identifier_codebooks.safetensors`, not in it.
 
     Example:
         >>> index = IdentifierIndex("string", {"a.jpg": ["0"], "b.jpg": ["1"]}, [], ["b.jpg"])
@@ -44,6 +47,7 @@ class IdentifierIndex:
     new_tokens: list[str] = field(default_factory=list)
     collection: list[str] = field(default_factory=list)
     report: dict = field(default_factory=dict, compare=False, repr=False)
+    codebooks: Codebooks | None = field(default=None, compare=False, repr=False)
 
     def validate(self, source: str = "identifiers") -> None:
         """Every image key is a path inside an image root, every image has >= 1 non-empty identifier, no identifier

@@ -8,9 +8,10 @@ from grace_hf.data.karpathy import KarpathyCorpus
 from grace_hf.errors import GraceInputError
 from grace_hf.identifiers import atomic, numeric, semantic, string, structured
 from grace_hf.identifiers.base import IdentifierInputs, IdentifierKind
+from grace_hf.identifiers.codebooks import CODEBOOKS_FILE, Codebooks
 from grace_hf.identifiers.index import IdentifierIndex
 
-__all__ = ["IDENTIFIER_KINDS", "build_identifiers", "get_identifier_kind"]
+__all__ = ["IDENTIFIER_KINDS", "build_identifiers", "extend_identifiers", "get_identifier_kind"]
 
 _KINDS: dict[str, IdentifierKind] = {
     kind.name: kind for kind in (numeric.KIND, string.KIND, semantic.KIND, structured.KIND, atomic.KIND)
@@ -49,3 +50,50 @@ def build_identifiers(
     index.collection = [image.key for image in images if image.split == "test"]
     index.validate(f"{kind} identifiers for {corpus.json_path}")
     return index
+
+
+def extend_identifiers(
+    index: IdentifierIndex,
+    corpus: KarpathyCorpus,
+    pseudo_queries: dict[str, list[str]] | None = None,
+    codebooks: Codebooks | None = None,
+    num_workers: int | None = None,
+    source: str = "identifiers",
+    **options: Any,
+) -> IdentifierIndex:
+    """`index` plus identifiers of the memorized images of `corpus` (new images), coded the way `index`'s kind codes
+    them, no existing identifier changed; the new test images join the collection.
+
+    `codebooks`: what the kind saved when it built `index` (structured: the k-means tree); their recorded options
+    are used, with `options` (e.g. `image_features`) overriding them. `source` names the index in messages. An
+    image already in `index`, a kind that cannot code new images or lacks its codebooks, and an identifier that
+    would name two images are `GraceInputError`s.
+
+    Example:
+        >>> new_index = extend_identifiers(index, load_karpathy("new.json", "images"), codebooks=codebooks)
+    """
+    spec = get_identifier_kind(index.kind)
+    images = corpus.memorized()
+    if not images:
+        raise GraceInputError(f"{corpus.json_path}: no train, val or test images to add")
+    known = [image.key for image in images if image.key in index.images]
+    if known:
+        raise GraceInputError(
+            f"{corpus.json_path}: image {known[0]!r} is already in {source} ({len(known)} of the new images are)"
+        )
+    if spec.extend is None:
+        raise GraceInputError(f"{source}: {index.kind} identifiers cannot name new images")
+    if codebooks is not None and codebooks.kind != index.kind:
+        raise GraceInputError(f"{source}: {codebooks.kind} codebooks for {index.kind} identifiers")
+    if codebooks is None and spec.needs_codebooks:
+        raise GraceInputError(
+            f"{source}: no {CODEBOOKS_FILE}: {index.kind} identifiers of new images are coded with the codebooks "
+            "`grace-hf prepare` saves beside identifiers.json and training copies into the model directory "
+            "(prepare and train again with this version to get them)"
+        )
+    recorded = codebooks.metadata.get("options", {}) if codebooks is not None else {}
+    checked = spec.make_options({**recorded, **options})
+    extended = spec.extend(index, IdentifierInputs(images, pseudo_queries or {}, num_workers), checked, codebooks)
+    extended.collection = index.collection + [image.key for image in images if image.split == "test"]
+    extended.validate(f"{source} with the images of {corpus.json_path}")
+    return extended

@@ -4,16 +4,18 @@ A train image is named by its human captions, any other memorized image by its p
 (its human captions are the evaluation queries, so they must not leak into training). Texts are
 lower-cased with whitespace collapsed. A text that names two images stays with the earlier image
 in file order and is dropped from the later one; the drops are reported. An image left without
-any text is an error.
+any text is an error. Images added to a trained model are named the same way, after every existing image.
 """
 
 from __future__ import annotations
 
+from grace_hf.data.karpathy import KarpathyImage
 from grace_hf.errors import GraceInputError
 from grace_hf.identifiers.base import IdentifierInputs, IdentifierKind, NoOptions
+from grace_hf.identifiers.codebooks import Codebooks
 from grace_hf.identifiers.index import IdentifierIndex
 
-__all__ = ["KIND", "build", "normalize"]
+__all__ = ["KIND", "build", "extend", "normalize"]
 
 MAX_REPORTED = 20  # collisions listed by name in the report; all are counted
 
@@ -23,10 +25,11 @@ def normalize(text: str) -> str:
     return " ".join(text.lower().split())
 
 
-def build(inputs: IdentifierInputs, options: NoOptions) -> IdentifierIndex:
-    """Identifiers from human captions (train) and pseudo-queries (val, test); `report` lists collisions."""
-    images, pseudo_queries = inputs.images, inputs.pseudo_queries
-    owner: dict[str, str] = {}
+def _name_images(
+    images: list[KarpathyImage], pseudo_queries: dict[str, list[str]], owner: dict[str, str]
+) -> tuple[dict[str, list[str]], dict]:
+    """Identifiers of `images` from their texts; `owner` (identifier -> image, updated) holds the texts already
+    taken, which an image cannot take again. Returns the identifiers and the collision report."""
     result: dict[str, list[str]] = {}
     dropped: list[dict[str, str]] = []
     num_dropped = 0
@@ -56,8 +59,20 @@ def build(inputs: IdentifierInputs, options: NoOptions) -> IdentifierIndex:
                 else f"semantic identifiers: image {image.key!r} has no caption"
             )
         result[image.key] = kept
-    report = {"collisions_dropped": num_dropped, "collision_examples": dropped}
-    return IdentifierIndex("semantic", result, report=report)
+    return result, {"collisions_dropped": num_dropped, "collision_examples": dropped}
 
 
-KIND = IdentifierKind("semantic", build, description="captions (train) and pseudo-queries (val, test)")
+def build(inputs: IdentifierInputs, options: NoOptions) -> IdentifierIndex:
+    """Identifiers from human captions (train) and pseudo-queries (val, test); `report` lists collisions."""
+    images, report = _name_images(inputs.images, inputs.pseudo_queries, {})
+    return IdentifierIndex("semantic", images, report=report)
+
+
+def extend(index: IdentifierIndex, inputs: IdentifierInputs, options: NoOptions, codebooks: Codebooks | None):
+    """The new images' texts name them as in `build`; a text that already names an image of `index` (or an
+    earlier new image) is dropped, and a new image left without any is an error."""
+    new, report = _name_images(inputs.images, inputs.pseudo_queries, index.identifier_to_image())
+    return IdentifierIndex("semantic", {**index.images, **new}, report=report)
+
+
+KIND = IdentifierKind("semantic", build, description="captions (train) and pseudo-queries (val, test)", extend=extend)

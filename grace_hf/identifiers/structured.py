@@ -4,11 +4,19 @@ The memorized images are split into k clusters; a cluster of more than `leaf_siz
 one stops and each member takes its position in it as the last part. Each part is one new vocabulary token
 `{level}_{value}`; an identifier joins them with `-`: `0_12-1_5-2_3`. The embeddings come from an open_clip model, a
 features file or pixel thumbnails (`EmbeddingOptions`).
+
+The tree is saved as the index's codebooks (`KMeansTree`: the centroid of every child of every split, the size of
+every leaf, the options). An image added later descends it, nearest centroid first, and takes the next position in
+the leaf it reaches; when that leaf is full, a new leaf beside it (the next value at that level, its centroid the
+image's embedding) takes it. No existing image is renamed.
 """
 
 from __future__ import annotations
 
+import dataclasses
+import os
 import warnings
+from collections import Counter, defaultdict
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -17,10 +25,23 @@ from sklearn.exceptions import ConvergenceWarning
 
 from grace_hf.errors import GraceInputError
 from grace_hf.identifiers.base import IdentifierInputs, IdentifierKind
-from grace_hf.identifiers.embeddings import EmbeddingOptions, embed_images
+from grace_hf.identifiers.codebooks import Codebooks
+from grace_hf.identifiers.embeddings import EmbeddingOptions, embed, embedding_source
 from grace_hf.identifiers.index import IdentifierIndex
 
-__all__ = ["KIND", "StructuredOptions", "build", "hierarchical_kmeans", "path_to_identifier"]
+__all__ = [
+    "KIND",
+    "KMeansTree",
+    "StructuredOptions",
+    "build",
+    "extend",
+    "hierarchical_kmeans",
+    "identifier_to_path",
+    "path_to_identifier",
+]
+
+TREE_OPTIONS = ("k", "leaf_size", "seed", "kmeans_n_init")  # fixed once the tree is built
+Node = tuple[int, ...]
 
 MINIBATCH_ABOVE = 1000  # the original: MiniBatchKMeans (batch 1000) above 1000 points, KMeans below
 
@@ -87,21 +108,180 @@ def path_to_identifier(path: list[int]) -> str:
     return "-".join(f"{level}_{value}" for level, value in enumerate(path))
 
 
+def identifier_to_path(identifier: str) -> list[int] | None:
+    """`0_12-1_5-2_3` -> `[12, 5, 3]`; None when `identifier` is not a tree path."""
+    path = []
+    for level, part in enumerate(identifier.split("-")):
+        prefix, _, value = part.partition("_")
+        if prefix != str(level) or not value.isdigit():
+            return None
+        path.append(int(value))
+    return path
+
+
+@dataclass
+class KMeansTree:
+    """A hierarchical k-means tree, as codebooks: `children[node][label]` is the centroid (d,) of the images under
+    `node + (label,)` (nodes are paths of cluster labels, the root is `()`), `leaves[leaf]` the number of images
+    in a leaf; a leaf holds at most `leaf_size` images, except the root when it is a leaf; `dim` is d."""
+
+    children: dict[Node, dict[int, np.ndarray]]
+    leaves: dict[Node, int]
+    leaf_size: int
+    dim: int
+
+    @classmethod
+    def from_paths(cls, paths: list[list[int]], features: np.ndarray, leaf_size: int) -> KMeansTree:
+        """The tree `hierarchical_kmeans` built: each child's centroid is the mean of the rows of `features` (N, d)
+        under it."""
+        members: dict[Node, list[int]] = defaultdict(list)
+        for row, path in enumerate(paths):
+            for depth in range(1, len(path)):
+                members[tuple(path[:depth])].append(row)
+        children: dict[Node, dict[int, np.ndarray]] = defaultdict(dict)
+        for child, rows in sorted(members.items()):
+            children[child[:-1]][child[-1]] = features[rows].mean(axis=0)
+        leaves = dict(Counter(tuple(path[:-1]) for path in paths))
+        return cls(dict(children), leaves, leaf_size, features.shape[1])
+
+    def code(self, embedding: np.ndarray) -> list[int]:
+        """The path of a new image with `embedding` (d,): down to the nearest leaf, its next position (a new leaf
+        beside it when it is full); the tree records the image."""
+        node: Node = ()
+        while node in self.children:
+            labels = list(self.children[node])
+            centroids = np.stack([self.children[node][label] for label in labels])  # (k, d)
+            node += (labels[int(np.argmin(np.linalg.norm(centroids - embedding, axis=1)))],)
+        position = self.leaves[node]
+        if position >= self.leaf_size and node:
+            parent = node[:-1]
+            label = max(self.children[parent]) + 1
+            self.children[parent][label] = np.asarray(embedding, dtype=np.float32)
+            node, position = parent + (label,), 0
+        self.leaves[node] = position + 1
+        return [*node, position]
+
+    def check(self, index: IdentifierIndex, source: str) -> None:
+        """Every identifier of `index` is a position inside a leaf of this tree."""
+        for key, identifiers in index.images.items():
+            path = identifier_to_path(identifiers[0])
+            if path is None or self.leaves.get(tuple(path[:-1]), 0) <= path[-1]:
+                raise GraceInputError(
+                    f"{source}: the saved k-means tree has no place for identifier {identifiers[0]!r} of image "
+                    f"{key!r}: the codebooks belong to another collection"
+                )
+
+    def to_codebooks(self, options: StructuredOptions, tensors: dict[str, np.ndarray]) -> Codebooks:
+        """The tree, the options that built it (paths absolute) and the embedding source's `tensors`."""
+        child_paths = [[*node, label] for node in sorted(self.children) for label in sorted(self.children[node])]
+        centroids = np.zeros((len(child_paths), self.dim), dtype=np.float32)  # (C, d); none when the root is a leaf
+        for row, path in enumerate(child_paths):
+            centroids[row] = self.children[tuple(path[:-1])][path[-1]]
+        metadata = {
+            "options": _recorded_options(options),
+            "child_paths": child_paths,
+            "leaves": [[list(leaf), size] for leaf, size in sorted(self.leaves.items())],
+        }
+        return Codebooks("structured", {"centroids": centroids, **tensors}, metadata)
+
+    @classmethod
+    def from_codebooks(cls, codebooks: Codebooks, source: str) -> KMeansTree:
+        """The tree `to_codebooks` saved; a malformed one is a `GraceInputError` naming `source`."""
+        try:
+            centroids, metadata = codebooks.tensors["centroids"], codebooks.metadata
+            if centroids.ndim != 2 or len(centroids) != len(metadata["child_paths"]):
+                raise ValueError(f"{len(centroids)} centroids for {len(metadata['child_paths'])} tree nodes")
+            children: dict[Node, dict[int, np.ndarray]] = defaultdict(dict)
+            for path, centroid in zip(metadata["child_paths"], centroids):
+                children[tuple(path[:-1])][int(path[-1])] = centroid
+            leaves = {tuple(leaf): int(size) for leaf, size in metadata["leaves"]}
+            dangling = [
+                path for path in metadata["child_paths"] if tuple(path) not in children and tuple(path) not in leaves
+            ]
+            if dangling:
+                raise ValueError(f"node {dangling[0]} is neither split nor leaf")
+            return cls(dict(children), leaves, int(metadata["options"]["leaf_size"]), centroids.shape[1])
+        except (KeyError, TypeError, ValueError, IndexError) as err:
+            raise GraceInputError(f"{source}: not a structured k-means tree ({err})") from None
+
+
+def _recorded_options(options: StructuredOptions) -> dict:
+    """The options as the codebooks record them: files as absolute paths, so they resolve from anywhere."""
+    recorded = dataclasses.asdict(options)
+    for name in ("image_features", "clip_pretrained"):
+        if recorded[name]:
+            recorded[name] = os.path.abspath(recorded[name])
+    if recorded["clip_model"] and recorded["clip_model"].endswith(".json"):
+        recorded["clip_model"] = os.path.abspath(recorded["clip_model"])
+    return recorded
+
+
+def _tokens(paths: list[list[int]]) -> list[str]:
+    """The tokens of `paths`, sorted by (level, value)."""
+    pieces = sorted({(level, value) for path in paths for level, value in enumerate(path)})
+    return [f"{level}_{value}" for level, value in pieces]
+
+
 def build(inputs: IdentifierInputs, options: StructuredOptions) -> IdentifierIndex:
-    """Structured identifiers of the memorized images; `new_tokens` sorted by (level, value)."""
-    features = embed_images(options, inputs.images, inputs.num_workers)
+    """Structured identifiers of the memorized images; `new_tokens` sorted by (level, value); the tree as the
+    index's codebooks."""
+    embeddings = embed(options, inputs.images, inputs.num_workers)
+    features = embeddings.features
     paths = hierarchical_kmeans(
         features, k=options.k, leaf_size=options.leaf_size, seed=options.seed, n_init=options.kmeans_n_init
     )
-    pieces = sorted({(level, value) for path in paths for level, value in enumerate(path)})
+    tree = KMeansTree.from_paths(paths, features, options.leaf_size)
     return IdentifierIndex(
         "structured",
         {image.key: [path_to_identifier(path)] for image, path in zip(inputs.images, paths)},
-        new_tokens=[f"{level}_{value}" for level, value in pieces],
+        new_tokens=_tokens(paths),
         report={"levels": max(len(p) for p in paths), "embedding_dim": int(features.shape[1])},
+        codebooks=tree.to_codebooks(options, embeddings.tensors),
+    )
+
+
+def extend(
+    index: IdentifierIndex, inputs: IdentifierInputs, options: StructuredOptions, codebooks: Codebooks | None
+) -> IdentifierIndex:
+    """The new images descend the saved tree (see the module docstring), embedded by the source that built it."""
+    source = "structured codebooks"
+    tree = KMeansTree.from_codebooks(codebooks, source)
+    tree.check(index, source)
+    recorded = codebooks.metadata["options"]
+    fixed = [name for name in TREE_OPTIONS if getattr(options, name) != recorded[name]]
+    if fixed:
+        raise GraceInputError(
+            f"structured identifiers: --{fixed[0].replace('_', '-')} is fixed by the saved tree "
+            f"({recorded[fixed[0]]}); new images descend the tree as it is"
+        )
+    built_from = embedding_source(StructuredOptions(**recorded))
+    if embedding_source(options) != built_from:
+        raise GraceInputError(
+            f"structured identifiers: the tree was built on {built_from.replace('_', '-')} embeddings; new images "
+            f"must be embedded the same way, not with --{embedding_source(options).replace('_', '-')}"
+        )
+    embeddings = embed(options, inputs.images, inputs.num_workers, saved=codebooks.tensors)
+    centroid_dim = codebooks.tensors["centroids"].shape[1]
+    if embeddings.features.shape[1] != centroid_dim:
+        raise GraceInputError(
+            f"structured identifiers: the new images' embeddings have {embeddings.features.shape[1]} dimensions, "
+            f"the saved tree's centroids {centroid_dim}"
+        )
+    paths = [tree.code(features) for features in embeddings.features]
+    known = set(index.new_tokens)
+    return IdentifierIndex(
+        "structured",
+        {**index.images, **{image.key: [path_to_identifier(path)] for image, path in zip(inputs.images, paths)}},
+        new_tokens=index.new_tokens + [token for token in _tokens(paths) if token not in known],
+        codebooks=tree.to_codebooks(options, embeddings.tensors),
     )
 
 
 KIND = IdentifierKind(
-    "structured", build, StructuredOptions, description="hierarchical k-means path over image embeddings: `0_12-1_5`"
+    "structured",
+    build,
+    StructuredOptions,
+    description="hierarchical k-means path over image embeddings: `0_12-1_5`",
+    extend=extend,
+    needs_codebooks=True,
 )

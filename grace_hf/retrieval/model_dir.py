@@ -7,8 +7,11 @@ A trained GRACE model directory (local, or a Hub model repo) is a complete retri
     identifiers.json                                         the identifier index the model memorized
     grace_config.json                                        how it retrieves (query image mode, identifier kind)
     identifier_trie.safetensors                              the trie of the default candidates' identifiers
+    identifier_codebooks.safetensors                         what coding more images needs (structured's tree)
+    training_args.json                                       the run's arguments and the datasets it trained on
     metrics.json, README.md                                  final scores and train time; the model card
     checkpoints/, logs/                                      training's resumable states and logs (never pushed)
+    added_images/                                            add-images: the new images' rows (never pushed)
 
 The reader checks every file before loading and names the one that is missing, corrupt or does not belong.
 """
@@ -27,7 +30,7 @@ from huggingface_hub import snapshot_download
 from safetensors import SafetensorError, safe_open
 
 from grace_hf.errors import GraceInputError
-from grace_hf.identifiers import IDENTIFIERS_FILE, IdentifierIndex
+from grace_hf.identifiers import CODEBOOKS_FILE, IDENTIFIERS_FILE, Codebooks, IdentifierIndex
 from grace_hf.io_utils import atomic_write_json, atomic_write_text, read_json
 from grace_hf.models.flamingo import FlamingoConfig, FlamingoForConditionalGeneration, FlamingoProcessor
 from grace_hf.outputs import MARKER_FILE, read_marker
@@ -35,18 +38,22 @@ from grace_hf.retrieval.collection import Collection
 from grace_hf.retrieval.trie import IdentifierTrie
 
 __all__ = [
+    "ADDED_IMAGES_DIR",
     "CHECKPOINTS_DIR",
     "GRACE_CONFIG_FILE",
     "LOGS_DIR",
     "METRICS_FILE",
     "MODEL_CARD_FILE",
     "NOT_PUSHED",
+    "TRAINING_ARGS_FILE",
     "TRIE_FILE",
     "GraceConfig",
     "ModelDirectory",
+    "read_codebooks",
     "read_model_dir",
     "read_retrieval_files",
     "resolve_model_dir",
+    "training_data_sources",
     "write_model_dir",
 ]
 
@@ -56,7 +63,9 @@ METRICS_FILE = "metrics.json"
 MODEL_CARD_FILE = "README.md"
 CHECKPOINTS_DIR = "checkpoints"
 LOGS_DIR = "logs"
-NOT_PUSHED = [f"{CHECKPOINTS_DIR}/*", f"{LOGS_DIR}/*", MARKER_FILE, ".grace-*"]
+TRAINING_ARGS_FILE = "training_args.json"
+ADDED_IMAGES_DIR = "added_images"
+NOT_PUSHED = [f"{CHECKPOINTS_DIR}/*", f"{LOGS_DIR}/*", f"{ADDED_IMAGES_DIR}/*", MARKER_FILE, ".grace-*"]
 WEIGHTS_FILES = ("model.safetensors", "model.safetensors.index.json")
 REQUIRED_FILES = ("config.json", "tokenizer.json", "tokenizer_config.json", "processor_config.json")
 QUERY_IMAGE_MODES = ("none", "blank")
@@ -96,11 +105,11 @@ class GraceConfig:
 
 @dataclass
 class ModelDirectory:
-    """What a model directory holds, loaded: the model (eval mode, on CPU), its processor, and for a retriever the
-    identifier index, the GRACE config and the saved trie."""
+    """What a model directory holds, loaded: the model (eval mode, on CPU; None when read without weights), its
+    processor, and for a retriever the identifier index, the GRACE config and the saved trie."""
 
     path: Path
-    model: FlamingoForConditionalGeneration
+    model: FlamingoForConditionalGeneration | None
     processor: FlamingoProcessor
     index: IdentifierIndex | None
     grace_config: GraceConfig
@@ -132,10 +141,14 @@ def write_model_dir(
     metrics: dict[str, Any] | None = None,
     model_card: str | None = None,
     state_dict: dict[str, torch.Tensor] | None = None,
+    codebooks: Codebooks | None = None,
+    training_args: dict[str, Any] | None = None,
 ) -> None:
     """Write the model directory's files into the existing directory `directory` (the caller makes it atomic).
 
-    `state_dict`: the gathered weights when the model is sharded (ZeRO-3); a retriever's directory needs `index`.
+    `state_dict`: the gathered weights when the model is sharded (ZeRO-3); a retriever's directory needs `index`
+    (and its `codebooks`, when its kind keeps them); `training_args`: what training ran on (`training_args.json`,
+    with `data`: the prepared datasets it trained on).
     """
     directory = Path(directory)
     model.save_pretrained(directory, state_dict=state_dict)
@@ -146,6 +159,10 @@ def write_model_dir(
         atomic_write_json(
             directory / GRACE_CONFIG_FILE, dataclasses.asdict(grace_config or GraceConfig.for_index(index))
         )
+    if codebooks is not None:
+        codebooks.save(directory / CODEBOOKS_FILE)
+    if training_args is not None:
+        atomic_write_json(directory / TRAINING_ARGS_FILE, training_args)
     if metrics is not None:
         atomic_write_json(directory / METRICS_FILE, metrics)
     if model_card is not None:
@@ -264,9 +281,10 @@ def read_retrieval_files(
 
 
 def read_model_dir(
-    model: str | os.PathLike, dtype: torch.dtype | str | None = None, retriever: bool = True
+    model: str | os.PathLike, dtype: torch.dtype | str | None = None, retriever: bool = True, weights: bool = True
 ) -> ModelDirectory:
-    """Check and load a model directory (or Hub repo); `retriever=False` for a captioner (no identifiers).
+    """Check and load a model directory (or Hub repo); `retriever=False` for a captioner (no identifiers);
+    `weights=False` checks the weights files without loading them (`model` is then None).
 
     Raises `GraceInputError` naming the file that is missing, corrupt or belongs to another model.
     """
@@ -277,4 +295,28 @@ def read_model_dir(
     index, grace_config, saved_trie = None, GraceConfig(), None
     if retriever:
         index, grace_config, saved_trie = read_retrieval_files(directory, processor)
-    return ModelDirectory(directory, _load_model(directory, dtype), processor, index, grace_config, saved_trie)
+    if weights:
+        loaded = _load_model(directory, dtype)
+    else:
+        _check_weights(directory)
+        loaded = None
+    return ModelDirectory(directory, loaded, processor, index, grace_config, saved_trie)
+
+
+def read_codebooks(directory: Path) -> Codebooks | None:
+    """The identifier codebooks of a model directory, or None when it has none."""
+    path = directory / CODEBOOKS_FILE
+    return Codebooks.load(path) if path.is_file() else None
+
+
+def training_data_sources(directory: Path) -> list[str] | None:
+    """The prepared datasets a model was trained on, as its `training_args.json` records them (`./x`, a dataset
+    inside the model directory, made absolute), or None when it has no record."""
+    path = directory / TRAINING_ARGS_FILE
+    if not path.is_file():
+        return None
+    record = read_json(path, "training record")
+    sources = record.get("data") if isinstance(record, dict) else None
+    if not isinstance(sources, list) or not all(isinstance(source, str) for source in sources):
+        raise GraceInputError(f"{path}: 'data' must be a list of prepared datasets")
+    return [str(directory / source) if source.startswith("./") else source for source in sources]

@@ -93,10 +93,67 @@ class DataArguments:
             raise GraceInputError("task 'retrieval' needs data (a dataset written by `grace-hf prepare`)")
         if self.task == "captioner" and (self.karpathy_json is None or self.image_root is None):
             raise GraceInputError("task 'captioner' needs karpathy_json and image_root")
+        self._check_values()
+
+    def input_paths(self) -> list[str | None]:
+        """The files and folders the run reads (an output may not hold them)."""
+        return [self.data, self.karpathy_json, self.image_root]
+
+    def _check_values(self) -> None:
         if self.max_query_words < 1:
             raise GraceInputError(f"max_query_words must be >= 1, got {self.max_query_words}")
         if self.eval_num_queries < 0:
             raise GraceInputError(f"eval_num_queries must be >= 0, got {self.eval_num_queries}")
+
+
+@dataclass
+class AddImagesArguments(DataArguments):
+    """What `add-images` reads besides the model: the new images, the old rows it replays with them, and the mix."""
+
+    data: list[str] | None = field(
+        default=None,
+        metadata={
+            "help": "Prepared dataset(s) whose rows are replayed with the new ones (default: what the model was "
+            "trained on, as its training_args.json records)."
+        },
+    )
+    karpathy_json: str | None = field(
+        default=None, metadata={"help": "The new images: a Karpathy-format JSON (its train, val and test images)."}
+    )
+    image_root: str | None = field(default=None, metadata={"help": "The folder the new JSON's image paths start in."})
+    pseudo_queries: str | None = field(
+        default=None, metadata={"help": "Pseudo-queries of the new val and test images ({file name: [query, ...]})."}
+    )
+    t2id_image: Literal["none", "blank"] | None = field(
+        default=None, metadata={"help": "The model's own (its grace_config.json); another value is an error."}
+    )
+    replay_ratio: float | None = field(
+        default=None,
+        metadata={
+            "help": "Replayed old rows per new row in every batch (default: as many as the replayed data holds old "
+            "rows per new row, so batches mirror the whole collection and the model does not favour the new "
+            "images; 0: new rows only, which forgets)."
+        },
+    )
+    image_features: str | None = field(
+        default=None,
+        metadata={
+            "help": "structured: a features file holding the new images, or a dense-baseline directory whose "
+            "encoder embeds them (default: the source prepare recorded)."
+        },
+    )
+
+    def __post_init__(self) -> None:
+        if self.task != "retrieval":
+            raise GraceInputError(f"add-images trains retrieval, not task {self.task!r}")
+        if self.karpathy_json is None or self.image_root is None:
+            raise GraceInputError("add-images needs karpathy_json and image_root (the new images)")
+        if self.replay_ratio is not None and self.replay_ratio < 0:
+            raise GraceInputError(f"replay_ratio must be >= 0, got {self.replay_ratio}")
+        self._check_values()
+
+    def input_paths(self) -> list[str | None]:
+        return [*(self.data or []), self.karpathy_json, self.image_root, self.pseudo_queries, self.image_features]
 
 
 @dataclass
@@ -178,6 +235,7 @@ class GraceTrainingArguments:
 
 
 ARGUMENT_CLASSES = (ModelArguments, DataArguments, GraceTrainingArguments)
+ADD_IMAGES_ARGUMENT_CLASSES = (ModelArguments, AddImagesArguments, GraceTrainingArguments)
 RENAMED = {"model_name_or_path": "model", "data_dir": "data"}
 
 
@@ -252,10 +310,10 @@ def _coerce(value: Any, hint: Any) -> tuple[bool, Any]:
     return isinstance(value, hint), value
 
 
-def _checked_recipe(path: str, recipe: dict[str, Any]) -> dict[str, Any]:
+def _checked_recipe(path: str, recipe: dict[str, Any], classes: tuple[type, ...]) -> dict[str, Any]:
     """The recipe's values, each checked against its field's type; unknown and renamed keys are errors."""
     hints = {}
-    for cls in ARGUMENT_CLASSES:
+    for cls in classes:
         hints.update(typing.get_type_hints(cls))
     hints["config_overrides"] = dict | str | None  # a mapping in YAML, a JSON string on the command line
     checked = {}
@@ -277,22 +335,27 @@ def _check_renamed_flags(argv: list[str]) -> None:
             raise GraceInputError(f"{arg.split('=', 1)[0]} was renamed: use --{RENAMED[name]}")
 
 
-def build_parser() -> HfArgumentParser:
+def build_parser(
+    classes: tuple[type, ...] = ARGUMENT_CLASSES,
+    prog: str = "grace-hf train",
+    description: str = "Train GRACE (or its captioner) with Accelerate.",
+) -> HfArgumentParser:
     """The parser of the three argument dataclasses (plus `--config`); each field's flag is shown kebab-case first."""
-    parser = HfArgumentParser(
-        ARGUMENT_CLASSES,
-        prog="grace-hf train",
-        description="Train GRACE (or its captioner) with Accelerate.",
-        allow_abbrev=False,
-    )
+    parser = HfArgumentParser(classes, prog=prog, description=description, allow_abbrev=False)
     parser.add_argument("--config", help="A YAML recipe: its keys set the defaults, flags override them.")
     for action in parser._actions:
         action.option_strings.sort(key=lambda flag: "_" in flag)
     return parser
 
 
-def parse_args(argv: list[str] | None = None) -> tuple[ModelArguments, DataArguments, GraceTrainingArguments]:
-    """Parse `--config recipe.yaml` plus overrides into (model, data, training) arguments.
+def parse_args(
+    argv: list[str] | None = None,
+    classes: tuple[type, ...] = ARGUMENT_CLASSES,
+    prog: str = "grace-hf train",
+    description: str = "Train GRACE (or its captioner) with Accelerate.",
+) -> tuple[ModelArguments, DataArguments, GraceTrainingArguments]:
+    """Parse `--config recipe.yaml` plus overrides into (model, data, training) arguments; `classes` are the three
+    argument dataclasses (add-images: `ADD_IMAGES_ARGUMENT_CLASSES`).
 
     Example:
         >>> parse_args(["--config", "recipes/synthetic/structured.yaml", "--max-steps", "10"])
@@ -302,9 +365,9 @@ def parse_args(argv: list[str] | None = None) -> tuple[ModelArguments, DataArgum
     pre = argparse.ArgumentParser(add_help=False, allow_abbrev=False)
     pre.add_argument("--config")
     known, _ = pre.parse_known_args(argv)
-    parser = build_parser()
+    parser = build_parser(classes, prog, description)
     if known.config is not None:
-        recipe = _checked_recipe(known.config, _load_recipe(known.config))
+        recipe = _checked_recipe(known.config, _load_recipe(known.config), classes)
         for action in parser._actions:
             if action.dest in recipe:
                 action.required = False

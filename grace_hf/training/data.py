@@ -2,47 +2,83 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+import os
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import datasets
 from torch.utils.data import DataLoader
 
 from grace_hf.data.karpathy import load_karpathy
-from grace_hf.data.prepared import load_prepared, prepared_file
+from grace_hf.data.prepared import load_prepared, optional_prepared_file, prepared_file
 from grace_hf.errors import GraceInputError
-from grace_hf.identifiers import IDENTIFIERS_FILE, IdentifierIndex
+from grace_hf.identifiers import CODEBOOKS_FILE, IDENTIFIERS_FILE, Codebooks, IdentifierIndex
 from grace_hf.prompts import CAPTION_PREFIX, IDENTIFIER_PREFIX
 from grace_hf.training.args import DataArguments, GraceTrainingArguments
 from grace_hf.training.collate import GraceCollator
-from grace_hf.training.sampling import EpochRows, StepBatchSampler
+from grace_hf.training.sampling import ConcatBatchSampler, EpochRows, StepBatchSampler
 
-__all__ = ["TaskStream", "TrainingData", "load_training_data", "stream_batches"]
+__all__ = ["TaskStream", "TrainingData", "data_source", "load_training_data", "spread", "stream_batches"]
+
+REPLAY_SEED_OFFSET = 7919  # the replayed rows' order is seeded apart from the new rows'
 
 
 @dataclass
 class TaskStream:
-    """One training task: its rows, per-process batch size and loss weight."""
+    """One training task: its rows, per-process batch size and loss weight; with `replay_rows`, every batch also
+    holds `replay_batch_size` of those (add-images: old rows replayed beside the new ones)."""
 
     name: str  # "i2id", "t2id" or "caption"
     rows: Any  # a datasets.Dataset
     batch_size: int
     weight: float
+    replay_rows: Any = None  # a datasets.Dataset with the columns of `rows`
+    replay_batch_size: int = 0
+
+    @property
+    def step_batch_size(self) -> int:
+        """Samples per process per step, replayed ones included."""
+        return self.batch_size + (self.replay_batch_size if self.replay_rows is not None else 0)
+
+    def describe(self) -> str:
+        text = f"{self.name} ({len(self.rows)} rows, batch {self.batch_size}"
+        if self.replay_rows is not None:
+            text += f" + {self.replay_batch_size} replayed of {len(self.replay_rows)} rows"
+        return text + f", weight {self.weight})"
 
 
 @dataclass
 class TrainingData:
-    """Everything a run reads from its data: the streams, and (retrieval) the index and the evaluation queries."""
+    """Everything a run reads from its data: the streams, and (retrieval) the index, the evaluation queries, and
+    what the model directory keeps of the data.
+
+    Args:
+        sources: the prepared datasets whose rows the run trains on, recorded in `training_args.json` (so that
+            add-images finds what to replay); a relative path is relative to the model directory.
+        codebooks: the index's codebooks (structured: the k-means tree), copied into the model directory.
+        token_texts: new tokens whose input embeddings start from the mean embedding of these texts' tokens.
+        write_files: writes more files into the model directory when it is saved (add-images: the new rows).
+    """
 
     streams: list[TaskStream]
     tokenizer_texts: list[str]
     index: IdentifierIndex | None = None
     eval_queries: list[str] = field(default_factory=list)
     eval_gold: list[str] = field(default_factory=list)
+    sources: list[str] = field(default_factory=list)
+    codebooks: Codebooks | None = None
+    token_texts: dict[str, list[str]] = field(default_factory=dict)
+    write_files: Callable[[Path], None] | None = None
 
 
-def _spread(num_rows: int, count: int) -> list[int]:
+def data_source(data: str | os.PathLike) -> str:
+    """How `training_args.json` names a prepared dataset: a local directory by its absolute path, else the Hub id."""
+    return str(Path(data).resolve()) if Path(data).is_dir() else str(data)
+
+
+def spread(num_rows: int, count: int) -> list[int]:
     """`count` evenly spread row positions out of `num_rows` (all of them when count >= num_rows)."""
     if count >= num_rows:
         return list(range(num_rows))
@@ -71,8 +107,17 @@ def _retrieval_data(data_args: DataArguments, args: GraceTrainingArguments) -> T
             IDENTIFIER_PREFIX + identifier for identifiers in index.images.values() for identifier in identifiers
         ]
     queries = prepared["queries"]
-    chosen = queries.select(_spread(len(queries), data_args.eval_num_queries))
-    return TrainingData(streams, texts, index, list(chosen["query"]), list(chosen["image_key"]))
+    chosen = queries.select(spread(len(queries), data_args.eval_num_queries))
+    codebooks_file = optional_prepared_file(data_args.data, CODEBOOKS_FILE)
+    return TrainingData(
+        streams,
+        texts,
+        index,
+        list(chosen["query"]),
+        list(chosen["image_key"]),
+        sources=[data_source(data_args.data)],
+        codebooks=Codebooks.load(codebooks_file) if codebooks_file is not None else None,
+    )
 
 
 def _captioner_data(data_args: DataArguments, args: GraceTrainingArguments) -> TrainingData:
@@ -105,13 +150,29 @@ def stream_batches(
     num_workers: int = 0,
     pin_memory: bool = False,
 ) -> Iterator[dict]:
-    """Endless batches of `stream` for process `rank`, from `start_step` on (the same batches as an unbroken run).
+    """Endless batches of `stream` for process `rank`, from `start_step` on (the same batches as an unbroken run);
+    with replay, each batch is `batch_size` rows of the stream then `replay_batch_size` replayed rows.
 
     `pin_memory`: page-locked batches, which a GPU copies without waiting for the work queued before the copy.
     """
-    sampler = StepBatchSampler(len(stream.rows), stream.batch_size, seed, rank, world_size, start_step)
+    rows = stream.rows
+    sampler = StepBatchSampler(len(rows), stream.batch_size, seed, rank, world_size, start_step)
+    if stream.replay_rows is not None:
+        replay = StepBatchSampler(
+            len(stream.replay_rows),
+            stream.replay_batch_size,
+            seed + REPLAY_SEED_OFFSET,
+            rank,
+            world_size,
+            start_step,
+        )
+        sampler = ConcatBatchSampler([sampler, replay], [0, len(rows)])
+        replay_rows = stream.replay_rows
+        if replay_rows.features != rows.features:
+            replay_rows = replay_rows.cast(rows.features)
+        rows = datasets.concatenate_datasets([rows, replay_rows])
     collator = GraceCollator(processor, stream.name, data_args.t2id_image, data_args.max_query_words)
-    rows = EpochRows(stream.rows, seed, flip=data_args.i2id_flip and stream.name != "t2id")
+    rows = EpochRows(rows, seed, flip=data_args.i2id_flip and stream.name != "t2id")
     loader = DataLoader(
         rows, batch_sampler=sampler, collate_fn=collator, num_workers=num_workers, pin_memory=pin_memory
     )

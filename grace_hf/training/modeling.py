@@ -2,21 +2,67 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import contextlib
+from collections.abc import Mapping, Sequence
 
+import torch
 from torch import nn
+from transformers.integrations import is_deepspeed_zero3_enabled
 
 from grace_hf.models.flamingo import FlamingoConfig, FlamingoForConditionalGeneration, FlamingoProcessor
 from grace_hf.training.args import ModelArguments
 
-__all__ = ["build_model_and_processor", "count_parameters", "optimizer_parameter_groups"]
+__all__ = [
+    "build_model_and_processor",
+    "count_parameters",
+    "initialize_token_embeddings",
+    "optimizer_parameter_groups",
+]
+
+
+def _gathered(parameters: list[nn.Parameter]) -> contextlib.AbstractContextManager:
+    """Under ZeRO-3, the full `parameters` on every process (changes made on process 0 kept); else nothing."""
+    if not is_deepspeed_zero3_enabled():
+        return contextlib.nullcontext()
+    import deepspeed  # only under ZeRO-3, where it is loaded already
+
+    return deepspeed.zero.GatheredParameters(parameters, modifier_rank=0)
+
+
+def initialize_token_embeddings(
+    model: FlamingoForConditionalGeneration, processor: FlamingoProcessor, token_texts: Mapping[str, Sequence[str]]
+) -> None:
+    """Start each token of `token_texts` from the mean input embedding of its texts' tokens (and, when the output
+    embeddings are not tied to the input ones, its output row from the mean of theirs), not from noise: a new atomic
+    identifier `<img_n>` begins near the words of its image's captions. A token whose texts are empty is left as is."""
+    tokenizer = processor.tokenizer
+    tables = [model.get_input_embeddings().weight]
+    output = model.get_output_embeddings()
+    if output is not None and output.weight is not tables[0]:
+        tables.append(output.weight)
+    with _gathered(tables), torch.no_grad():
+        for token, texts in token_texts.items():
+            ids = (
+                [i for ids in tokenizer(list(texts), add_special_tokens=False)["input_ids"] for i in ids]
+                if texts
+                else []
+            )
+            if not ids:
+                continue
+            row = tokenizer.convert_tokens_to_ids(token)
+            for table in tables:
+                table[row] = table[ids].mean(dim=0)
 
 
 def build_model_and_processor(
-    model_args: ModelArguments, tokenizer_texts: Sequence[str], new_tokens: Sequence[str] = ()
+    model_args: ModelArguments,
+    tokenizer_texts: Sequence[str],
+    new_tokens: Sequence[str] = (),
+    token_texts: Mapping[str, Sequence[str]] | None = None,
 ) -> tuple[FlamingoForConditionalGeneration, FlamingoProcessor]:
     """A fresh preset model with a tokenizer trained on `tokenizer_texts`, or a pretrained model and its processor;
-    then the identifier tokens (structured/atomic) are added whole and the embeddings resized.
+    then the identifier tokens (structured/atomic) are added whole and the embeddings resized, and the tokens of
+    `token_texts` start from their texts (`initialize_token_embeddings`).
 
     Build it after creating the `Accelerator`, so that ZeRO-3 can partition `from_pretrained` weights on load.
     """
@@ -42,6 +88,8 @@ def build_model_and_processor(
             or len(processor.tokenizer) > model.get_input_embeddings().num_embeddings
         ):
             model.resize_token_embeddings(len(processor.tokenizer))
+    if token_texts:
+        initialize_token_embeddings(model, processor, token_texts)
     model.generation_config.eos_token_id = processor.end_of_chunk_token_id
     model.generation_config.pad_token_id = processor.pad_token_id
     if model_args.gradient_checkpointing:

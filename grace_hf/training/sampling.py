@@ -14,7 +14,7 @@ from typing import Any
 import torch
 from torch.utils.data import Dataset, Sampler
 
-__all__ = ["StepBatchSampler", "EpochRows", "flip_decision"]
+__all__ = ["ConcatBatchSampler", "EpochRows", "StepBatchSampler", "flip_decision"]
 
 
 def _permutation(num_rows: int, seed: int, epoch: int) -> list[int]:
@@ -60,6 +60,18 @@ class StepBatchSampler(Sampler[list[tuple[int, int]]]):
                 batch.append((order[position % self.num_rows], epoch))
             yield batch
             step += 1
+
+
+class ConcatBatchSampler(Sampler[list[tuple[int, int]]]):
+    """Batches that join one batch of each sampler, for rows of several datasets laid end to end: sampler `i`'s row
+    indices are shifted by `offsets[i]` (add-images: new rows and replayed old rows in every batch)."""
+
+    def __init__(self, samplers: list[StepBatchSampler], offsets: list[int]) -> None:
+        self.samplers, self.offsets = samplers, offsets
+
+    def __iter__(self) -> Iterator[list[tuple[int, int]]]:
+        for batches in zip(*self.samplers):
+            yield [(index + offset, epoch) for batch, offset in zip(batches, self.offsets) for index, epoch in batch]
 
 
 class EpochRows(Dataset):

@@ -10,12 +10,13 @@ from __future__ import annotations
 
 import os
 import shutil
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 from huggingface_hub import HfApi
 
-from grace_hf.identifiers import IdentifierIndex
+from grace_hf.identifiers import Codebooks, IdentifierIndex
 from grace_hf.outputs import MODEL, finish_output_dir
 from grace_hf.retrieval.model_dir import NOT_PUSHED, GraceConfig, write_model_dir
 
@@ -34,9 +35,12 @@ def save_model_directory(
     grace_config: GraceConfig | None,
     metrics: dict[str, Any],
     model_card: str,
+    codebooks: Codebooks | None = None,
+    training_args: dict[str, Any] | None = None,
+    write_files: Callable[[Path], None] | None = None,
 ) -> None:
     """Gather the weights (every process must call this: ZeRO-3 gathers the shards) and, on the main process,
-    write the model directory atomically."""
+    write the model directory atomically; `write_files` adds more files to it (add-images: the new images' rows)."""
     state_dict = accelerator.get_state_dict(model)
     if accelerator.is_main_process:
         output_dir = Path(output_dir)
@@ -53,7 +57,11 @@ def save_model_directory(
             metrics=metrics,
             model_card=model_card,
             state_dict=state_dict,
+            codebooks=codebooks,
+            training_args=training_args,
         )
+        if write_files is not None:
+            write_files(staging)
         for entry in staging.iterdir():
             os.replace(entry, output_dir / entry.name)
         staging.rmdir()

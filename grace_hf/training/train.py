@@ -39,6 +39,8 @@ from grace_hf.training.saving import push_directory, save_model_directory
 __all__ = ["LOG_HISTORY_FILE", "batch_to_device", "configure_deepspeed", "create_optimizer", "step_loss", "train"]
 
 LOG_HISTORY_FILE = f"{LOGS_DIR}/log_history.jsonl"
+# arguments of one run, not of the model: left out of the model card and training_args.json
+RUN_SPECIFIC = ("output_dir", "resume_from_checkpoint", "push_to_hub", "report_to", "overwrite")
 
 
 def step_loss(
@@ -109,13 +111,18 @@ class _Trainer:
     """One run's state; `run()` goes through the stages of the module docstring."""
 
     def __init__(
-        self, model_args: ModelArguments, data_args: DataArguments, args: GraceTrainingArguments, command: str
+        self,
+        model_args: ModelArguments,
+        data_args: DataArguments,
+        args: GraceTrainingArguments,
+        command: str,
+        data: TrainingData | None = None,
     ) -> None:
         self.model_args, self.data_args, self.args, self.command = model_args, data_args, args, command
         self.started = time.monotonic()
         configure_threads(args.torch_num_threads)
         self.checkpoint = self._check_output()  # before any work
-        self.data = load_training_data(data_args, args)
+        self.data = data if data is not None else load_training_data(data_args, args)
         # t2id without an image and no i2id leaves the perceiver and cross-attention without gradients
         uses_images = any(s.name != "t2id" for s in self.data.streams) or data_args.t2id_image == "blank"
         self.accelerator = create_accelerator(args.report_to, args.output_dir, find_unused_parameters=not uses_images)
@@ -124,21 +131,23 @@ class _Trainer:
         self.accelerator.wait_for_everyone()
         set_seed(args.seed)
         new_tokens = self.data.index.new_tokens if self.data.index is not None else []
-        self.model, self.processor = build_model_and_processor(model_args, self.data.tokenizer_texts, new_tokens)
+        self.model, self.processor = build_model_and_processor(
+            model_args, self.data.tokenizer_texts, new_tokens, self.data.token_texts
+        )
         self.num_steps = _total_steps(args, self.data, self.accelerator.num_processes)
         optimizer = create_optimizer(self.model, self.accelerator, args.learning_rate, args.weight_decay)
         # stepped here once per optimizer step (not prepared: Accelerate would step it once per process)
         self.scheduler = get_scheduler(
             args.lr_scheduler_type, optimizer, num_warmup_steps=args.warmup_steps, num_training_steps=self.num_steps
         )
-        configure_deepspeed(self.accelerator, sum(s.batch_size for s in self.data.streams), args.max_grad_norm)
+        configure_deepspeed(self.accelerator, sum(s.step_batch_size for s in self.data.streams), args.max_grad_norm)
         self.model, self.optimizer = self.accelerator.prepare(self.model, optimizer)
         self.weights = {stream.name: stream.weight for stream in self.data.streams}
         self.step, self.previous_seconds = 0, 0.0
 
     # output and resume
     def _inputs(self) -> list:
-        inputs = [self.data_args.data, self.data_args.karpathy_json, self.data_args.image_root, self.model_args.model]
+        inputs = [*self.data_args.input_paths(), self.model_args.model]
         return inputs + ([self.checkpoint] if self.checkpoint is not None and not self._continues() else [])
 
     def _continues(self) -> bool:
@@ -303,7 +312,13 @@ class _Trainer:
         hyperparameters = {
             key: value
             for key, value in _hyperparameters(self.model_args, self.data_args, self.args).items()
-            if key not in ("output_dir", "resume_from_checkpoint", "push_to_hub", "report_to", "overwrite")
+            if key not in RUN_SPECIFIC
+        }
+        arguments = {
+            key: value
+            for obj in (self.model_args, self.data_args, self.args)
+            for key, value in dataclasses.asdict(obj).items()
+            if key not in RUN_SPECIFIC
         }
         hyperparameters["num_processes"] = self.accelerator.num_processes
         card = render_model_card(
@@ -323,6 +338,9 @@ class _Trainer:
             grace_config=grace_config,
             metrics=metrics,
             model_card=card,
+            codebooks=self.data.codebooks,
+            training_args={"command": self.command, "data": self.data.sources, "arguments": arguments},
+            write_files=self.data.write_files,
         )
 
     def _final_metrics(self, last_logs: dict[str, float]) -> dict[str, Any]:
@@ -345,9 +363,7 @@ class _Trainer:
         args, accelerator = self.args, self.accelerator
         accelerator.init_trackers("grace_hf", config=_hyperparameters(self.model_args, self.data_args, args))
         sizes = count_parameters(accelerator.unwrap_model(self.model))
-        streams = ", ".join(
-            f"{s.name} ({len(s.rows)} rows, batch {s.batch_size}, weight {s.weight})" for s in self.data.streams
-        )
+        streams = ", ".join(stream.describe() for stream in self.data.streams)
         accelerator.print(
             f"{self.data_args.task}: {self.num_steps} steps x {accelerator.num_processes} processes; streams "
             f"{streams}; {sizes['trainable']:,} of {sizes['total']:,} parameters trained"
@@ -365,8 +381,14 @@ class _Trainer:
 
 
 def train(
-    model_args: ModelArguments, data_args: DataArguments, args: GraceTrainingArguments, command: str = "grace-hf train"
+    model_args: ModelArguments,
+    data_args: DataArguments,
+    args: GraceTrainingArguments,
+    command: str = "grace-hf train",
+    data: TrainingData | None = None,
 ) -> dict[str, Any]:
     """Train, save `args.output_dir` (a model directory `GraceRetriever.from_pretrained` loads) and return the
-    final metrics (Recall@K on the evaluation queries, train time)."""
-    return _Trainer(model_args, data_args, args, command).run()
+    final metrics (Recall@K on the evaluation queries, train time).
+
+    `data`: what to train on, when the caller built it (add-images); default: `data_args`' data."""
+    return _Trainer(model_args, data_args, args, command, data).run()

@@ -1,0 +1,222 @@
+"""Adding images to a trained retriever vs retraining it from scratch, per identifier kind, on synthetic data.
+
+    python benchmarks/add_images.py --work-dir runs/bench-add-images
+
+One synthetic set of `--num-images` is cut in two collections: A (the first images) and B (the last `--num-added`);
+each has train, val and test images. Per kind: prepare A and train on it with `recipes/synthetic/<kind>.yaml`
+(model A); add B to model A with `recipes/synthetic/add_images.yaml` (the add path); prepare A+B and train on it
+with the same recipe as A (the retraining path). Then Recall@10 of the human captions of A's and of B's test images
+(`--split val`: val images, for tuning), over A's images before adding and over A's and B's images after: the new
+images' recall beside retraining's, forgetting (A's recall before minus after adding, over A's images both times)
+and the wall time of each path (one torch thread, in this process), with their ratios, in one table.
+`--reuse` keeps the outputs (and timings) of an earlier run in the same work directory; `--add-args` and `--tag`
+try other add-images settings beside them.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shlex
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import torch
+from synthetic_split import write_part
+
+from grace_hf.add_images import add_images
+from grace_hf.data.karpathy import load_karpathy
+from grace_hf.data.synthetic import PSEUDO_QUERIES_JSON, SYNTHETIC_JSON, write_synthetic
+from grace_hf.demo import RECIPES
+from grace_hf.outputs import read_marker
+from grace_hf.prepare import prepare
+from grace_hf.retrieval.evaluate import evaluate_model
+from grace_hf.retrieval.retriever import GraceRetriever
+from grace_hf.training.args import ADD_IMAGES_ARGUMENT_CLASSES, parse_args
+from grace_hf.training.train import train
+
+KINDS = ("structured", "semantic", "atomic", "numeric", "string")
+COMMON = ["--eval-num-queries", "0", "--report-to", "none", "--save-steps", "0", "--torch-num-threads", "1"]
+GOALS = {"new_ratio": 0.9, "forgetting": 0.02, "time_ratio": 0.25}
+
+
+def _log(message: str) -> None:
+    print(f"==> [{time.strftime('%H:%M:%S')}] {message}", flush=True)
+
+
+def _timed(timings: dict, name: str, work: Callable[[], Any], done: bool) -> None:
+    """Run `work` unless `done` (kept from an earlier run), and record its wall and CPU seconds as `name`."""
+    if done and name in timings:
+        _log(f"{name}: kept ({timings[name]['wall']:.0f} s)")
+        return
+    _log(name)
+    wall, cpu = time.perf_counter(), time.process_time()
+    work()
+    timings[name] = {"wall": time.perf_counter() - wall, "cpu": time.process_time() - cpu}
+
+
+def _complete(directory: Path) -> bool:
+    marker = read_marker(directory)
+    return marker is not None and marker.get("complete", False)
+
+
+def _queries(collection: Path, split: str) -> tuple[list[str], list[str], list[str]]:
+    """(queries, gold image keys, the split's image keys) of a collection: the human captions of its `split`."""
+    images = load_karpathy(collection / SYNTHETIC_JSON, collection.parent / "raw", check_images=False).split(split)
+    return (
+        [c for image in images for c in image.captions],
+        [i.key for i in images for _ in i.captions],
+        [image.key for image in images],
+    )
+
+
+def _recall(model_dir: Path, queries: list[str], gold: list[str], candidates: list[str]) -> float:
+    retriever = GraceRetriever.from_pretrained(model_dir, candidates=candidates, num_beams=10, batch_size=32)
+    metrics, _, _ = evaluate_model(retriever, queries, gold, batch_size=32, distributed=False)
+    return metrics["recall@10"]
+
+
+def _prepare(collection: Path, kind: str, output: Path) -> None:
+    options = {"pixel_features": True} if kind == "structured" else {}
+    prepare(
+        collection / SYNTHETIC_JSON,
+        collection.parent / "raw",
+        kind,
+        output,
+        pseudo_queries=collection / PSEUDO_QUERIES_JSON,
+        overwrite=True,
+        **options,
+    )
+
+
+def _train(kind: str, data: Path, output: Path, extra: list[str]) -> None:
+    argv = ["--config", str(RECIPES / f"{kind}.yaml"), "--data", str(data), "--output-dir", str(output), *COMMON]
+    argv += extra
+    train(*parse_args([*argv, "--overwrite"]), command=shlex.join(["grace-hf", "train", *argv]))
+
+
+def _add(model: Path, collection: Path, output: Path, extra: list[str]) -> None:
+    argv = ["--config", str(RECIPES / "add_images.yaml"), "--model", str(model), "--output-dir", str(output)]
+    argv += ["--karpathy-json", str(collection / SYNTHETIC_JSON), "--image-root", str(collection.parent / "raw")]
+    argv += ["--pseudo-queries", str(collection / PSEUDO_QUERIES_JSON), *COMMON, *extra]
+    parsed = parse_args([*argv, "--overwrite"], ADD_IMAGES_ARGUMENT_CLASSES, "grace-hf add-images")
+    add_images(*parsed, command=shlex.join(["grace-hf", "add-images", *argv]))
+
+
+def run_kind(
+    kind: str, work: Path, split: str, reuse: bool, tag: str, train_args: list[str], add_args: list[str]
+) -> dict[str, Any]:
+    """Both paths for one kind; the measured figures."""
+    root = work / kind
+    root.mkdir(parents=True, exist_ok=True)
+    timings_file = root / "timings.json"
+    timings = json.loads(timings_file.read_text()) if reuse and timings_file.is_file() else {}
+
+    def stage(name: str, output: Path, job: Callable[[], Any]) -> None:
+        _timed(timings, name, job, reuse and _complete(output))
+        timings_file.write_text(json.dumps(timings, indent=2))
+
+    a, b, ab = work / "a", work / "b", work / "ab"
+    stage("prepare A", root / "prepared-a", lambda: _prepare(a, kind, root / "prepared-a"))
+    stage("train A", root / "model-a", lambda: _train(kind, root / "prepared-a", root / "model-a", train_args))
+    added = root / f"model-added{'-' + tag if tag else ''}"
+    stage(f"add B{' ' + tag if tag else ''}", added, lambda: _add(root / "model-a", b, added, add_args))
+    stage("prepare A+B", root / "prepared-ab", lambda: _prepare(ab, kind, root / "prepared-ab"))
+    stage("train A+B", root / "model-ab", lambda: _train(kind, root / "prepared-ab", root / "model-ab", train_args))
+
+    _log(f"evaluate {kind} ({split} captions)")
+    old_queries, old_gold, old_keys = _queries(a, split)
+    new_queries, new_gold, new_keys = _queries(b, split)
+    everything = old_keys + new_keys
+    add_seconds = timings[f"add B{' ' + tag if tag else ''}"]
+    retrain = {key: timings["prepare A+B"][key] + timings["train A+B"][key] for key in ("wall", "cpu")}
+    result = {
+        "kind": kind,
+        "old_before": _recall(root / "model-a", old_queries, old_gold, old_keys),
+        "old_after_same_candidates": _recall(added, old_queries, old_gold, old_keys),
+        "old_added": _recall(added, old_queries, old_gold, everything),
+        "old_retrained": _recall(root / "model-ab", old_queries, old_gold, everything),
+        "new_added": _recall(added, new_queries, new_gold, everything),
+        "new_retrained": _recall(root / "model-ab", new_queries, new_gold, everything),
+        "add_seconds": add_seconds,
+        "retrain_seconds": retrain,
+        "num_old_queries": len(old_queries),
+        "num_new_queries": len(new_queries),
+    }
+    result["forgetting"] = result["old_before"] - result["old_after_same_candidates"]
+    result["new_ratio"] = result["new_added"] / max(result["new_retrained"], 1e-9)
+    result["time_ratio"] = add_seconds["wall"] / retrain["wall"]
+    result["cpu_ratio"] = add_seconds["cpu"] / retrain["cpu"]
+    return result
+
+
+def table(results: list[dict[str, Any]]) -> str:
+    """The markdown table of `run_kind` results, goals checked."""
+    lines = [
+        "| identifiers | old R@10 before | old R@10 after adding | forgetting | old R@10 over A+B: add / retrain "
+        "| new R@10: add / retrain | new ratio | wall time: add / retrain | time ratio (CPU) | goals met |",
+        "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",
+    ]
+    for r in results:
+        met = [
+            r["new_ratio"] >= GOALS["new_ratio"],
+            r["forgetting"] <= GOALS["forgetting"] + 1e-9,
+            r["time_ratio"] <= GOALS["time_ratio"],
+        ]
+        verdict = "all" if all(met) else ", ".join(n for n, ok in zip(("new", "forgetting", "time"), met) if not ok)
+        lines.append(
+            f"| {r['kind']} | {r['old_before']:.3f} | {r['old_after_same_candidates']:.3f} "
+            f"| {100 * r['forgetting']:+.1f} pts | {r['old_added']:.3f} / {r['old_retrained']:.3f} "
+            f"| {r['new_added']:.3f} / {r['new_retrained']:.3f} | {r['new_ratio']:.2f}x "
+            f"| {r['add_seconds']['wall']:.0f} s / {r['retrain_seconds']['wall']:.0f} s "
+            f"| {r['time_ratio']:.2f} ({r['cpu_ratio']:.2f}) | {verdict if all(met) else 'missed: ' + verdict} |"
+        )
+    return "\n".join(lines) + "\n"
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--work-dir", default="runs/bench-add-images", help="data, models and results go here")
+    parser.add_argument("--kinds", nargs="+", default=list(KINDS), choices=KINDS)
+    parser.add_argument("--num-images", type=int, default=600, help="synthetic images, A and B together")
+    parser.add_argument("--num-added", type=int, default=120, help="the last images: collection B")
+    parser.add_argument("--split", default="test", choices=("test", "val"), help="whose captions are scored")
+    parser.add_argument("--reuse", action="store_true", help="keep finished outputs of an earlier run here")
+    parser.add_argument("--add-args", default="", help="more add-images flags, e.g. '--learning-rate 3e-4'")
+    parser.add_argument(
+        "--train-args", default="", help="more train flags for A and A+B (smoke runs: '--max-steps 5')"
+    )
+    parser.add_argument("--tag", default="", help="names the add path's output (to compare settings)")
+    args = parser.parse_args(argv)
+    torch.set_num_threads(1)
+
+    work = Path(args.work_dir).resolve()
+    raw = work / "raw"
+    if not (args.reuse and (raw / SYNTHETIC_JSON).is_file()):
+        write_synthetic(raw, args.num_images, seed=0, overwrite=True)
+    first_added = args.num_images - args.num_added
+    write_part(raw, work / "a", 0, first_added)
+    write_part(raw, work / "b", first_added)
+    write_part(raw, work / "ab", 0)
+
+    results = [
+        run_kind(
+            kind, work, args.split, args.reuse, args.tag, shlex.split(args.train_args), shlex.split(args.add_args)
+        )
+        for kind in args.kinds
+    ]
+    suffix = f"-{args.tag}" if args.tag else ""
+    (work / f"results-{args.split}{suffix}.json").write_text(json.dumps(results, indent=2))
+    print(
+        f"\nA: {first_added} images, B: {args.num_added} images; Recall@10 of {args.split} captions; goals: new "
+        f">= {GOALS['new_ratio']}x retraining, forgetting <= {100 * GOALS['forgetting']:.0f} pts, time <= "
+        f"{GOALS['time_ratio']:.0%} of retraining\n"
+    )
+    print(table(results), end="")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
