@@ -10,7 +10,14 @@ from __future__ import annotations
 
 import json
 
-from grace_hf.commands.common import add_num_threads, add_overwrite, command_parser, setup_threads
+from grace_hf.commands.common import (
+    add_num_threads,
+    add_overwrite,
+    add_rerank,
+    check_rerank_args,
+    command_parser,
+    setup_threads,
+)
 from grace_hf.errors import GraceInputError
 from grace_hf.io_utils import atomic_write_text
 from grace_hf.outputs import RETRIEVAL, check_output_dir, output_directory
@@ -36,6 +43,7 @@ def build_parser():
     parser.add_argument("--num-queries", type=int, default=8, help="with --data: how many of its queries")
     parser.add_argument("--image-root", default=None, help="folder of the image files, for thumbnails")
     parser.add_argument("--output-dir", default=None, help="also write results.jsonl and gallery.html here")
+    add_rerank(parser)
     add_num_threads(parser)
     add_overwrite(parser)
     return parser
@@ -52,6 +60,7 @@ def _print(query: str, gold: str | None, hits: list[RetrievedImage]) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    check_rerank_args(args)
     setup_threads(args)
     inputs = [args.model, args.data, args.image_root]
     if args.output_dir:
@@ -71,6 +80,9 @@ def main(argv: list[str] | None = None) -> int:
         length_penalty=args.length_penalty,
         batch_size=args.batch_size,
         candidates=candidates,
+        reranker=args.rerank,
+        rerank_weight=args.rerank_weight,
+        rerank_beams=args.rerank_beams,
     )
     results = retriever.retrieve(queries, top_k=args.top_k)
     for query, key, hits in zip(queries, gold, results):
