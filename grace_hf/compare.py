@@ -73,7 +73,7 @@ def reranked_metrics(metrics: Mapping[str, Any]) -> dict[str, Any] | None:
     rerank = metrics.get("rerank")
     if not isinstance(rerank, dict) or _number(rerank, "recall@1") is None:
         return None
-    method = metrics.get("identifier_kind") or metrics.get("method") or "-"
+    method = metrics.get("identifier_kind") or metrics.get("method")
     weight, beams = _number(rerank, "weight"), _number(rerank, "num_beams")
     details = ", ".join(
         part
@@ -86,7 +86,7 @@ def reranked_metrics(metrics: Mapping[str, Any]) -> dict[str, Any] | None:
     return {
         **metrics,
         **rerank,
-        "identifier_kind": f"{method} + rerank" + (f" ({details})" if details else ""),
+        "identifier_kind": (f"{method} + rerank" if method else "rerank") + (f" ({details})" if details else ""),
         "queries_per_second": None,
     }
 

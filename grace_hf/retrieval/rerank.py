@@ -91,7 +91,7 @@ class DenseScorer:
     @property
     def logit_scale(self) -> float:
         """The dense model's learned softmax temperature (exp of its logit scale)."""
-        return float(self.encoder.model.logit_scale.exp())
+        return float(self.encoder.model.logit_scale.detach().exp())
 
     def check_covers(self, image_keys: Sequence[str], what: str) -> None:
         """Refuse a collection with images the dense features lack (a dense model of another collection)."""
