@@ -232,11 +232,14 @@ def test_retrieve_pipeline_and_serve_rerank(trained_model, model_copy, dense_dir
     _, data, _ = trained_model
     queries, gold, candidates = load_eval_queries(data, limit=3)
     fingerprint = DenseScorer.from_directory(dense_dir).fingerprint
-    write_rerank_config(model_copy, RerankConfig(0.4, 6, str(dense_dir), fingerprint))
+    write_rerank_config(model_copy, RerankConfig(0.0, 6, str(dense_dir), fingerprint))  # the dense order
     expected = _reference(model_copy, dense_dir, queries, candidates, 3)
 
+    plain = GraceRetriever.from_pretrained(model_copy, device="cpu", num_beams=6, candidates=candidates)
+    plain_order = [[h.image_key for h in hits] for hits in plain.retrieve(queries, top_k=3)]
+    assert plain_order != [[h.image_key for h in hits] for hits in expected]  # re-ranking changed something
     retriever = GraceRetriever.from_pretrained(model_copy, device="cpu", candidates=candidates, reranker=dense_dir)
-    assert retriever.num_beams == 6 and retriever.reranker.weight == 0.4
+    assert retriever.num_beams == 6 and retriever.reranker.weight == 0.0
     got = retriever.retrieve(queries, top_k=3)
     assert [[(h.image_key, h.identifier) for h in hits] for hits in got] == [
         [(h.image_key, h.identifier) for h in hits] for hits in expected

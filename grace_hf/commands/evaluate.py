@@ -80,7 +80,7 @@ def _reranker(args: argparse.Namespace, retriever: GraceRetriever, state: Partia
     captions of `--data` and written into the model directory."""
     model_dir = resolve_model_dir(args.model)
     scorer = DenseScorer.from_directory(args.rerank)
-    scorer.check_covers(retriever.candidates, f"{args.data}'s {args.split} images")
+    scorer.check_covers(retriever.candidates, f"{args.data}'s {args.split} split")
     if args.rerank_weight is not None or (not args.refit_rerank and read_rerank_config(model_dir) is not None):
         return load_reranker(model_dir, scorer, args.rerank_weight, args.rerank_beams)
     if not Path(args.model).is_dir():

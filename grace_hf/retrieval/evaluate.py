@@ -83,7 +83,7 @@ def fit_rerank_on_val(
     """Fit the fusion weight on the val captions of `data` ranking the val images (no test query is read), with the
     model of `retriever` searching `num_beams` beams; returns the config to save as `rerank.json`."""
     queries, gold, candidates = load_eval_queries(data, split="val")
-    scorer.check_covers(candidates, f"{data}'s val images")
+    scorer.check_covers(candidates, f"{data}'s val split")
     val_retriever = retriever.for_candidates(candidates, num_beams=num_beams)
     beams = val_retriever.retrieve(
         queries, top_k=val_retriever.num_beams, batch_size=batch_size, distributed=distributed
