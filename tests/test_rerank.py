@@ -3,7 +3,10 @@
 model with a tiny trained `baseline-clip` directory."""
 
 import json
+import os
 import shutil
+import subprocess
+import sys
 from types import SimpleNamespace
 
 import pytest
@@ -264,3 +267,25 @@ def test_retrieve_pipeline_and_serve_rerank(trained_model, model_copy, dense_dir
     for answer, hits in zip(answers, expected):
         assert [r["image_key"] for r in answer["results"]] == [h.image_key for h in hits]
     assert service.max_top_k == 6 and build_app(service) is not None
+
+
+@pytest.mark.slow
+def test_two_process_rerank_fit_and_evaluation_equal_one_process(trained_model, dense_dir, tmp_path):
+    """Under `accelerate launch` every process fits the same weight from the gathered val beams; one writes it."""
+    _, data, _ = trained_model
+    models = {name: shutil.copytree(trained_model[0], tmp_path / f"model-{name}") for name in ("one", "two")}
+    argv = ["-m", "grace_hf", "evaluate", "--data", str(data), "--rerank", str(dense_dir), "--rerank-beams", "6"]
+    argv += ["--batch-size", "4", "--num-threads", "1"]
+    launch = [sys.executable, "-m", "accelerate.commands.launch", "--main_process_port", "0", "--multi_gpu"]
+    launch += ["--num_processes", "2", "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no"]
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": ""}
+    for name, prefix in (("one", [sys.executable]), ("two", launch)):
+        command = [*prefix, *argv, "--model", str(models[name]), "--output-dir", str(tmp_path / f"eval-{name}")]
+        run = subprocess.run(command, env=env, capture_output=True, text=True, timeout=300)
+        assert run.returncode == 0, run.stderr[-3000:]
+        assert run.stdout.count("fitted the re-ranking weight") == 1
+    one, two = (json.loads((tmp_path / f"eval-{name}" / "metrics.json").read_text()) for name in ("one", "two"))
+    assert two["num_processes"] == 2
+    assert read_rerank_config(models["one"]).weight == read_rerank_config(models["two"]).weight
+    for key in ("weight", "recall@1", "recall@5", "recall@10", "recall_curve"):
+        assert one["rerank"][key] == two["rerank"][key]

@@ -4,6 +4,8 @@ page of thumbnails.
     grace-hf retrieve --model runs/synthetic-structured --top-k 5 "a red circle" "two green squares"
     grace-hf retrieve --model runs/synthetic-structured --data data/prepared/synthetic-structured --num-queries 8 \\
         --output-dir runs/gallery        # test captions with their gold image marked
+    grace-hf retrieve --model runs/synthetic-structured --rerank runs/dense-clip "a red circle"
+                                         # the beams' images re-ranked with the dense model (the model's rerank.json)
 """
 
 from __future__ import annotations
@@ -34,7 +36,12 @@ def build_parser():
     parser.add_argument("queries", nargs="*", help="text queries")
     parser.add_argument("--model", required=True, help="trained model directory or Hub id")
     parser.add_argument("--top-k", type=int, default=10, help="images per query (at most --num-beams)")
-    parser.add_argument("--num-beams", type=int, default=None, help="beams per query (default: max(10, top-k))")
+    parser.add_argument(
+        "--num-beams",
+        type=int,
+        default=None,
+        help="beams per query (default: max(10, top-k); with --rerank: --rerank-beams)",
+    )
     parser.add_argument("--length-penalty", type=float, default=0.0, help="see `grace-hf evaluate --help`")
     parser.add_argument("--batch-size", type=int, default=16, help="queries per generate call")
     parser.add_argument(

@@ -3,6 +3,7 @@
     grace-hf serve --model runs/synthetic-structured --data data/prepared/synthetic-structured
     grace-hf serve --model demo_output/model-structured --image-root demo_output/data \\
         --queries demo_output/queries.jsonl --port 7860
+    grace-hf serve --model runs/synthetic-structured --data data/prepared/synthetic-structured --rerank runs/dense-clip
 
 Then open http://127.0.0.1:7860, or call the `/search` endpoint with `gradio_client` or plain HTTP (README).
 """
@@ -43,7 +44,10 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--port", type=int, default=7860, help="port to listen on (7860)")
     parser.add_argument("--top-k", type=int, default=5, help="images shown per query at first (at most --num-beams)")
     parser.add_argument(
-        "--num-beams", type=int, default=None, help="beams per query: the largest top-k offered (max(10, --top-k))"
+        "--num-beams",
+        type=int,
+        default=None,
+        help="beams per query: the largest top-k offered (max(10, --top-k); with --rerank: --rerank-beams)",
     )
     parser.add_argument("--length-penalty", type=float, default=0.0, help="see `grace-hf evaluate --help`")
     parser.add_argument(
