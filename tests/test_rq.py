@@ -10,6 +10,7 @@ import pytest
 import torch
 from safetensors.numpy import save_file
 
+from grace_hf import cli
 from grace_hf.data.karpathy import KarpathyCorpus, KarpathyImage, load_karpathy
 from grace_hf.data.synthetic import SYNTHETIC_JSON, write_synthetic
 from grace_hf.errors import GraceInputError
@@ -228,3 +229,17 @@ def test_extension_errors(tmp_path):
     foreign = IdentifierIndex("rq", {**old.images, "0.png": ["0_1-1_7"]})
     with pytest.raises(GraceInputError, match=r"identifier '0_1-1_7' of image '0.png' is not one of their codes"):
         extend_identifiers(foreign, _corpus(["n.png"]), codebooks=books)
+
+
+def test_prepare_command_takes_rq_flags(synthetic, tmp_path, capsys):
+    root = synthetic.image_root
+    argv = ["prepare", "--karpathy-json", str(root / SYNTHETIC_JSON), "--image-root", str(root)]
+    argv += ["--identifier-kind", "rq", "--pixel-features", "--levels", "2", "--codebook-size", "6", "--unbalanced"]
+    assert cli.main([*argv, "--seed", "3", "--output-dir", str(tmp_path / "out")]) == 0
+    assert "wrote" in capsys.readouterr().out
+    report = json.loads((tmp_path / "out" / "prepare.json").read_text())["identifiers"]
+    assert (report["levels"], report["codebook_size"], report["balanced"]) == (2, 6, False)
+    options = Codebooks.load(tmp_path / "out" / "identifier_codebooks.safetensors").metadata["options"]
+    assert (options["seed"], options["unbalanced"], options["pixel_features"]) == (3, True, True)
+    index = IdentifierIndex.load(tmp_path / "out")
+    assert index.kind == "rq" and all(re.match(r"^0_[0-5]-1_[0-5](-2_\d+)?$", i[0]) for i in index.images.values())
