@@ -426,4 +426,4 @@ def test_every_shipped_recipe_parses(recipe):
     model_args, data_args, args = parse_args(argv, classes)
     assert args.output_dir.startswith("runs/") and (model_args.model or model_args.model_preset)
     if recipe.endswith("rq.yaml"):
-        assert data_args.data == [f"data/prepared/{Path(recipe).parent.name}-rq"]
+        assert data_args.data == f"data/prepared/{Path(recipe).parent.name}-rq"
