@@ -145,22 +145,24 @@ def _kmeans(features: np.ndarray, size: int, seed: int) -> tuple[np.ndarray, np.
 def _capacity_assign(distances: np.ndarray, capacity: int) -> np.ndarray:
     """Labels (n,) from `distances` (n, K), each code taking at most `capacity` points (capacity * K >= n).
 
-    In rounds: every unassigned point asks for its nearest code with room left, and each code takes the nearest of
-    those who ask, as many as it has room for. A round ends with every asking point placed or a code full, so there
-    are at most K + 1 rounds.
+    The result is what taking (point, code) pairs by increasing distance gives (a point takes the code of its pair
+    when it has none and the code has room), found by deferred acceptance, one vectorised round at a time: every
+    point without a code asks for the nearest code it has not asked yet, and each code keeps the `capacity` nearest
+    of the points it holds and the new ones, sending the others back.
     """
-    num_points, num_codes = distances.shape
+    num_points = len(distances)
+    preferences = np.argsort(distances, axis=1, kind="stable")  # (n, K): each point's codes, nearest first
+    asked = np.zeros(num_points, dtype=np.int64)
     labels = np.full(num_points, -1, dtype=np.int64)
-    room = np.full(num_codes, capacity, dtype=np.int64)
-    while (waiting := np.flatnonzero(labels < 0)).size:
-        masked = np.where(room > 0, distances[waiting], np.inf)  # (w, K)
-        wanted = masked.argmin(1)  # (w,)
-        order = np.lexsort((masked[np.arange(len(waiting)), wanted], wanted))  # by code, then distance
-        codes = wanted[order]
-        rank = np.arange(len(order)) - np.searchsorted(codes, codes)  # position among those asking for the code
-        taken = rank < room[codes]
-        labels[waiting[order[taken]]] = codes[taken]
-        room -= np.bincount(codes[taken], minlength=num_codes)
+    while (free := np.flatnonzero(labels < 0)).size:
+        labels[free] = preferences[free, asked[free]]
+        asked[free] += 1
+        contested = np.flatnonzero(np.isin(labels, labels[free]))  # the points held by a code that was asked
+        codes = labels[contested]
+        order = np.lexsort((contested, distances[contested, codes], codes))  # by code, distance, point
+        codes = codes[order]
+        rank = np.arange(len(order)) - np.searchsorted(codes, codes)  # position among the code's points
+        labels[contested[order[rank >= capacity]]] = -1
     return labels
 
 
