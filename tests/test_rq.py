@@ -18,6 +18,7 @@ from grace_hf.identifiers import Codebooks, IdentifierIndex, build_identifiers, 
 from grace_hf.identifiers.rq import (
     ResidualQuantizer,
     RQOptions,
+    _capacity_assign,
     default_shape,
     fit_quantizer,
     name_codes,
@@ -243,3 +244,14 @@ def test_prepare_command_takes_rq_flags(synthetic, tmp_path, capsys):
     assert (options["seed"], options["unbalanced"], options["pixel_features"]) == (3, True, True)
     index = IdentifierIndex.load(tmp_path / "out")
     assert index.kind == "rq" and all(re.match(r"^0_[0-5]-1_[0-5](-2_\d+)?$", i[0]) for i in index.images.values())
+
+
+def test_capacity_assignment_is_taking_pairs_by_increasing_distance():
+    distances = np.random.default_rng(2).random((50, 6))
+    expected, room = np.full(50, -1), np.full(6, 9)  # ceil(50 / 6) = 9
+    for flat in np.argsort(distances, axis=None, kind="stable"):
+        point, code = divmod(int(flat), 6)
+        if expected[point] < 0 and room[code] > 0:
+            expected[point], room[code] = code, room[code] - 1
+    labels = _capacity_assign(distances, 9)
+    assert np.array_equal(labels, expected) and np.bincount(labels).max() == 9
