@@ -1,4 +1,4 @@
-"""The five identifier kinds, the registry and `IdentifierIndex`."""
+"""The six identifier kinds (rq in detail: test_rq.py), the registry and `IdentifierIndex`."""
 
 import json
 import re

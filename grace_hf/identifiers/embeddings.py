@@ -1,4 +1,4 @@
-"""The image embeddings that content-based identifiers (structured) cluster: one source out of three.
+"""The image embeddings that content-based identifiers (structured, rq) cluster: one source out of three.
 
 Images added to a trained model are embedded by the same source, in the same space: pixel thumbnails are centred on
 the mean saved at prepare time, an open_clip model is run again, and a features file must hold the new images,
