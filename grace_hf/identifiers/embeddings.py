@@ -1,4 +1,4 @@
-"""The image embeddings that content-based identifiers (structured) cluster: one source out of three.
+"""The image embeddings that content-based identifiers (structured, rq) cluster: one source out of three.
 
 Images added to a trained model are embedded by the same source, in the same space: pixel thumbnails are centred on
 the mean saved at prepare time, an open_clip model is run again, and a features file must hold the new images,
@@ -8,6 +8,7 @@ file lacks.
 
 from __future__ import annotations
 
+import dataclasses
 import os
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -28,7 +29,15 @@ from grace_hf.image_features import (
     pixel_thumbnails,
 )
 
-__all__ = ["EmbeddingOptions", "Embeddings", "embed", "embed_images", "embedding_source"]
+__all__ = [
+    "EmbeddingOptions",
+    "Embeddings",
+    "check_same_source",
+    "embed",
+    "embed_images",
+    "embedding_source",
+    "recorded_options",
+]
 
 PIXEL_MEAN = "pixel_mean"
 
@@ -72,6 +81,27 @@ def embedding_source(options: EmbeddingOptions) -> str:
     if options.clip_model is not None:
         return "clip_model"
     return "image_features" if options.image_features is not None else "pixel_features"
+
+
+def check_same_source(kind: str, built: EmbeddingOptions, options: EmbeddingOptions) -> None:
+    """New images must be embedded by the source that `built` the codebooks; another one is a `GraceInputError`."""
+    built_from, asked = embedding_source(built), embedding_source(options)
+    if asked != built_from:
+        raise GraceInputError(
+            f"{kind} identifiers: the codebooks were built on {built_from.replace('_', '-')} embeddings; new images "
+            f"must be embedded the same way, not with --{asked.replace('_', '-')}"
+        )
+
+
+def recorded_options(options: EmbeddingOptions) -> dict:
+    """`options` as a kind's codebooks record them: files as absolute paths, so they resolve from anywhere."""
+    recorded = dataclasses.asdict(options)
+    for name in ("image_features", "clip_pretrained"):
+        if recorded[name]:
+            recorded[name] = os.path.abspath(recorded[name])
+    if recorded["clip_model"] and recorded["clip_model"].endswith(".json"):
+        recorded["clip_model"] = os.path.abspath(recorded["clip_model"])
+    return recorded
 
 
 @dataclass
