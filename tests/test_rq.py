@@ -143,6 +143,16 @@ def test_build_from_pixels_unique_deterministic_with_codebooks(synthetic, tmp_pa
         ResidualQuantizer.from_codebooks(Codebooks("rq", {"mean": np.zeros(3, np.float32)}), "books")
 
 
+def test_pixel_side_sets_the_thumbnail_and_is_recorded_for_added_images(synthetic):
+    index = build_identifiers("rq", synthetic, pixel_features=True, pixel_side=8)
+    assert index.codebooks.tensors["pixel_mean"].shape == (1, 3 * 8 * 8)
+    assert index.codebooks.tensors["centroids"].shape[-1] == 3 * 8 * 8
+    assert index.codebooks.metadata["options"]["pixel_side"] == 8
+    default = build_identifiers("rq", synthetic, pixel_features=True)
+    assert default.codebooks.tensors["pixel_mean"].shape == (1, 3 * 16 * 16)
+    assert default.images != index.images
+
+
 def test_unbalanced_and_explicit_shape(synthetic):
     index = build_identifiers("rq", synthetic, pixel_features=True, levels=2, codebook_size=5, unbalanced=True)
     assert (index.report["levels"], index.report["codebook_size"], index.report["balanced"]) == (2, 5, False)
@@ -155,6 +165,7 @@ def test_unbalanced_and_explicit_shape(synthetic):
         ({"pixel_features": True, "levels": 0}, "rq identifiers need --levels >= 1 and --codebook-size >= 2"),
         ({"pixel_features": True, "codebook_size": 1}, "rq identifiers need --levels >= 1 and --codebook-size >= 2"),
         ({}, "exactly one embedding source"),
+        ({"pixel_features": True, "pixel_side": 0}, r"--pixel-side must be in \[1, 64\], got 0"),
         ({"pixel_features": True, "k": 3}, r"rq identifiers do not take --k \(they take: .*--codebook-size"),
     ],
 )

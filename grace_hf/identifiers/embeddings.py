@@ -22,6 +22,7 @@ from grace_hf.image_features import (
     FEATURES_FILE,
     OPEN_CLIP_CONFIG_FILE,
     OPEN_CLIP_WEIGHTS_FILE,
+    PIXEL_SIDE,
     encode_images,
     load_image_features,
     open_clip_image_encoder,
@@ -49,7 +50,8 @@ class EmbeddingOptions:
     - `clip_model` (+ `clip_pretrained`): an open_clip model's `encode_image`, L2-normalised (`batch_size` images at
       a time on `device`);
     - `image_features`: a features file, e.g. the dense baseline's `image_features.safetensors`;
-    - `pixel_features`: 16x16 thumbnails, no model (offline demos).
+    - `pixel_features`: `pixel_side` x `pixel_side` thumbnails, no model (offline demos; 8x8 suits the synthetic
+      shapes).
     """
 
     clip_model: str | None = field(
@@ -59,7 +61,8 @@ class EmbeddingOptions:
     image_features: str | None = field(
         default=None, metadata={"help": "a features file: safetensors `features` (N, d) + metadata `image_keys`"}
     )
-    pixel_features: bool = field(default=False, metadata={"help": "16x16 pixel thumbnails (no model)"})
+    pixel_features: bool = field(default=False, metadata={"help": "pixel thumbnails (no model)"})
+    pixel_side: int = field(default=PIXEL_SIDE, metadata={"help": "thumbnail side of --pixel-features"})
     batch_size: int = field(default=64, metadata={"help": "images per CLIP batch"})
     device: str = field(default="cpu", metadata={"help": "CLIP device"})
 
@@ -72,6 +75,8 @@ class EmbeddingOptions:
             )
         if self.clip_pretrained is not None and self.clip_model is None:
             raise GraceInputError("--clip-pretrained goes with --clip-model")
+        if not 1 <= self.pixel_side <= 64:
+            raise GraceInputError(f"--pixel-side must be in [1, 64], got {self.pixel_side}")
         if self.batch_size < 1:
             raise GraceInputError(f"--batch-size must be >= 1, got {self.batch_size}")
 
@@ -107,7 +112,7 @@ def recorded_options(options: EmbeddingOptions) -> dict:
 @dataclass
 class Embeddings:
     """Embeddings of some images, and what embedding more images in the same space needs (`tensors`, saved with a
-    kind's codebooks: the pixel source's centring mean `pixel_mean` (1, 768))."""
+    kind's codebooks: the pixel source's centring mean `pixel_mean` (1, D))."""
 
     features: np.ndarray  # (N, d) float32
     tensors: dict[str, np.ndarray] = field(default_factory=dict)
@@ -169,7 +174,7 @@ def embed(
         return Embeddings(_file_features(options, images, num_workers))
     paths = [image.path for image in images]
     if options.pixel_features:
-        thumbnails = pixel_thumbnails(paths, num_workers)  # (N, 768)
+        thumbnails = pixel_thumbnails(paths, num_workers, options.pixel_side)  # (N, 3 * side * side)
         mean = saved[PIXEL_MEAN] if saved and PIXEL_MEAN in saved else thumbnails.mean(axis=0, keepdims=True)
         return Embeddings(pixel_embeddings(thumbnails, mean), {PIXEL_MEAN: mean})
     return Embeddings(_clip_features(options, options.clip_model, options.clip_pretrained, paths, num_workers))
