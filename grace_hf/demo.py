@@ -1,6 +1,6 @@
 """The demo: GRACE end to end on the built-in synthetic data, no GPU and no downloads (`grace-hf demo`).
 
-Stages: synthetic data -> dense open_clip baseline (its image embeddings also feed the structured
+Stages: synthetic data -> dense open_clip baseline (its image embeddings also feed the structured and rq
 identifiers) -> prepare -> train the tiny Flamingo with `recipes/synthetic/<kind>.yaml` -> evaluate ->
 retrieve example queries -> `metrics.json`, `gallery.html`, `recall.png` and `comparison.md` in the output folder.
 """
@@ -17,6 +17,8 @@ from grace_hf.compare import comparison_table
 from grace_hf.data.synthetic import PSEUDO_QUERIES_JSON, SYNTHETIC_JSON, check_synthetic_size, write_synthetic
 from grace_hf.dense.train import DenseTrainingArgs, run_baseline
 from grace_hf.errors import GraceInputError
+from grace_hf.identifiers import get_identifier_kind
+from grace_hf.identifiers.embeddings import EmbeddingOptions
 from grace_hf.image_features import FEATURES_FILE
 from grace_hf.io_utils import atomic_write_json, atomic_write_text, read_json
 from grace_hf.outputs import DEMO, finish_output_dir, open_output_dir
@@ -51,7 +53,7 @@ def _train_kind(kind: str, out: Path, data: Path, dense_dir: Path, max_steps: in
     """Prepare the data for one identifier kind and train the tiny Flamingo on it; return the model directory."""
     prepared = out / f"prepared-{kind}"
     options: dict[str, Any] = {}
-    if kind == "structured":
+    if issubclass(get_identifier_kind(kind).options, EmbeddingOptions):  # structured, rq: cluster embeddings
         options["image_features"] = str(dense_dir / FEATURES_FILE)
     _log(f"prepare {kind} identifiers -> {prepared}")
     prepare(data / SYNTHETIC_JSON, data, kind, prepared, pseudo_queries=data / PSEUDO_QUERIES_JSON, **options)

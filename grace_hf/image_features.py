@@ -79,20 +79,22 @@ def encode_images(
     return torch.cat(chunks) if chunks else torch.empty(0, 0)
 
 
-def pixel_thumbnails(paths: Sequence[str | os.PathLike], num_workers: int | None = None) -> np.ndarray:
-    """(N, 768) 16x16 RGB thumbnails in [0, 1]: colour and layout without a model."""
+def pixel_thumbnails(
+    paths: Sequence[str | os.PathLike], num_workers: int | None = None, side: int = PIXEL_SIDE
+) -> np.ndarray:
+    """(N, 3 * side * side) RGB thumbnails in [0, 1] (16x16: 768 values): colour and layout without a model."""
 
     def thumbnail(path: str | os.PathLike) -> np.ndarray:
-        small = read_rgb(path).resize((PIXEL_SIDE, PIXEL_SIDE), Image.Resampling.BOX)
+        small = read_rgb(path).resize((side, side), Image.Resampling.BOX)
         return np.asarray(small, dtype=np.float32).reshape(-1) / 255.0
 
     with ThreadPoolExecutor(num_workers or default_workers()) as pool:
         rows = list(progress_bar(pool.map(thumbnail, paths), total=len(paths), desc="pixel features"))
-    return np.stack(rows)  # (N, 768)
+    return np.stack(rows)  # (N, 3 * side * side)
 
 
 def pixel_embeddings(thumbnails: np.ndarray, mean: np.ndarray | None = None) -> np.ndarray:
-    """(N, 768) thumbnails centred on `mean` (1, 768) (default: their own mean) and L2-normalised."""
+    """(N, D) thumbnails centred on `mean` (1, D) (default: their own mean) and L2-normalised."""
     features = thumbnails - (thumbnails.mean(axis=0, keepdims=True) if mean is None else mean)
     return features / np.maximum(np.linalg.norm(features, axis=1, keepdims=True), 1e-8)
 

@@ -38,9 +38,13 @@ from grace_hf.training.args import ADD_IMAGES_ARGUMENT_CLASSES, parse_args
 from grace_hf.training.modeling import build_model_and_processor
 from grace_hf.training.sampling import ConcatBatchSampler, StepBatchSampler
 
-KINDS = ("numeric", "string", "semantic", "structured", "atomic")
+KINDS = ("numeric", "string", "semantic", "structured", "atomic", "rq")
 NUM_IMAGES, NUM_OLD = 30, 22  # the last 8 images (2 of them test images) are added
-KIND_OPTIONS = {"structured": {"pixel_features": True, "k": 3, "leaf_size": 4}}
+KIND_OPTIONS = {
+    "structured": {"pixel_features": True, "k": 3, "leaf_size": 4},
+    # 2 codes of at most 11 of the 22 old images: every new image takes a position after them, a new token
+    "rq": {"pixel_features": True, "levels": 1, "codebook_size": 2},
+}
 
 
 def _tree_digest(root: Path) -> dict[str, str]:
@@ -128,7 +132,7 @@ def test_new_directory_is_a_complete_retriever_and_the_old_one_is_untouched(adde
     assert all(vocab[token] == token_id for token, token_id in old_vocab.items())
     grown = sorted(set(vocab) - set(old_vocab), key=vocab.get)
     assert grown == [token for token in index.new_tokens if token not in old_vocab]
-    assert (kind in ("atomic", "structured")) == bool(grown)
+    assert (kind in ("atomic", "structured", "rq")) == bool(grown)
     embeddings = load_file(out / "model.safetensors")["model.embed_tokens.weight"]
     assert embeddings.shape[0] == len(processor.tokenizer) == read_model_dir(out).model.config.text_config.vocab_size
     assert [vocab[token] for token in grown] == list(range(len(old_vocab), len(vocab)))
@@ -165,6 +169,20 @@ def test_structured_codebooks_follow_the_model(added):
     old_rows = {tuple(path): row for path, row in zip(grown.metadata["child_paths"], grown.tensors["centroids"])}
     for path, centroid in zip(prepared_books.metadata["child_paths"], kept):
         assert np.array_equal(old_rows[tuple(path)], centroid)  # the old centroids do not move
+
+
+@pytest.mark.parametrize("added", ["rq"], indirect=True)
+def test_rq_codebooks_follow_the_model_unchanged(added):
+    prepared_books = Codebooks.load(added["prepared"] / CODEBOOKS_FILE)
+    for directory in (added["model"], added["out"]):  # copied by training, kept by add-images: codes never move
+        books = Codebooks.load(directory / CODEBOOKS_FILE)
+        assert books.kind == "rq" and books.metadata == prepared_books.metadata
+        assert books.tensors.keys() == {"centroids", "mean", "pixel_mean"}
+        assert all(np.array_equal(books.tensors[name], prepared_books.tensors[name]) for name in books.tensors)
+    old, new = IdentifierIndex.load(added["model"]), IdentifierIndex.load(added["out"])
+    added_ids = [new.images[key][0] for key in new.images if key not in old.images]
+    top = max(int(identifier.split("-")[1].split("_")[1]) for ids in old.images.values() for identifier in ids)
+    assert sorted(int(identifier.split("-")[1].split("_")[1]) for identifier in added_ids)[-1] > top
 
 
 @pytest.mark.parametrize("added", ["atomic"], indirect=True)

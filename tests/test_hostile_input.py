@@ -150,6 +150,7 @@ def _structured_without_codebooks(work: Path) -> str:
 
 PREPARE = ["prepare", "--karpathy-json", "data/dataset_synthetic.json", "--image-root", "data"]
 PREPARE_NUMERIC = [*PREPARE, "--identifier-kind", "numeric"]
+PREPARE_RQ = [*PREPARE, "--identifier-kind", "rq", "--pixel-features"]
 EVALUATE = ["evaluate", "--data", "eval-data"]
 RERANK = [*EVALUATE, "--model", "model", "--output-dir", "e", "--rerank"]
 ADD = ["add-images", "--karpathy-json", "data/dataset_synthetic.json", "--image-root", "data", "--max-steps", "1"]
@@ -164,6 +165,26 @@ CASES = [
     ("synthetic-file", lambda w: ["synthetic", "--output-dir", "notes.txt"], "notes.txt: is a file"),
     ("synthetic-user-dir", lambda w: ["synthetic", "--output-dir", "thesis"], "thesis: exists and is not a grace_hf"),
     ("synthetic-positional", lambda w: ["synthetic", "data2"], "required: --output-dir"),
+    (
+        "synthetic-bad-mode",
+        lambda w: ["synthetic", "--output-dir", "data2", "--modes", "RGB", "CMYK"],
+        "--modes: expected some of RGB, L, RGBA",
+    ),
+    (
+        "synthetic-no-train-left",
+        lambda w: [
+            "synthetic",
+            "--output-dir",
+            "data2",
+            "--num-images",
+            "4",
+            "--val-fraction",
+            "0.4",
+            "--test-fraction",
+            "0.4",
+        ],
+        "leave no train image of 4",
+    ),
     ("prepare-into-image-root", lambda w: [*PREPARE_NUMERIC, "--output-dir", "data"], "holds the input"),
     ("prepare-cwd", lambda w: [*PREPARE_NUMERIC, "--output-dir", "."], "working directory"),
     ("prepare-cwd-abs", lambda w: [*PREPARE_NUMERIC, "--output-dir", os.getcwd()], "working directory"),
@@ -233,6 +254,26 @@ CASES = [
         "prepare-option-of-another-kind",
         lambda w: [*PREPARE_NUMERIC, "--k", "3", "--output-dir", "o"],
         "numeric identifiers do not take --k",
+    ),
+    (
+        "prepare-rq-no-levels",
+        lambda w: [*PREPARE_RQ, "--levels", "0", "--output-dir", "o"],
+        "rq identifiers need --levels >= 1 and --codebook-size >= 2, got levels 0",
+    ),
+    (
+        "prepare-rq-one-code",
+        lambda w: [*PREPARE_RQ, "--codebook-size", "1", "--output-dir", "o"],
+        "rq identifiers need --levels >= 1 and --codebook-size >= 2, got levels None, codebook size 1",
+    ),
+    (
+        "prepare-rq-no-source",
+        lambda w: [*PREPARE, "--identifier-kind", "rq", "--levels", "2", "--output-dir", "o"],
+        "exactly one embedding source",
+    ),
+    (
+        "prepare-rq-tree-option",
+        lambda w: [*PREPARE_RQ, "--leaf-size", "4", "--output-dir", "o"],
+        "rq identifiers do not take --leaf-size",
     ),
     ("train-cwd", lambda w: ["train", "--config", _recipe(w), "--output-dir", "."], "working directory"),
     (

@@ -1,4 +1,4 @@
-"""The five identifier kinds, the registry and `IdentifierIndex`."""
+"""The six identifier kinds (rq in detail: test_rq.py), the registry and `IdentifierIndex`."""
 
 import json
 import re
@@ -175,7 +175,7 @@ def test_structured_pixel_features_carry_content(tmp_path):
 def test_unknown_kind():
     with pytest.raises(GraceInputError, match="unknown identifier kind 'semantics'.*numeric, string, semantic"):
         build_identifiers("semantics", _toy_corpus(["train"]))
-    assert IDENTIFIER_KINDS == ("numeric", "string", "semantic", "structured", "atomic")
+    assert IDENTIFIER_KINDS == ("numeric", "string", "semantic", "structured", "atomic", "rq")
 
 
 def test_index_save_load_restrict(tmp_path):

@@ -22,6 +22,6 @@ def test_the_wheel_ships_the_synthetic_recipes(tmp_path):
     (wheel,) = (tmp_path / "dist").glob("grace_hf-*.whl")
     names = set(zipfile.ZipFile(wheel).namelist())
     recipes = sorted(path.name for path in RECIPES.glob("*.yaml"))
-    assert "structured.yaml" in recipes
+    assert {"structured.yaml", "rq.yaml"} <= set(recipes)
     assert {f"grace_hf/recipes/synthetic/{name}" for name in recipes} <= names
     assert "grace_hf/commands/demo.py" in names

@@ -8,12 +8,16 @@ import pytest
 from PIL import Image
 
 from grace_hf import cli
+from grace_hf.data.karpathy import load_karpathy
+from grace_hf.data.pseudo_queries import load_pseudo_queries
 from grace_hf.data.synthetic import (
     COLORS,
+    EXTENDED_TEMPLATES,
     MAX_IMAGES,
     PSEUDO_QUERIES_JSON,
     SHAPES,
     SYNTHETIC_JSON,
+    SyntheticStyle,
     write_synthetic,
 )
 from grace_hf.errors import GraceInputError
@@ -106,3 +110,90 @@ def test_cli(tmp_path, capsys):
     assert not (tmp_path / "big").exists()
     with pytest.raises(GraceInputError, match="between 3 and"):
         write_synthetic(tmp_path / "tiny", 2)
+
+
+STYLE = SyntheticStyle(
+    image_sizes=(48, 96),
+    formats=("png", "jpeg"),
+    modes=("RGB", "L", "RGBA"),
+    subfolders=3,
+    val_fraction=0.2,
+    test_fraction=0.15,
+    caption_style="extended",
+)
+
+
+@pytest.fixture(scope="module")
+def styled(tmp_path_factory):
+    return write_synthetic(tmp_path_factory.mktemp("styled") / "data", 60, seed=3, num_workers=1, style=STYLE)
+
+
+def test_style_files_folders_and_splits(styled, synthetic):
+    data = json.loads((styled / SYNTHETIC_JSON).read_text())
+    seen = set()
+    for i, image in enumerate(data["images"]):
+        assert image["filepath"] == f"images/part_{i % 3}"
+        with Image.open(styled / image["filepath"] / image["filename"]) as im:
+            assert im.size[0] == im.size[1] and im.size[0] in (48, 96)
+            assert image["filename"].endswith({"PNG": ".png", "JPEG": ".jpg"}[im.format])
+            assert im.format == "PNG" or im.mode != "RGBA"  # RGBA images are PNG
+            seen.add((im.format, im.mode, im.size[0]))
+    assert {f for f, _, _ in seen} == {"PNG", "JPEG"} and {m for _, m, _ in seen} == {"RGB", "L", "RGBA"}
+    assert {s for _, _, s in seen} == {48, 96}
+    splits = [image["split"] for image in data["images"]]
+    assert (splits.count("val"), splits.count("test"), splits.count("train")) == (12, 9, 39)
+    corpus = load_karpathy(styled / SYNTHETIC_JSON, styled)  # keys resolve under the sub-folders
+    assert len(load_pseudo_queries(styled / PSEUDO_QUERIES_JSON, corpus)) == 21
+
+
+def test_extended_captions_draw_the_extra_templates(styled):
+    data = json.loads((styled / SYNTHETIC_JSON).read_text())
+    openings = tuple(template.split("{")[0] for template in EXTENDED_TEMPLATES if not template.startswith("{"))
+    captions = [s["raw"] for image in data["images"] for s in image["sentences"]]
+    assert any(caption.startswith(openings) for caption in captions)
+    assert all(len({s["raw"] for s in image["sentences"]}) == 5 for image in data["images"])
+
+
+def test_style_is_deterministic_and_default_style_is_the_demo_data(tmp_path, styled, synthetic):
+    again = write_synthetic(tmp_path / "again", 60, seed=3, num_workers=2, style=STYLE)
+    for path in sorted(p for p in styled.rglob("*") if p.is_file()):
+        assert (again / path.relative_to(styled)).read_bytes() == path.read_bytes()
+    out, _, _ = synthetic
+    default = write_synthetic(tmp_path / "default", NUM_IMAGES, seed=3, num_workers=1, style=SyntheticStyle())
+    for name in (SYNTHETIC_JSON, PSEUDO_QUERIES_JSON, "images/synthetic_000007.png"):
+        assert (default / name).read_bytes() == (out / name).read_bytes()
+
+
+@pytest.mark.parametrize(
+    ("options", "message"),
+    [
+        ({"image_sizes": (8,)}, "--image-sizes: need sizes of at least 16"),
+        ({"formats": ("gif",)}, "--formats: expected some of png, jpeg"),
+        ({"modes": ("CMYK",)}, "--modes: expected some of RGB, L, RGBA"),
+        ({"subfolders": -1}, "--subfolders must be >= 0"),
+        ({"val_fraction": 0.0}, "--val-fraction must be between 0 and 0.5"),
+        ({"test_fraction": 0.7}, "--test-fraction must be between 0 and 0.5"),
+        ({"caption_style": "poetic"}, "--caption-style: expected one of default, extended"),
+    ],
+)
+def test_bad_style(options, message):
+    with pytest.raises(GraceInputError, match=message):
+        SyntheticStyle(**options)
+
+
+def test_fractions_that_leave_no_train_image(tmp_path):
+    with pytest.raises(GraceInputError, match="leave no train image of 4"):
+        write_synthetic(tmp_path / "out", 4, style=SyntheticStyle(val_fraction=0.4, test_fraction=0.4))
+    assert not (tmp_path / "out").exists()
+
+
+def test_cli_style_flags(tmp_path, capsys):
+    argv = ["synthetic", "--output-dir", str(tmp_path / "syn"), "--num-images", "20", "--num-workers", "1"]
+    style = ["--image-sizes", "32", "--formats", "jpeg", "--modes", "L", "--subfolders", "2"]
+    assert cli.main([*argv, *style, "--val-fraction", "0.25", "--caption-style", "extended"]) == 0
+    assert "wrote 20 images (train 13, val 5, test 2)" in capsys.readouterr().out
+    with Image.open(tmp_path / "syn" / "images" / "part_1" / "synthetic_000001.jpg") as im:
+        assert (im.format, im.mode, im.size) == ("JPEG", "L", (32, 32))
+    assert cli.main([*argv[:2], str(tmp_path / "bad"), "--formats", "gif"]) == 2
+    assert "--formats: expected some of png, jpeg" in capsys.readouterr().err
+    assert not (tmp_path / "bad").exists()

@@ -23,6 +23,7 @@ from grace_hf.errors import GraceInputError
 from grace_hf.retrieval.model_dir import read_model_dir
 from grace_hf.training import parse_args
 from grace_hf.training import train as train_module
+from grace_hf.training.args import ADD_IMAGES_ARGUMENT_CLASSES, ARGUMENT_CLASSES
 from grace_hf.training.checkpoints import list_checkpoints, resolve_checkpoint, save_checkpoint
 from grace_hf.training.collate import GraceCollator
 from grace_hf.training.data import load_training_data
@@ -433,3 +434,26 @@ def test_killed_before_the_first_checkpoint_starts_again(tmp_path, prepared):
         run_training(["--config", recipe, "--resume-from-checkpoint", "latest"])
     run_training(["--config", recipe])
     assert [step for step, _ in list_checkpoints(tmp_path / "out")] == [2, 4, 6]
+
+
+@pytest.mark.parametrize(
+    "recipe", sorted(str(p.relative_to(ROOT)) for p in (ROOT / "recipes").glob("*/*.yaml")), ids=lambda p: p
+)
+def test_every_shipped_recipe_parses(recipe):
+    argv, classes = ["--config", str(ROOT / recipe)], ARGUMENT_CLASSES
+    if recipe.endswith("add_images.yaml"):  # the model and the new images come from the command line
+        argv += [
+            "--model",
+            "runs/old",
+            "--output-dir",
+            "runs/added",
+            "--karpathy-json",
+            "new.json",
+            "--image-root",
+            ".",
+        ]
+        classes = ADD_IMAGES_ARGUMENT_CLASSES
+    model_args, data_args, args = parse_args(argv, classes)
+    assert args.output_dir.startswith("runs/") and (model_args.model or model_args.model_preset)
+    if recipe.endswith("rq.yaml"):
+        assert data_args.data == f"data/prepared/{Path(recipe).parent.name}-rq"

@@ -4,7 +4,15 @@ Karpathy format."""
 from __future__ import annotations
 
 from grace_hf.commands.common import add_overwrite, command_parser
-from grace_hf.data.synthetic import MAX_IMAGES, SYNTHETIC_JSON, write_synthetic
+from grace_hf.data.synthetic import (
+    CAPTION_STYLES,
+    IMAGE_FORMATS,
+    IMAGE_MODES,
+    MAX_IMAGES,
+    SYNTHETIC_JSON,
+    SyntheticStyle,
+    write_synthetic,
+)
 from grace_hf.io_utils import read_json
 
 
@@ -14,9 +22,29 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--num-images", type=int, default=1000, help=f"number of images, at most {MAX_IMAGES}")
     parser.add_argument("--seed", type=int, default=0, help="random seed; the same seed gives identical files")
     parser.add_argument("--num-workers", type=int, default=None, help="processes drawing images")
+    default = SyntheticStyle()
+    style = parser.add_argument_group("style (defaults: the demo data; each image draws from the values given)")
+    style.add_argument("--image-sizes", type=int, nargs="+", default=list(default.image_sizes), help="side lengths")
+    style.add_argument("--formats", nargs="+", default=list(default.formats), help=f"of {', '.join(IMAGE_FORMATS)}")
+    style.add_argument("--modes", nargs="+", default=list(default.modes), help=f"of {', '.join(IMAGE_MODES)}")
+    style.add_argument("--subfolders", type=int, default=default.subfolders, help="spread images over N folders")
+    style.add_argument("--val-fraction", type=float, default=default.val_fraction, help="share of val images")
+    style.add_argument("--test-fraction", type=float, default=default.test_fraction, help="share of test images")
+    style.add_argument(
+        "--caption-style", default=default.caption_style, help=f"caption template mix: {', '.join(CAPTION_STYLES)}"
+    )
     add_overwrite(parser)
     args = parser.parse_args(argv)
-    out = write_synthetic(args.output_dir, args.num_images, args.seed, args.num_workers, args.overwrite)
+    chosen = SyntheticStyle(
+        image_sizes=tuple(args.image_sizes),
+        formats=tuple(args.formats),
+        modes=tuple(args.modes),
+        subfolders=args.subfolders,
+        val_fraction=args.val_fraction,
+        test_fraction=args.test_fraction,
+        caption_style=args.caption_style,
+    )
+    out = write_synthetic(args.output_dir, args.num_images, args.seed, args.num_workers, args.overwrite, chosen)
     splits = [image["split"] for image in read_json(out / SYNTHETIC_JSON, "Karpathy JSON")["images"]]
     counts = ", ".join(f"{s} {splits.count(s)}" for s in ("train", "val", "test"))
     print(f"wrote {len(splits)} images ({counts}) to {out}")

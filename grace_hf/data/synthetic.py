@@ -9,6 +9,16 @@ out, as people do) and, for val and test images, five terse pseudo-queries in a 
 
 writes `data/synthetic/dataset_synthetic.json` (Karpathy format, `filepath` "images"),
 `data/synthetic/images/*.png` (64x64 RGB) and `data/synthetic/pseudo_queries.json`.
+
+Style options (`SyntheticStyle`) make a collection that looks different from the default one, to check recipes on
+data they were not tuned on: images of several sizes, PNG and JPEG files, gray (L) and RGBA images, images spread
+over sub-folders, other split fractions and a wider mix of caption templates:
+
+    grace-hf synthetic --output-dir data/check --num-images 2500 --seed 7 --image-sizes 48 64 96 128 \\
+        --formats png jpeg --modes RGB RGB RGB L RGBA --subfolders 5 --val-fraction 0.08 --test-fraction 0.1 \\
+        --caption-style extended
+
+The default style draws nothing more from the random generator, so its files stay as they were.
 """
 
 from __future__ import annotations
@@ -35,6 +45,10 @@ __all__ = [
     "PSEUDO_QUERIES_JSON",
     "IMAGE_DIR",
     "MAX_IMAGES",
+    "CAPTION_STYLES",
+    "IMAGE_FORMATS",
+    "IMAGE_MODES",
+    "SyntheticStyle",
     "check_synthetic_size",
     "write_synthetic",
 ]
@@ -111,6 +125,18 @@ PARTIAL_TEMPLATES = (
     "{A_size} {size} {color} {shape} with a {background}.",
     "A {shape} {position}, colored {color}.",
 )
+# The `extended` caption style adds these to the mix (other words around the same attribute words).
+EXTENDED_TEMPLATES = (
+    "A photo showing {a_color} {color} {shape}, {size}, {position}.",
+    "Look: {a_fill} {fill} {shape} {position} over a {background}.",
+    "{A_shape} {shape} in {color}, {fill} and {size}.",
+    "This shows a {background} with {a_color} {color} {shape} on it.",
+)
+CAPTION_STYLES = ("default", "extended")
+IMAGE_FORMATS = {"png": ("PNG", ".png"), "jpeg": ("JPEG", ".jpg")}  # name -> (Pillow format, file suffix)
+IMAGE_MODES = ("RGB", "L", "RGBA")
+JPEG_QUALITY = 85
+RGBA_BACKGROUND_ALPHA = 160  # the shape opaque, the background half transparent
 # Terse captioner style: every attribute, canonical words, little grammar.
 PSEUDO_QUERY_TEMPLATES = (
     "{color} {fill} {shape} {size} {position} on {background}",
@@ -119,6 +145,69 @@ PSEUDO_QUERY_TEMPLATES = (
     "{color} {shape} {size} {fill} on {background} {position}",
     "{background} background {size} {fill} {color} {shape} {position}",
 )
+
+
+@dataclass(frozen=True)
+class SyntheticStyle:
+    """How the files and captions of a synthetic collection look; the default is the demo data (64x64 RGB PNG in
+    one folder, 10% val, 10% test, the default captions).
+
+    Each image draws its side length, format and mode uniformly from `image_sizes`, `formats` and `modes` (repeat a
+    value to draw it more often; RGBA images are always PNG); `subfolders` > 0 spreads the images over
+    `images/part_0 .. part_{n-1}` (Karpathy `filepath`); `val_fraction` and `test_fraction` size the splits;
+    `caption_style` "extended" adds four more human templates to the mix.
+    """
+
+    image_sizes: tuple[int, ...] = (IMAGE_SIZE,)
+    formats: tuple[str, ...] = ("png",)
+    modes: tuple[str, ...] = ("RGB",)
+    subfolders: int = 0
+    val_fraction: float = 0.1
+    test_fraction: float = 0.1
+    caption_style: str = "default"
+
+    def __post_init__(self) -> None:
+        if not self.image_sizes or min(self.image_sizes) < 16:
+            raise GraceInputError(f"--image-sizes: need sizes of at least 16 pixels, got {list(self.image_sizes)}")
+        if not self.formats or not set(self.formats) <= IMAGE_FORMATS.keys():
+            raise GraceInputError(f"--formats: expected some of {', '.join(IMAGE_FORMATS)}, got {list(self.formats)}")
+        if not self.modes or not set(self.modes) <= set(IMAGE_MODES):
+            raise GraceInputError(f"--modes: expected some of {', '.join(IMAGE_MODES)}, got {list(self.modes)}")
+        if self.subfolders < 0:
+            raise GraceInputError(f"--subfolders must be >= 0, got {self.subfolders}")
+        for name, value in (("val", self.val_fraction), ("test", self.test_fraction)):
+            if not 0 < value < 0.5:
+                raise GraceInputError(f"--{name}-fraction must be between 0 and 0.5 (exclusive), got {value}")
+        if self.caption_style not in CAPTION_STYLES:
+            raise GraceInputError(
+                f"--caption-style: expected one of {', '.join(CAPTION_STYLES)}, got {self.caption_style!r}"
+            )
+
+
+@dataclass(frozen=True)
+class _FileStyle:
+    """How one image file is written: side length, format name, mode, folder (relative to the output)."""
+
+    size: int = IMAGE_SIZE
+    format: str = "png"
+    mode: str = "RGB"
+    folder: str = IMAGE_DIR
+
+
+def _file_styles(num_images: int, style: SyntheticStyle, seed: int) -> list[_FileStyle]:
+    """One file style per image, drawn from a generator of its own (so the contents and captions of a seed do not
+    depend on the style); the default style draws nothing."""
+    if style == SyntheticStyle():
+        return [_FileStyle() for _ in range(num_images)]
+    rng = np.random.default_rng([seed, 1])
+    styles = []
+    for i in range(num_images):
+        mode = _pick(rng, style.modes)
+        image_format = "png" if mode == "RGBA" else _pick(rng, style.formats)
+        folder = f"{IMAGE_DIR}/part_{i % style.subfolders}" if style.subfolders else IMAGE_DIR
+        size = style.image_sizes[int(rng.integers(len(style.image_sizes)))]
+        styles.append(_FileStyle(size, image_format, mode, folder))
+    return styles
 
 
 @dataclass(frozen=True)
@@ -233,10 +322,13 @@ def _pick(rng: np.random.Generator, options: tuple[str, ...]) -> str:
     return options[int(rng.integers(len(options)))]
 
 
-def _captions(content: _Content, rng: np.random.Generator) -> list[str]:
-    """Five human-style captions: one full template, then four others, all different templates."""
+def _captions(content: _Content, rng: np.random.Generator, caption_style: str = "default") -> list[str]:
+    """Five human-style captions: one full template, then four others, all different templates (`extended`: the
+    four drawn from a wider mix)."""
     full = int(rng.integers(len(FULL_TEMPLATES)))
     others = [t for i, t in enumerate(FULL_TEMPLATES) if i != full] + list(PARTIAL_TEMPLATES)
+    if caption_style == "extended":
+        others += list(EXTENDED_TEMPLATES)
     templates = [FULL_TEMPLATES[full]] + [others[i] for i in rng.choice(len(others), size=4, replace=False)]
     captions = []
     for template in templates:
@@ -258,19 +350,36 @@ def _pseudo_queries(content: _Content) -> list[str]:
     return [template.format(**words) for template in PSEUDO_QUERY_TEMPLATES]
 
 
-def _save_image(job: tuple[str, _Content, tuple[int, int]]) -> None:
-    path, content, jitter = job
-    _draw(content, jitter).save(path, format="PNG")
+def _save_image(job: tuple[str, _Content, tuple[int, int], _FileStyle]) -> None:
+    path, content, jitter, file_style = job
+    image = _draw(content, jitter)  # 64x64 RGB
+    if file_style.mode == "RGBA":
+        background = Image.new("RGB", image.size, BACKGROUNDS[content.background])
+        shape = ImageChops.difference(image, background).convert("L")
+        image.putalpha(shape.point(lambda v: 255 if v else RGBA_BACKGROUND_ALPHA))
+    elif file_style.mode == "L":
+        image = image.convert("L")
+    if file_style.size != IMAGE_SIZE:
+        image = image.resize((file_style.size, file_style.size), Image.Resampling.BICUBIC)
+    pil_format = IMAGE_FORMATS[file_style.format][0]
+    image.save(path, format=pil_format, **({"quality": JPEG_QUALITY} if pil_format == "JPEG" else {}))
 
 
-def _splits(num_images: int, rng: np.random.Generator) -> list[str]:
-    """About 80/10/10 train/val/test, spread over file order; at least one val and one test image."""
-    num_eval = max(1, round(0.1 * num_images))
+def _splits(
+    num_images: int, rng: np.random.Generator, val_fraction: float = 0.1, test_fraction: float = 0.1
+) -> list[str]:
+    """Train/val/test (by default about 80/10/10), spread over file order; at least one image of each."""
+    num_test = max(1, round(test_fraction * num_images))
+    num_val = max(1, round(val_fraction * num_images))
+    if num_test + num_val >= num_images:
+        raise GraceInputError(
+            f"--val-fraction {val_fraction} and --test-fraction {test_fraction} leave no train image of {num_images}"
+        )
     order = rng.permutation(num_images)
     splits = ["train"] * num_images
-    for i in order[:num_eval]:
+    for i in order[:num_test]:
         splits[i] = "test"
-    for i in order[num_eval : 2 * num_eval]:
+    for i in order[num_test : num_test + num_val]:
         splits[i] = "val"
     return splits
 
@@ -287,31 +396,35 @@ def write_synthetic(
     seed: int = 0,
     num_workers: int | None = None,
     overwrite: bool = False,
+    style: SyntheticStyle | None = None,
 ) -> Path:
     """Write the synthetic dataset to `out_dir` (built aside, then renamed; see `grace_hf.outputs`) and return it.
 
     `out_dir/dataset_synthetic.json` is the Karpathy JSON (image root: `out_dir`),
     `out_dir/pseudo_queries.json` maps the file name of every val/test image to five queries.
-    The same `num_images` and `seed` give byte-identical files.
+    `style` (default: `SyntheticStyle()`, the demo data) sets sizes, formats, modes, folders, split fractions and
+    captions. The same `num_images`, `seed` and `style` give byte-identical files.
     """
+    style = style or SyntheticStyle()
     check_synthetic_size(num_images)
     check_output_dir(out_dir, SYNTHETIC_DATA, overwrite=overwrite)
     rng = np.random.default_rng(seed)
     contents = _contents(num_images, rng)
-    splits = _splits(num_images, rng)
+    splits = _splits(num_images, rng, style.val_fraction, style.test_fraction)
     jitters = [tuple(int(v) for v in rng.integers(-2, 3, size=2)) for _ in range(num_images)]
-    names = [f"synthetic_{i:06d}.png" for i in range(num_images)]
+    file_styles = _file_styles(num_images, style, seed)
+    names = [f"synthetic_{i:06d}{IMAGE_FORMATS[fs.format][1]}" for i, fs in enumerate(file_styles)]
 
     images, pseudo_queries, sentid = [], {}, 0
-    for i, (name, content, split) in enumerate(zip(names, contents, splits)):
+    for i, (name, content, split, file_style) in enumerate(zip(names, contents, splits, file_styles)):
         sentences = []
-        for raw in _captions(content, rng):
+        for raw in _captions(content, rng, style.caption_style):
             tokens = raw.lower().replace(",", " ").replace(".", " ").split()
             sentences.append({"tokens": tokens, "raw": raw, "imgid": i, "sentid": sentid})
             sentid += 1
         images.append(
             {
-                "filepath": IMAGE_DIR,
+                "filepath": file_style.folder,
                 "filename": name,
                 "imgid": i,
                 "split": split,
@@ -324,8 +437,11 @@ def write_synthetic(
 
     out_dir = Path(out_dir)
     with output_directory(out_dir, SYNTHETIC_DATA, overwrite=overwrite, command="grace-hf synthetic") as tmp:
-        (tmp / IMAGE_DIR).mkdir()
-        jobs = [(str(tmp / IMAGE_DIR / name), c, j) for name, c, j in zip(names, contents, jitters)]
+        for folder in sorted({fs.folder for fs in file_styles}):
+            (tmp / folder).mkdir(parents=True)
+        jobs = [
+            (str(tmp / fs.folder / name), c, j, fs) for name, c, j, fs in zip(names, contents, jitters, file_styles)
+        ]
         workers = num_workers or min(8, os.cpu_count() or 1)
         if workers == 1:
             for job in progress_bar(jobs, desc="drawing"):

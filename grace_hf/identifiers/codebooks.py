@@ -1,10 +1,11 @@
 """`Codebooks`: what an identifier kind keeps from building to code more images later, `identifier_codebooks.safetensors`.
 
-A content-based kind codes an image from its embedding (structured: a path down a k-means tree), so adding images
-to a trained model needs the centroids the collection was coded with, not a new clustering that would rename every
-image. `prepare` saves them beside `identifiers.json`, training copies them into the model directory, and
-`add-images` reads them there. The file is safetensors: named float32 arrays (the centroids, the embedding
-source's own constants) and a JSON metadata entry (the kind, its options, the tree's shape).
+A content-based kind codes an image from its embedding (structured: a path down a k-means tree; rq: the nearest
+centroid per level), so adding images to a trained model needs the centroids the collection was coded with, not a
+new clustering that would rename every image. `prepare` saves them beside `identifiers.json`, training copies them
+into the model directory, and `add-images` reads them there. The file is safetensors: named float32 arrays (the
+centroids, the embedding source's own constants) and a JSON metadata entry (the kind, its options, the tree's
+shape).
 """
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""The image embeddings that content-based identifiers (structured) cluster: one source out of three.
+"""The image embeddings that content-based identifiers (structured, rq) cluster: one source out of three.
 
 Images added to a trained model are embedded by the same source, in the same space: pixel thumbnails are centred on
 the mean saved at prepare time, an open_clip model is run again, and a features file must hold the new images,
@@ -8,6 +8,7 @@ file lacks.
 
 from __future__ import annotations
 
+import dataclasses
 import os
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -21,6 +22,7 @@ from grace_hf.image_features import (
     FEATURES_FILE,
     OPEN_CLIP_CONFIG_FILE,
     OPEN_CLIP_WEIGHTS_FILE,
+    PIXEL_SIDE,
     encode_images,
     load_image_features,
     open_clip_image_encoder,
@@ -28,7 +30,15 @@ from grace_hf.image_features import (
     pixel_thumbnails,
 )
 
-__all__ = ["EmbeddingOptions", "Embeddings", "embed", "embed_images", "embedding_source"]
+__all__ = [
+    "EmbeddingOptions",
+    "Embeddings",
+    "check_same_source",
+    "embed",
+    "embed_images",
+    "embedding_source",
+    "recorded_options",
+]
 
 PIXEL_MEAN = "pixel_mean"
 
@@ -40,7 +50,8 @@ class EmbeddingOptions:
     - `clip_model` (+ `clip_pretrained`): an open_clip model's `encode_image`, L2-normalised (`batch_size` images at
       a time on `device`);
     - `image_features`: a features file, e.g. the dense baseline's `image_features.safetensors`;
-    - `pixel_features`: 16x16 thumbnails, no model (offline demos).
+    - `pixel_features`: `pixel_side` x `pixel_side` thumbnails, no model (offline demos; 8x8 suits the synthetic
+      shapes).
     """
 
     clip_model: str | None = field(
@@ -50,7 +61,8 @@ class EmbeddingOptions:
     image_features: str | None = field(
         default=None, metadata={"help": "a features file: safetensors `features` (N, d) + metadata `image_keys`"}
     )
-    pixel_features: bool = field(default=False, metadata={"help": "16x16 pixel thumbnails (no model)"})
+    pixel_features: bool = field(default=False, metadata={"help": "pixel thumbnails (no model)"})
+    pixel_side: int = field(default=PIXEL_SIDE, metadata={"help": "thumbnail side of --pixel-features"})
     batch_size: int = field(default=64, metadata={"help": "images per CLIP batch"})
     device: str = field(default="cpu", metadata={"help": "CLIP device"})
 
@@ -63,6 +75,8 @@ class EmbeddingOptions:
             )
         if self.clip_pretrained is not None and self.clip_model is None:
             raise GraceInputError("--clip-pretrained goes with --clip-model")
+        if not 1 <= self.pixel_side <= 64:
+            raise GraceInputError(f"--pixel-side must be in [1, 64], got {self.pixel_side}")
         if self.batch_size < 1:
             raise GraceInputError(f"--batch-size must be >= 1, got {self.batch_size}")
 
@@ -74,10 +88,31 @@ def embedding_source(options: EmbeddingOptions) -> str:
     return "image_features" if options.image_features is not None else "pixel_features"
 
 
+def check_same_source(kind: str, built: EmbeddingOptions, options: EmbeddingOptions) -> None:
+    """New images must be embedded by the source that `built` the codebooks; another one is a `GraceInputError`."""
+    built_from, asked = embedding_source(built), embedding_source(options)
+    if asked != built_from:
+        raise GraceInputError(
+            f"{kind} identifiers: the codebooks were built on {built_from.replace('_', '-')} embeddings; new images "
+            f"must be embedded the same way, not with --{asked.replace('_', '-')}"
+        )
+
+
+def recorded_options(options: EmbeddingOptions) -> dict:
+    """`options` as a kind's codebooks record them: files as absolute paths, so they resolve from anywhere."""
+    recorded = dataclasses.asdict(options)
+    for name in ("image_features", "clip_pretrained"):
+        if recorded[name]:
+            recorded[name] = os.path.abspath(recorded[name])
+    if recorded["clip_model"] and recorded["clip_model"].endswith(".json"):
+        recorded["clip_model"] = os.path.abspath(recorded["clip_model"])
+    return recorded
+
+
 @dataclass
 class Embeddings:
     """Embeddings of some images, and what embedding more images in the same space needs (`tensors`, saved with a
-    kind's codebooks: the pixel source's centring mean `pixel_mean` (1, 768))."""
+    kind's codebooks: the pixel source's centring mean `pixel_mean` (1, D))."""
 
     features: np.ndarray  # (N, d) float32
     tensors: dict[str, np.ndarray] = field(default_factory=dict)
@@ -139,7 +174,7 @@ def embed(
         return Embeddings(_file_features(options, images, num_workers))
     paths = [image.path for image in images]
     if options.pixel_features:
-        thumbnails = pixel_thumbnails(paths, num_workers)  # (N, 768)
+        thumbnails = pixel_thumbnails(paths, num_workers, options.pixel_side)  # (N, 3 * side * side)
         mean = saved[PIXEL_MEAN] if saved and PIXEL_MEAN in saved else thumbnails.mean(axis=0, keepdims=True)
         return Embeddings(pixel_embeddings(thumbnails, mean), {PIXEL_MEAN: mean})
     return Embeddings(_clip_features(options, options.clip_model, options.clip_pretrained, paths, num_workers))

@@ -28,9 +28,9 @@ class IdentifierIndex:
     """The identifiers of a corpus.
 
     Args:
-        kind: numeric, string, semantic, structured or atomic.
+        kind: numeric, string, semantic, structured, atomic or rq.
         images: image key -> its identifiers, in corpus file order (several only for semantic).
-        new_tokens: tokens the tokenizer must add (structured and atomic), in a stable order.
+        new_tokens: tokens the tokenizer must add (structured, atomic and rq), in a stable order.
         collection: the image keys retrieval ranks by default (the test split).
         report: what building found (e.g. semantic collisions); recorded in prepare.json, not saved here.
         codebooks: what the kind needs to code more images later (structured: the k-means tree); saved beside

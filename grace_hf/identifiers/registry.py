@@ -6,7 +6,7 @@ from typing import Any
 
 from grace_hf.data.karpathy import KarpathyCorpus
 from grace_hf.errors import GraceInputError
-from grace_hf.identifiers import atomic, numeric, semantic, string, structured
+from grace_hf.identifiers import atomic, numeric, rq, semantic, string, structured
 from grace_hf.identifiers.base import IdentifierInputs, IdentifierKind
 from grace_hf.identifiers.codebooks import CODEBOOKS_FILE, Codebooks
 from grace_hf.identifiers.index import IdentifierIndex
@@ -14,7 +14,7 @@ from grace_hf.identifiers.index import IdentifierIndex
 __all__ = ["IDENTIFIER_KINDS", "build_identifiers", "extend_identifiers", "get_identifier_kind"]
 
 _KINDS: dict[str, IdentifierKind] = {
-    kind.name: kind for kind in (numeric.KIND, string.KIND, semantic.KIND, structured.KIND, atomic.KIND)
+    kind.name: kind for kind in (numeric.KIND, string.KIND, semantic.KIND, structured.KIND, atomic.KIND, rq.KIND)
 }
 IDENTIFIER_KINDS = tuple(_KINDS)
 

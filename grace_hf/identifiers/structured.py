@@ -13,8 +13,6 @@ image's embedding) takes it. No existing image is renamed.
 
 from __future__ import annotations
 
-import dataclasses
-import os
 import warnings
 from collections import Counter, defaultdict
 from dataclasses import dataclass, field
@@ -26,7 +24,7 @@ from sklearn.exceptions import ConvergenceWarning
 from grace_hf.errors import GraceInputError
 from grace_hf.identifiers.base import IdentifierInputs, IdentifierKind
 from grace_hf.identifiers.codebooks import Codebooks
-from grace_hf.identifiers.embeddings import EmbeddingOptions, embed, embedding_source
+from grace_hf.identifiers.embeddings import EmbeddingOptions, check_same_source, embed, recorded_options
 from grace_hf.identifiers.index import IdentifierIndex
 
 __all__ = [
@@ -178,7 +176,7 @@ class KMeansTree:
         for row, path in enumerate(child_paths):
             centroids[row] = self.children[tuple(path[:-1])][path[-1]]
         metadata = {
-            "options": _recorded_options(options),
+            "options": recorded_options(options),
             "child_paths": child_paths,
             "leaves": [[list(leaf), size] for leaf, size in sorted(self.leaves.items())],
         }
@@ -203,17 +201,6 @@ class KMeansTree:
             return cls(dict(children), leaves, int(metadata["options"]["leaf_size"]), centroids.shape[1])
         except (KeyError, TypeError, ValueError, IndexError) as err:
             raise GraceInputError(f"{source}: not a structured k-means tree ({err})") from None
-
-
-def _recorded_options(options: StructuredOptions) -> dict:
-    """The options as the codebooks record them: files as absolute paths, so they resolve from anywhere."""
-    recorded = dataclasses.asdict(options)
-    for name in ("image_features", "clip_pretrained"):
-        if recorded[name]:
-            recorded[name] = os.path.abspath(recorded[name])
-    if recorded["clip_model"] and recorded["clip_model"].endswith(".json"):
-        recorded["clip_model"] = os.path.abspath(recorded["clip_model"])
-    return recorded
 
 
 def _tokens(paths: list[list[int]]) -> list[str]:
@@ -254,12 +241,7 @@ def extend(
             f"structured identifiers: --{fixed[0].replace('_', '-')} is fixed by the saved tree "
             f"({recorded[fixed[0]]}); new images descend the tree as it is"
         )
-    built_from = embedding_source(StructuredOptions(**recorded))
-    if embedding_source(options) != built_from:
-        raise GraceInputError(
-            f"structured identifiers: the tree was built on {built_from.replace('_', '-')} embeddings; new images "
-            f"must be embedded the same way, not with --{embedding_source(options).replace('_', '-')}"
-        )
+    check_same_source("structured", StructuredOptions(**recorded), options)
     embeddings = embed(options, inputs.images, inputs.num_workers, saved=codebooks.tensors)
     centroid_dim = codebooks.tensors["centroids"].shape[1]
     if embeddings.features.shape[1] != centroid_dim:

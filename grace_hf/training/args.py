@@ -145,7 +145,7 @@ class AddImagesArguments(DataArguments):
     image_features: str | None = field(
         default=None,
         metadata={
-            "help": "structured: a features file holding the new images, or a dense-baseline directory whose "
+            "help": "structured, rq: a features file holding the new images, or a dense-baseline directory whose "
             "encoder embeds them (default: the source prepare recorded)."
         },
     )

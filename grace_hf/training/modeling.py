@@ -61,7 +61,7 @@ def build_model_and_processor(
     token_texts: Mapping[str, Sequence[str]] | None = None,
 ) -> tuple[FlamingoForConditionalGeneration, FlamingoProcessor]:
     """A fresh preset model with a tokenizer trained on `tokenizer_texts`, or a pretrained model and its processor;
-    then the identifier tokens (structured/atomic) are added whole and the embeddings resized, and the tokens of
+    then the identifier tokens (structured/atomic/rq) are added whole and the embeddings resized, and the tokens of
     `token_texts` start from their texts (`initialize_token_embeddings`).
 
     Build it after creating the `Accelerator`, so that ZeRO-3 can partition `from_pretrained` weights on load.

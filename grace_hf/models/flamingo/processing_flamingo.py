@@ -63,7 +63,7 @@ class FlamingoProcessor(ProcessorMixin):
         return self.image_processor.crop_size["height"]
 
     def add_identifier_tokens(self, new_tokens: list[str]) -> int:
-        """Add identifier tokens (structured/atomic kinds) as whole tokens; returns how many were new.
+        """Add identifier tokens (structured/atomic/rq kinds) as whole tokens; returns how many were new.
         Resize the model afterwards: `model.resize_token_embeddings(len(processor.tokenizer))`."""
         return self.tokenizer.add_tokens(list(new_tokens))
 
