@@ -3,7 +3,8 @@
 Each run directory holds a `metrics.json`: a generative run's (written by `grace-hf evaluate`,
 keys `recall@1/5/10`, `num_queries`, `queries_per_second`, optional `train_seconds` and
 `identifier_kind`) or the dense baseline's (`grace-hf baseline-clip`, `method: dense-clip`,
-`query_latency_ms`). Missing optional values show as "-".
+`query_latency_ms`). Missing optional values show as "-". A run evaluated with `--rerank` (its metrics hold a
+`rerank` object: the re-ranked Recall@K of the same search) gets a second row, `<run> + rerank`.
 """
 
 from __future__ import annotations
@@ -67,9 +68,44 @@ def run_name(run: str | os.PathLike) -> str:
     return path.parent.name if path.suffix == ".json" else path.name
 
 
+def reranked_metrics(metrics: Mapping[str, Any]) -> dict[str, Any] | None:
+    """The metrics of a run's re-ranked evaluation as a row of their own, or None when it was not re-ranked."""
+    rerank = metrics.get("rerank")
+    if not isinstance(rerank, dict) or _number(rerank, "recall@1") is None:
+        return None
+    method = metrics.get("identifier_kind") or metrics.get("method")
+    weight, beams = _number(rerank, "weight"), _number(rerank, "num_beams")
+    details = ", ".join(
+        part
+        for part in (
+            None if weight is None else f"weight {weight:.2f}",
+            None if beams is None else f"{beams:.0f} beams",
+        )
+        if part
+    )
+    return {
+        **metrics,
+        **rerank,
+        "identifier_kind": (f"{method} + rerank" if method else "rerank") + (f" ({details})" if details else ""),
+        "queries_per_second": None,
+    }
+
+
+def comparison_rows(run_dirs: Sequence[str | os.PathLike]) -> list[tuple[str, dict[str, Any]]]:
+    """`(row name, metrics)` per table row: each run, then its re-ranked evaluation where it has one."""
+    rows = []
+    for run_dir in run_dirs:
+        metrics = load_run_metrics(run_dir)
+        rows.append((run_name(run_dir), metrics))
+        reranked = reranked_metrics(metrics)
+        if reranked is not None:
+            rows.append((f"{run_name(run_dir)} + rerank", reranked))
+    return rows
+
+
 def comparison_table(run_dirs: Sequence[str | os.PathLike]) -> str:
-    """A Markdown table with one row per run directory, in the given order."""
-    rows = [table_row(run_name(run_dir), load_run_metrics(run_dir)) for run_dir in run_dirs]
+    """A Markdown table with one row per run directory, in the given order (and one per re-ranked evaluation)."""
+    rows = [table_row(name, metrics) for name, metrics in comparison_rows(run_dirs)]
     lines = ["| " + " | ".join(COLUMNS) + " |", "|" + "|".join(" --- " for _ in COLUMNS) + "|"]
     lines += ["| " + " | ".join(row) + " |" for row in rows]
     return "\n".join(lines) + "\n"

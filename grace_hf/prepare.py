@@ -1,12 +1,12 @@
 """The `prepare` job: Karpathy JSON + images (+ pseudo-queries) -> identifiers -> a prepared dataset directory.
 
 The directory's format is described in `grace_hf.data.prepared`. Train images learn query -> identifier from their
-human captions, val and test images from their pseudo-queries (their human captions are the evaluation queries).
+human captions, val and test images from their pseudo-queries (their human captions are held out: the test images' are the evaluation
+queries, the val images' the validation queries).
 """
 
 from __future__ import annotations
 
-import hashlib
 import os
 import tempfile
 from collections.abc import Iterator
@@ -15,7 +15,7 @@ from typing import Any
 from datasets import Dataset, DatasetDict, Features, Image, Value
 
 from grace_hf.data.karpathy import KarpathyCorpus, KarpathyImage, load_karpathy
-from grace_hf.data.prepared import PREPARE_FILE, save_prepared
+from grace_hf.data.prepared import PREPARE_FILE, VAL_QUERIES, save_prepared
 from grace_hf.data.pseudo_queries import load_pseudo_queries
 from grace_hf.identifiers import (
     CODEBOOKS_FILE,
@@ -24,7 +24,7 @@ from grace_hf.identifiers import (
     build_identifiers,
     get_identifier_kind,
 )
-from grace_hf.io_utils import atomic_write_json
+from grace_hf.io_utils import atomic_write_json, sha256_file
 from grace_hf.outputs import PREPARED_DATASET, check_output_dir, output_directory
 
 __all__ = [
@@ -42,14 +42,6 @@ TEXT = Value("string")
 def options_paths(options: Any) -> list[str]:
     """The files an identifier kind's options read (features files, CLIP weights): inputs to keep safe."""
     return [value for name, value in vars(options).items() if name in ("image_features", "clip_pretrained") and value]
-
-
-def _sha256(path: str | os.PathLike) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def training_queries(image: KarpathyImage, pseudo_queries: dict[str, list[str]]) -> tuple[list[str], str]:
@@ -96,15 +88,21 @@ def build_dataset_dict(
         _t2id_rows(images, index, pseudo_queries),
         features=Features({"query": TEXT, "image_key": TEXT, "identifier": TEXT}),
     )
-    test = corpus.split("test")
-    queries = Dataset.from_dict(
+    return DatasetDict(
+        {"i2id": i2id, "t2id": t2id, "queries": _captions("test", corpus), VAL_QUERIES: _captions("val", corpus)}
+    )
+
+
+def _captions(split: str, corpus: KarpathyCorpus) -> Dataset:
+    """(query, image_key): the human captions of the images of `split`, the queries that rank them."""
+    images = corpus.split(split)
+    return Dataset.from_dict(
         {
-            "query": [c for image in test for c in image.captions],
-            "image_key": [i.key for i in test for _ in i.captions],
+            "query": [caption for image in images for caption in image.captions],
+            "image_key": [image.key for image in images for _ in image.captions],
         },
         features=Features({"query": TEXT, "image_key": TEXT}),
     )
-    return DatasetDict({"i2id": i2id, "t2id": t2id, "queries": queries})
 
 
 def dataset_counts(
@@ -131,6 +129,7 @@ def dataset_counts(
         "pseudo_queries_ignored": sum(len(q) for k, q in pseudo_queries.items() if k not in learns_from_pseudo),
         "memorized_images_without_queries": without_queries,
         "eval_queries": dataset["queries"].num_rows,
+        "val_queries": dataset[VAL_QUERIES].num_rows,
         "new_tokens": len(index.new_tokens),
     }
 
@@ -145,12 +144,12 @@ def inputs_record(
     """What the dataset was made from (paths, checksums, options), for prepare.json."""
     return {
         "karpathy_json": str(karpathy_json),
-        "karpathy_json_sha256": _sha256(karpathy_json),
+        "karpathy_json_sha256": sha256_file(karpathy_json),
         "image_root": str(image_root),
         "identifier_kind": kind,
         "identifier_options": {k: os.fspath(v) if isinstance(v, os.PathLike) else v for k, v in options.items()},
         "pseudo_queries": None if pseudo_queries is None else str(pseudo_queries),
-        "pseudo_queries_sha256": None if pseudo_queries is None else _sha256(pseudo_queries),
+        "pseudo_queries_sha256": None if pseudo_queries is None else sha256_file(pseudo_queries),
     }
 
 

@@ -47,7 +47,7 @@ def test_prepare_each_kind(kind, synthetic, tmp_path):
     pseudo = json.loads((synthetic / PSEUDO_QUERIES_JSON).read_text())
     index = IdentifierIndex.load(out)
     dataset = load_from_disk(str(out))
-    assert set(dataset) == {"i2id", "t2id", "queries"}
+    assert set(dataset) == {"i2id", "t2id", "queries", "val_queries"}
     assert dataset["i2id"].column_names == ["image", "image_key", "identifier"]
     assert dataset["t2id"].column_names == ["query", "image_key", "identifier"]
     assert dataset["queries"].column_names == ["query", "image_key"]
@@ -70,6 +70,11 @@ def test_prepare_each_kind(kind, synthetic, tmp_path):
         (s["raw"], k) for k, image in zip(keys, data) if image["split"] == "test" for s in image["sentences"]
     ]
     assert list(zip(dataset["queries"]["query"], dataset["queries"]["image_key"])) == test_captions
+    val_captions = [
+        (s["raw"], k) for k, image in zip(keys, data) if image["split"] == "val" for s in image["sentences"]
+    ]
+    assert val_captions and dataset["val_queries"].column_names == ["query", "image_key"]
+    assert list(zip(dataset["val_queries"]["query"], dataset["val_queries"]["image_key"])) == val_captions
 
     record = json.loads((out / "prepare.json").read_text())
     assert record["inputs"]["identifier_kind"] == kind
@@ -250,7 +255,7 @@ def test_push_to_hub_round_trip(synthetic, tmp_path, monkeypatch):
     assert (repo / "prepare.json").is_file() and (repo / "README.md").is_file()
     pushed = load_prepared(str(repo), cache_dir=str(tmp_path / "cache"))
     local = load_prepared(out)
-    assert list(pushed) == list(local) == ["i2id", "t2id", "queries"]
+    assert list(pushed) == list(local) == ["i2id", "t2id", "queries", "val_queries"]
     for split in local:
         assert pushed[split].features == local[split].features
         columns = [c for c in local[split].column_names if c != "image"]

@@ -9,14 +9,18 @@ import shutil
 from pathlib import Path
 
 import pytest
+import torch
 import yaml
 from accelerate.state import AcceleratorState, GradientState, PartialState
+from test_dense import MICRO
 from test_evaluate_cli import write_prepared
 from test_retriever import IMAGES, QUERIES, build_tiny_model_dir
 
 from grace_hf import cli
 from grace_hf.data.synthetic import write_synthetic
+from grace_hf.dense.model import DualEncoder
 from grace_hf.errors import GraceInputError
+from grace_hf.image_features import FEATURES_FILE, save_image_features
 from grace_hf.prepare import prepare
 
 
@@ -39,6 +43,13 @@ def assets(tmp_path_factory):
     build_tiny_model_dir(root / "model-semantic", kind="semantic")
     queries = [f"{q} number {n}" for n, q in enumerate(QUERIES)]
     write_prepared(root / "eval-data", queries, IMAGES[4:7])
+    torch.manual_seed(0)
+    for name, keys in (("dense", IMAGES), ("dense-partial", IMAGES[:6])):  # an untrained baseline-clip layout
+        (root / name).mkdir()
+        DualEncoder.from_config(MICRO).save(root / name)
+        save_image_features(
+            root / name / FEATURES_FILE, torch.nn.functional.normalize(torch.randn(len(keys), 32)), keys
+        )
     return root
 
 
@@ -122,6 +133,12 @@ def _new_images(work: Path, name: str, captions: list[str]) -> str:
     return f"{name}.json"
 
 
+def _with_rerank_json(work: Path, text: str) -> str:
+    """The tiny model with this `rerank.json`."""
+    (work / "model" / "rerank.json").write_text(text)
+    return "model"
+
+
 def _structured_without_codebooks(work: Path) -> str:
     """The tiny model relabelled as a structured retriever whose directory lacks the k-means tree."""
     index = json.loads((work / "model" / "identifiers.json").read_text())
@@ -135,7 +152,10 @@ PREPARE = ["prepare", "--karpathy-json", "data/dataset_synthetic.json", "--image
 PREPARE_NUMERIC = [*PREPARE, "--identifier-kind", "numeric"]
 PREPARE_RQ = [*PREPARE, "--identifier-kind", "rq", "--pixel-features"]
 EVALUATE = ["evaluate", "--data", "eval-data"]
+RERANK = [*EVALUATE, "--model", "model", "--output-dir", "e", "--rerank"]
 ADD = ["add-images", "--karpathy-json", "data/dataset_synthetic.json", "--image-root", "data", "--max-steps", "1"]
+
+OTHER_DENSE = {"weight": 0.5, "num_beams": 5, "dense": "runs/old-dense", "dense_fingerprint": "0" * 64}
 
 # (id, argv builder, message the error must contain as a regex)
 CASES = [
@@ -349,6 +369,54 @@ CASES = [
         "holds the input model",
     ),
     ("evaluate-old-flag", lambda w: [*EVALUATE, "--model", "model", "--output", "m.json"], "--output was renamed"),
+    (
+        "evaluate-split-val-old-data",
+        lambda w: [*EVALUATE, "--model", "model", "--output-dir", "e", "--split", "val"],
+        "eval-data: the prepared dataset has no 'val_queries' split",
+    ),
+    ("evaluate-rerank-not-dense", lambda w: [*RERANK, "thesis"], "thesis: not a `grace-hf baseline-clip` directory"),
+    (
+        "evaluate-rerank-dense-of-other-images",
+        lambda w: [*RERANK, "dense-partial"],
+        r"dense-partial/image_features.safetensors: no dense features for 6 of the 8 images of eval-data.s test split",
+    ),
+    ("evaluate-rerank-fit-without-val", lambda w: [*RERANK, "dense"], "no 'val_queries' split"),
+    ("evaluate-rerank-weight-range", lambda w: [*RERANK, "dense", "--rerank-weight", "1.5"], r"must be in \[0, 1\]"),
+    ("evaluate-rerank-no-beams", lambda w: [*RERANK, "dense", "--rerank-beams", "0"], "--rerank-beams must be >= 1"),
+    (
+        "evaluate-rerank-weight-alone",
+        lambda w: [*EVALUATE, "--model", "model", "--output-dir", "e", "--rerank-weight", "0.5"],
+        "need --rerank DENSE_DIR",
+    ),
+    (
+        "evaluate-rerank-weight-and-refit",
+        lambda w: [*RERANK, "dense", "--rerank-weight", "0.5", "--refit-rerank"],
+        "not both",
+    ),
+    (
+        "evaluate-rerank-json-weight",
+        lambda w: (
+            [*EVALUATE, "--model", _with_rerank_json(w, '{"weight": 2, "num_beams": 5}'), "--output-dir", "e"]
+            + ["--rerank", "dense"]
+        ),
+        r"model/rerank.json: the re-ranking weight must be a number in \[0, 1\], got 2",
+    ),
+    (
+        "evaluate-rerank-json-malformed",
+        lambda w: [*EVALUATE, "--model", _with_rerank_json(w, "{weight"), "--output-dir", "e", "--rerank", "dense"],
+        "model/rerank.json: not valid JSON",
+    ),
+    (
+        "retrieve-rerank-unfitted",
+        lambda w: ["retrieve", "--model", "model", "a dog", "--rerank", "dense"],
+        "no rerank.json .*grace-hf evaluate --model model .*--split val",
+    ),
+    (
+        "retrieve-rerank-other-dense",
+        lambda w: ["retrieve", "--model", _with_rerank_json(w, json.dumps(OTHER_DENSE)), "a dog", "--rerank", "dense"],
+        "fitted with the dense model runs/old-dense",
+    ),
+    ("serve-rerank-not-dense", lambda w: ["serve", "--model", "model", "--rerank", "notes.txt"], "notes.txt: not a"),
     (
         "retrieve-cwd",
         lambda w: ["retrieve", "--model", "model", "a red square", "--output-dir", "."],

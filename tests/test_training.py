@@ -119,6 +119,36 @@ def test_cross_field_checks(tmp_path, prepared):
         parse_args(["--config", config, "--lr_scheduler_type", "linearr"])
 
 
+def test_eval_split_val_ranks_the_val_images_with_their_captions(tmp_path, prepared):
+    from grace_hf.data.prepared import load_prepared
+
+    config = write_recipe(tmp_path / "r.yaml", tiny_recipe(prepared, tmp_path / "out", eval_num_queries=1000))
+    model_args, data_args, args = parse_args(["--config", config, "--eval_split", "val"])
+    data = load_training_data(data_args, args)
+    val = load_prepared(prepared)["val_queries"]
+    assert data.eval_queries == list(val["query"]) and data.eval_gold == list(val["image_key"])
+    assert data.eval_candidates == list(dict.fromkeys(val["image_key"])) and data.eval_candidates
+    assert not set(data.eval_candidates) & set(data.index.collection)  # not the test images
+    test = load_training_data(*parse_args(["--config", config])[1:])
+    assert test.eval_candidates is None and set(test.eval_gold) <= set(test.index.collection)
+
+    old = tmp_path / "old-prepared"  # prepared before the val captions were kept
+    splits = load_prepared(prepared)
+    del splits["val_queries"]
+    splits.save_to_disk(str(old))
+    shutil.copy(prepared / "identifiers.json", old / "identifiers.json")
+    assert load_training_data(*parse_args(["--config", config, "--data", str(old)])[1:]).eval_candidates is None
+    with pytest.raises(GraceInputError, match=f"{old}: the prepared dataset has no 'val_queries' split"):
+        load_training_data(*parse_args(["--config", config, "--data", str(old), "--eval_split", "val"])[1:])
+
+
+def test_eval_split_val_is_recorded_in_the_metrics(tmp_path, prepared):
+    recipe = tiny_recipe(prepared, tmp_path / "out", max_steps=2, save_steps=0, eval_split="val")
+    run_training(["--config", write_recipe(tmp_path / "r.yaml", recipe)])
+    metrics = json.loads((tmp_path / "out" / "metrics.json").read_text())
+    assert metrics["eval_split"] == "val" and metrics["num_eval_queries"] == 4 and "recall@1" in metrics
+
+
 # data order
 
 

@@ -8,7 +8,7 @@ from collections.abc import Mapping, Sequence
 from grace_hf.errors import GraceInputError
 from grace_hf.runtime import configure_threads
 
-__all__ = ["add_num_threads", "add_overwrite", "command_parser", "setup_threads"]
+__all__ = ["add_num_threads", "add_overwrite", "add_rerank", "check_rerank_args", "command_parser", "setup_threads"]
 
 
 class _Renamed(argparse.Action):
@@ -64,3 +64,36 @@ def setup_threads(args: argparse.Namespace) -> None:
     if args.num_threads is not None and args.num_threads < 1:
         raise GraceInputError(f"--num-threads must be >= 1, got {args.num_threads}")
     configure_threads(args.num_threads)
+
+
+def add_rerank(parser: argparse.ArgumentParser) -> argparse._ArgumentGroup:
+    """`--rerank DENSE_DIR`, `--rerank-beams N`, `--rerank-weight W`: re-rank the beams' images with a dense model."""
+    group = parser.add_argument_group("re-ranking the beams' images with a dense model")
+    group.add_argument(
+        "--rerank", default=None, metavar="DENSE_DIR", help="a `grace-hf baseline-clip` output directory"
+    )
+    group.add_argument(
+        "--rerank-beams",
+        type=int,
+        default=None,
+        help="beams whose images are re-ranked (default: as fitted in the model's rerank.json, else 30)",
+    )
+    group.add_argument(
+        "--rerank-weight",
+        type=float,
+        default=None,
+        help="fusion weight of the beam score, in [0, 1] (default: the model's rerank.json, fitted on val)",
+    )
+    return group
+
+
+def check_rerank_args(args: argparse.Namespace) -> None:
+    """The re-ranking flags need --rerank; a weight in [0, 1] and beams >= 1 (a GraceInputError otherwise)."""
+    if args.rerank is None:
+        if args.rerank_beams is not None or args.rerank_weight is not None or getattr(args, "refit_rerank", False):
+            raise GraceInputError("--rerank-beams, --rerank-weight and --refit-rerank need --rerank DENSE_DIR")
+        return
+    if args.rerank_weight is not None and not 0.0 <= args.rerank_weight <= 1.0:
+        raise GraceInputError(f"--rerank-weight must be in [0, 1], got {args.rerank_weight}")
+    if args.rerank_beams is not None and args.rerank_beams < 1:
+        raise GraceInputError(f"--rerank-beams must be >= 1, got {args.rerank_beams}")

@@ -7,7 +7,7 @@ recall curves in one picture.
 from __future__ import annotations
 
 from grace_hf.commands.common import add_overwrite, command_parser
-from grace_hf.compare import comparison_table, load_run_metrics, run_name
+from grace_hf.compare import comparison_rows, comparison_table
 from grace_hf.io_utils import atomic_write_text
 from grace_hf.outputs import COMPARISON, check_output_dir, output_directory
 from grace_hf.retrieval.plots import write_recall_plot
@@ -27,7 +27,7 @@ def main(argv: list[str] | None = None) -> int:
     table = comparison_table(args.runs)
     print(table, end="")
     if args.output_dir:
-        curves = {run_name(run): load_run_metrics(run).get("recall_curve") for run in args.runs}
+        curves = {name: metrics.get("recall_curve") for name, metrics in comparison_rows(args.runs)}
         with output_directory(args.output_dir, COMPARISON, args.runs, args.overwrite, "grace-hf compare") as tmp:
             atomic_write_text(tmp / TABLE_FILE, table)
             curves = {name: curve for name, curve in curves.items() if curve}

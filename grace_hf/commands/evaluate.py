@@ -6,18 +6,40 @@
 
 With `--config_file accelerate_configs/deepspeed_zero3.yaml` the model is sharded across the processes (ZeRO-3).
 Writes `metrics.json`, `queries.jsonl` (each query's ranking and the gold rank) and `recall.png` (Recall@K, K = 1..10).
+
+`--split val` ranks the val images for the val captions (for choosing settings). `--rerank DENSE_DIR` also re-ranks
+the images of the beams with a `grace-hf baseline-clip` model: the fusion weight comes from the model's `rerank.json`,
+or, when it has none (or with `--refit-rerank`), is fitted on the data's val captions (never the test ones) and saved
+there; metrics.json then holds the plain and the re-ranked figures.
 """
 
 from __future__ import annotations
 
+import argparse
 from pathlib import Path
 
 from accelerate import PartialState
 
-from grace_hf.commands.common import add_num_threads, add_overwrite, command_parser, setup_threads
+from grace_hf.commands.common import (
+    add_num_threads,
+    add_overwrite,
+    add_rerank,
+    check_rerank_args,
+    command_parser,
+    setup_threads,
+)
+from grace_hf.data.prepared import EVAL_SPLITS
 from grace_hf.distributed import create_accelerator
+from grace_hf.errors import GraceInputError
 from grace_hf.outputs import EVALUATION, check_output_dir, output_directory
-from grace_hf.retrieval.evaluate import KS, evaluate_model, load_eval_queries, write_evaluation
+from grace_hf.retrieval.evaluate import KS, evaluate_model, fit_rerank_on_val, load_eval_queries, write_evaluation
+from grace_hf.retrieval.model_dir import (
+    RERANK_FILE,
+    read_rerank_config,
+    resolve_model_dir,
+    write_rerank_config,
+)
+from grace_hf.retrieval.rerank import DEFAULT_RERANK_BEAMS, DenseScorer, Reranker, load_reranker
 from grace_hf.retrieval.retriever import GraceRetriever
 
 
@@ -37,18 +59,57 @@ def build_parser():
     )
     parser.add_argument("--batch-size", type=int, default=16, help="queries per generate call, per process")
     parser.add_argument("--limit", type=int, default=None, help="evaluate only the first N queries")
+    parser.add_argument(
+        "--split",
+        default="test",
+        choices=list(EVAL_SPLITS),
+        help="test: the test captions rank the collection (default); val: the val captions rank the val images",
+    )
     parser.add_argument("--dtype", default=None, choices=["float32", "bfloat16", "float16"], help="model dtype")
+    rerank = add_rerank(parser)
+    rerank.add_argument(
+        "--refit-rerank", action="store_true", help="fit the weight on the val captions again and save it"
+    )
     add_num_threads(parser)
     add_overwrite(parser)
     return parser
 
 
+def _reranker(args: argparse.Namespace, retriever: GraceRetriever, state: PartialState) -> Reranker:
+    """The reranker of `--rerank`: with the weight given, or in the model's rerank.json, or fitted on the val
+    captions of `--data` and written into the model directory."""
+    model_dir = resolve_model_dir(args.model)
+    scorer = DenseScorer.from_directory(args.rerank)
+    scorer.check_covers(retriever.candidates, f"{args.data}'s {args.split} split")
+    if args.rerank_weight is not None or (not args.refit_rerank and read_rerank_config(model_dir) is not None):
+        return load_reranker(model_dir, scorer, args.rerank_weight, args.rerank_beams)
+    if not Path(args.model).is_dir():
+        raise GraceInputError(
+            f"--model {args.model}: fitting the re-ranking weight writes {RERANK_FILE} into the model directory; "
+            "give a local copy of the model, or --rerank-weight"
+        )
+    config = fit_rerank_on_val(
+        retriever, args.data, scorer, args.rerank_beams or DEFAULT_RERANK_BEAMS, args.batch_size
+    )
+    if state.is_main_process:
+        path = write_rerank_config(model_dir, config)
+        best = next(row for row in config.val_grid if row["weight"] == config.weight)
+        print(
+            f"evaluate: fitted the re-ranking weight {config.weight:.2f} on {config.fitted_on} "
+            f"(val R@1 {100 * best['recall@1']:.1f}); wrote {path} (a temporary file renamed into place)"
+        )
+    return Reranker(scorer, config.weight, config.num_beams)
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     setup_threads(args)
+    check_rerank_args(args)
+    if args.rerank_weight is not None and args.refit_rerank:
+        raise GraceInputError("--rerank-weight and --refit-rerank: give a weight or fit one, not both")
     check_output_dir(args.output_dir, EVALUATION, [args.model, args.data], args.overwrite)
     accelerator = create_accelerator()
-    queries, gold, candidates = load_eval_queries(args.data, args.limit)
+    queries, gold, candidates = load_eval_queries(args.data, args.limit, args.split)
     retriever = GraceRetriever.from_pretrained(
         args.model,
         accelerator=accelerator,
@@ -58,11 +119,14 @@ def main(argv: list[str] | None = None) -> int:
         batch_size=args.batch_size,
         candidates=candidates,
     )
-    metrics, records, curve = evaluate_model(retriever, queries, gold, args.batch_size)
     state = PartialState()
+    if args.rerank is not None:
+        retriever = retriever.for_candidates(candidates, _reranker(args, retriever, state))
+    metrics, records, curve = evaluate_model(retriever, queries, gold, args.batch_size)
     metrics.update(
         model=str(args.model),
         data=str(args.data),
+        split=args.split,
         num_processes=state.num_processes,
         distributed_type=str(state.distributed_type).split(".")[-1],
     )
@@ -71,6 +135,9 @@ def main(argv: list[str] | None = None) -> int:
         with output_directory(args.output_dir, EVALUATION, inputs, args.overwrite, "grace-hf evaluate") as tmp:
             write_evaluation(tmp, metrics, records, curve, Path(args.model).name)
         summary = ", ".join(f"R@{k} {100 * metrics[f'recall@{k}']:.1f}" for k in KS)
+        if "rerank" in metrics:
+            reranked = ", ".join(f"R@{k} {100 * metrics['rerank'][f'recall@{k}']:.1f}" for k in KS)
+            summary += f"; re-ranked: {reranked}"
         print(
             f"evaluate: {summary} on {metrics['num_queries']} queries, {metrics['num_candidates']} candidates "
             f"({metrics['queries_per_second']:.1f} queries/s); wrote {args.output_dir}"

@@ -81,7 +81,8 @@ def main(argv: list[str] | None = None) -> int:
         )
     print(
         f"wrote {args.output_dir}: i2id {counts['i2id_rows']}, t2id {counts['t2id_rows']}, "
-        f"queries {counts['eval_queries']}, collection {counts['collection_images']}"
+        f"queries {counts['eval_queries']}, val_queries {counts['val_queries']}, "
+        f"collection {counts['collection_images']}"
     )
     if args.push_to_hub:
         side_files = [IDENTIFIERS_FILE, PREPARE_FILE, CODEBOOKS_FILE]

@@ -4,13 +4,22 @@ page of thumbnails.
     grace-hf retrieve --model runs/synthetic-structured --top-k 5 "a red circle" "two green squares"
     grace-hf retrieve --model runs/synthetic-structured --data data/prepared/synthetic-structured --num-queries 8 \\
         --output-dir runs/gallery        # test captions with their gold image marked
+    grace-hf retrieve --model runs/synthetic-structured --rerank runs/dense-clip "a red circle"
+                                         # the beams' images re-ranked with the dense model (the model's rerank.json)
 """
 
 from __future__ import annotations
 
 import json
 
-from grace_hf.commands.common import add_num_threads, add_overwrite, command_parser, setup_threads
+from grace_hf.commands.common import (
+    add_num_threads,
+    add_overwrite,
+    add_rerank,
+    check_rerank_args,
+    command_parser,
+    setup_threads,
+)
 from grace_hf.errors import GraceInputError
 from grace_hf.io_utils import atomic_write_text
 from grace_hf.outputs import RETRIEVAL, check_output_dir, output_directory
@@ -27,7 +36,12 @@ def build_parser():
     parser.add_argument("queries", nargs="*", help="text queries")
     parser.add_argument("--model", required=True, help="trained model directory or Hub id")
     parser.add_argument("--top-k", type=int, default=10, help="images per query (at most --num-beams)")
-    parser.add_argument("--num-beams", type=int, default=None, help="beams per query (default: max(10, top-k))")
+    parser.add_argument(
+        "--num-beams",
+        type=int,
+        default=None,
+        help="beams per query (default: max(10, top-k); with --rerank: --rerank-beams)",
+    )
     parser.add_argument("--length-penalty", type=float, default=0.0, help="see `grace-hf evaluate --help`")
     parser.add_argument("--batch-size", type=int, default=16, help="queries per generate call")
     parser.add_argument(
@@ -36,6 +50,7 @@ def build_parser():
     parser.add_argument("--num-queries", type=int, default=8, help="with --data: how many of its queries")
     parser.add_argument("--image-root", default=None, help="folder of the image files, for thumbnails")
     parser.add_argument("--output-dir", default=None, help="also write results.jsonl and gallery.html here")
+    add_rerank(parser)
     add_num_threads(parser)
     add_overwrite(parser)
     return parser
@@ -52,6 +67,7 @@ def _print(query: str, gold: str | None, hits: list[RetrievedImage]) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    check_rerank_args(args)
     setup_threads(args)
     inputs = [args.model, args.data, args.image_root]
     if args.output_dir:
@@ -71,6 +87,9 @@ def main(argv: list[str] | None = None) -> int:
         length_penalty=args.length_penalty,
         batch_size=args.batch_size,
         candidates=candidates,
+        reranker=args.rerank,
+        rerank_weight=args.rerank_weight,
+        rerank_beams=args.rerank_beams,
     )
     results = retriever.retrieve(queries, top_k=args.top_k)
     for query, key, hits in zip(queries, gold, results):

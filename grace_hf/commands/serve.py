@@ -3,6 +3,7 @@
     grace-hf serve --model runs/synthetic-structured --data data/prepared/synthetic-structured
     grace-hf serve --model demo_output/model-structured --image-root demo_output/data \\
         --queries demo_output/queries.jsonl --port 7860
+    grace-hf serve --model runs/synthetic-structured --data data/prepared/synthetic-structured --rerank runs/dense-clip
 
 Then open http://127.0.0.1:7860, or call the `/search` endpoint with `gradio_client` or plain HTTP (README).
 """
@@ -13,7 +14,7 @@ import argparse
 import importlib.util
 from pathlib import Path
 
-from grace_hf.commands.common import add_num_threads, command_parser, setup_threads
+from grace_hf.commands.common import add_num_threads, add_rerank, check_rerank_args, command_parser, setup_threads
 from grace_hf.errors import GraceInputError
 from grace_hf.retrieval.evaluate import load_eval_queries
 from grace_hf.retrieval.gallery import ImageLoader, dataset_image_loader, folder_image_loader
@@ -43,7 +44,10 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--port", type=int, default=7860, help="port to listen on (7860)")
     parser.add_argument("--top-k", type=int, default=5, help="images shown per query at first (at most --num-beams)")
     parser.add_argument(
-        "--num-beams", type=int, default=None, help="beams per query: the largest top-k offered (max(10, --top-k))"
+        "--num-beams",
+        type=int,
+        default=None,
+        help="beams per query: the largest top-k offered (max(10, --top-k); with --rerank: --rerank-beams)",
     )
     parser.add_argument("--length-penalty", type=float, default=0.0, help="see `grace-hf evaluate --help`")
     parser.add_argument(
@@ -51,6 +55,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--queue-size", type=int, default=64, help="requests that may wait; more are refused (64)")
     parser.add_argument("--max-query-chars", type=int, default=1000, help="longer queries are refused (1000)")
+    add_rerank(parser)
     add_num_threads(parser)
     return parser
 
@@ -64,6 +69,7 @@ def _image_loader(args: argparse.Namespace) -> ImageLoader | None:
 def main(argv: list[str] | None = None) -> int:
     """Entry point of `grace-hf serve`: load the retriever, build the app, serve until interrupted."""
     args = build_parser().parse_args(argv)
+    check_rerank_args(args)
     if importlib.util.find_spec("gradio") is None:
         raise GraceInputError('serve needs Gradio: pip install "grace-hf[app]"')
     from grace_hf.retrieval.app import SearchService, build_app, read_test_captions  # imports gradio (optional)
@@ -81,6 +87,9 @@ def main(argv: list[str] | None = None) -> int:
         length_penalty=args.length_penalty,
         batch_size=args.max_batch_size,
         candidates=candidates,
+        reranker=args.rerank,
+        rerank_weight=args.rerank_weight,
+        rerank_beams=args.rerank_beams,
     )
     service = SearchService(
         retriever,

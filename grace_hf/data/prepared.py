@@ -5,6 +5,9 @@ A prepared directory is a `datasets.DatasetDict` saved with `save_to_disk`, with
 - `i2id` (image, image_key, identifier): learning to memorize, one row per image and identifier, image bytes inside;
 - `t2id` (query, image_key, identifier): learning to retrieve (train captions, val/test pseudo-queries);
 - `queries` (query, image_key): the evaluation queries, the human captions of the test images;
+- `val_queries` (query, image_key): the human captions of the val images, for choosing settings without reading a
+  test query (the val images are memorized like the test images, from their pseudo-queries, and the val captions
+  rank the val images); datasets prepared before this split existed lack it;
 plus side files beside the splits: `identifiers.json` (the identifier index), `prepare.json` (inputs, counts) and,
 for a kind that keeps them, `identifier_codebooks.safetensors` (structured: the k-means tree).
 On the Hub each split is its own config (their columns differ) and the side files sit at the repo's top.
@@ -15,14 +18,17 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-from datasets import DatasetDict, load_dataset, load_from_disk
+from datasets import Dataset, DatasetDict, load_dataset, load_from_disk
 from huggingface_hub import CommitOperationAdd, HfApi, hf_hub_download
 
 from grace_hf.errors import GraceInputError
 
 __all__ = [
+    "EVAL_SPLITS",
     "PREPARE_FILE",
     "SPLITS",
+    "VAL_QUERIES",
+    "caption_queries",
     "load_prepared",
     "optional_prepared_file",
     "prepared_file",
@@ -30,7 +36,9 @@ __all__ = [
 ]
 
 PREPARE_FILE = "prepare.json"
-SPLITS = ("i2id", "t2id", "queries")
+SPLITS = ("i2id", "t2id", "queries")  # every prepared dataset has these
+VAL_QUERIES = "val_queries"  # written by `prepare` since the val captions were kept; optional when reading
+EVAL_SPLITS = {"test": "queries", "val": VAL_QUERIES}  # evaluation split name -> the split of its captions
 
 
 def _is_local(source: str | os.PathLike) -> bool:
@@ -46,7 +54,7 @@ def save_prepared(dataset: DatasetDict, directory: str | os.PathLike) -> None:
 
 
 def load_prepared(source: str | os.PathLike, cache_dir: str | None = None) -> DatasetDict:
-    """The prepared `DatasetDict` (i2id, t2id, queries) of a `prepare` directory, or of a pushed Hub dataset repo
+    """The prepared `DatasetDict` (i2id, t2id, queries, and val_queries where it was written) of a `prepare` directory, or of a pushed Hub dataset repo
     (its id, or a local copy of it); `cache_dir` is where `load_dataset` caches a Hub repo."""
     try:
         if _is_local(source):
@@ -55,12 +63,30 @@ def load_prepared(source: str | os.PathLike, cache_dir: str | None = None) -> Da
             dataset = DatasetDict(
                 {name: load_dataset(str(source), name, split=name, cache_dir=cache_dir) for name in SPLITS}
             )
+            try:
+                dataset[VAL_QUERIES] = load_dataset(str(source), VAL_QUERIES, split=VAL_QUERIES, cache_dir=cache_dir)
+            except ValueError:  # pushed before the split existed: no such config
+                pass
     except (OSError, ValueError) as err:
         raise GraceInputError(f"{source}: not a prepared dataset directory or Hub dataset ({err})") from None
     missing = [name for name in SPLITS if name not in dataset]
     if missing:
         raise GraceInputError(f"{source}: the prepared dataset lacks the split(s) {missing}")
     return dataset
+
+
+def caption_queries(dataset: DatasetDict, source: str | os.PathLike, split: str = "test") -> Dataset:
+    """The (query, image_key) rows of an evaluation split: "test" (the test captions) or "val" (the val captions;
+    a dataset prepared before the split existed is refused with a message naming it)."""
+    if split not in EVAL_SPLITS:
+        raise GraceInputError(f"evaluation split must be one of {list(EVAL_SPLITS)}, got {split!r}")
+    name = EVAL_SPLITS[split]
+    if name not in dataset:
+        raise GraceInputError(
+            f"{source}: the prepared dataset has no {name!r} split (the val captions): it was prepared before "
+            "`grace-hf prepare` kept them; prepare it again"
+        )
+    return dataset[name]
 
 
 def prepared_file(source: str | os.PathLike, name: str) -> Path:

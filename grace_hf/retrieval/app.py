@@ -217,6 +217,12 @@ def build_app(
             f"# {title}\nThe model writes the identifiers of the images a query describes, by beam search constrained "
             f"to the identifiers of the collection's {len(retriever.candidates):,} images ({retriever.index.kind} "
             "identifiers); the beams, best first, are the ranking."
+            + (
+                ""
+                if retriever.reranker is None
+                else f" The images of {retriever.num_beams} beams are re-ranked by a dense model "
+                f"({retriever.reranker.scorer.directory}, weight {retriever.reranker.weight:.2f})."
+            )
         )
         with gr.Row(equal_height=True):
             query = gr.Textbox(

@@ -1,7 +1,8 @@
-"""Recall@K of a GRACE model over the evaluation queries of a prepared dataset.
+"""Recall@K of a GRACE model over the evaluation queries of a prepared dataset, with and without re-ranking.
 
-Candidates are the dataset's collection (its test images); every query counts in the denominator, including
-queries whose beams spell no identifier. Under `accelerate launch` every process searches a shard of the queries.
+Candidates are the dataset's collection (its test images), or for the val split the val images; every query counts
+in the denominator, including queries whose beams spell no identifier. Under `accelerate launch` every process
+searches a shard of the queries. The re-ranking weight is fitted on the val split only (`fit_rerank_on_val`).
 """
 
 from __future__ import annotations
@@ -13,12 +14,14 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from grace_hf.data.prepared import load_prepared, prepared_file
+from grace_hf.data.prepared import EVAL_SPLITS, caption_queries, load_prepared, prepared_file
 from grace_hf.errors import GraceInputError
 from grace_hf.identifiers import IDENTIFIERS_FILE, IdentifierIndex
 from grace_hf.io_utils import atomic_write_json, atomic_write_text
 from grace_hf.retrieval.metrics import recall_at_k, recall_curve
+from grace_hf.retrieval.model_dir import RerankConfig
 from grace_hf.retrieval.plots import write_recall_plot
+from grace_hf.retrieval.rerank import DEFAULT_RERANK_BEAMS, DenseScorer, fit_fusion_weight
 from grace_hf.retrieval.retriever import GraceRetriever, RetrievedImage
 
 __all__ = [
@@ -27,6 +30,7 @@ __all__ = [
     "QUERIES_FILE",
     "RECALL_PLOT_FILE",
     "evaluate_model",
+    "fit_rerank_on_val",
     "load_eval_queries",
     "write_evaluation",
 ]
@@ -37,15 +41,26 @@ QUERIES_FILE = "queries.jsonl"
 RECALL_PLOT_FILE = "recall.png"
 
 
-def load_eval_queries(data: str | os.PathLike, limit: int | None = None) -> tuple[list[str], list[str], list[str]]:
+def load_eval_queries(
+    data: str | os.PathLike, limit: int | None = None, split: str = "test"
+) -> tuple[list[str], list[str], list[str]]:
     """`(queries, gold image keys, candidate image keys)` of a prepared dataset (a `prepare` directory or a Hub
-    dataset repo); every gold image must be a candidate."""
-    split = load_prepared(data)["queries"]
+    dataset repo); every gold image must be a candidate.
+
+    `split` "test": the test captions ranking the collection (the test images); "val": the val captions ranking the
+    val images (for choosing settings, e.g. the re-ranking weight, without reading a test query).
+    """
+    rows = caption_queries(load_prepared(data), data, split)
+    name = EVAL_SPLITS[split]
+    if split == "val":  # the images the val captions describe (every val image has captions)
+        candidates = list(dict.fromkeys(rows["image_key"]))
     if limit is not None:
-        split = split.select(range(min(limit, split.num_rows)))
-    queries, gold = list(split["query"]), list(split["image_key"])
+        rows = rows.select(range(min(limit, rows.num_rows)))
+    queries, gold = list(rows["query"]), list(rows["image_key"])
     if not queries:
-        raise GraceInputError(f"{data}: the 'queries' split is empty")
+        raise GraceInputError(f"{data}: the {name!r} split is empty")
+    if split == "val":
+        return queries, gold, candidates
     identifiers_path = prepared_file(data, IDENTIFIERS_FILE)
     candidates = IdentifierIndex.load(identifiers_path).collection
     if not candidates:
@@ -53,8 +68,35 @@ def load_eval_queries(data: str | os.PathLike, limit: int | None = None) -> tupl
     candidate_set = set(candidates)
     for position, (query, key) in enumerate(zip(queries, gold)):
         if key not in candidate_set:
-            raise GraceInputError(f"{data}: queries[{position}] ({query!r}): gold image {key!r} is not a candidate")
+            raise GraceInputError(f"{data}: {name}[{position}] ({query!r}): gold image {key!r} is not a candidate")
     return queries, gold, candidates
+
+
+def fit_rerank_on_val(
+    retriever: GraceRetriever,
+    data: str | os.PathLike,
+    scorer: DenseScorer,
+    num_beams: int = DEFAULT_RERANK_BEAMS,
+    batch_size: int | None = None,
+    distributed: bool = True,
+) -> RerankConfig:
+    """Fit the fusion weight on the val captions of `data` ranking the val images (no test query is read), with the
+    model of `retriever` searching `num_beams` beams; returns the config to save as `rerank.json`."""
+    queries, gold, candidates = load_eval_queries(data, split="val")
+    scorer.check_covers(candidates, f"{data}'s val split")
+    val_retriever = retriever.for_candidates(candidates, num_beams=num_beams)
+    beams = val_retriever.retrieve(
+        queries, top_k=val_retriever.num_beams, batch_size=batch_size, distributed=distributed
+    )
+    weight, table = fit_fusion_weight(beams, queries, gold, scorer)
+    return RerankConfig(
+        weight=weight,
+        num_beams=num_beams,
+        dense=scorer.directory,
+        dense_fingerprint=scorer.fingerprint,
+        fitted_on=f"{len(queries)} val captions ranking {len(candidates)} val images of {data}",
+        val_grid=table,
+    )
 
 
 def evaluate_model(
@@ -64,11 +106,19 @@ def evaluate_model(
     batch_size: int | None = None,
     distributed: bool = True,
 ) -> tuple[dict[str, Any], list[dict[str, Any]], list[float]]:
-    """Retrieve for every query; return the metrics, one record per query, and the Recall@K curve (K = 1..10)."""
+    """Retrieve for every query; return the metrics, one record per query, and the Recall@K curve (K = 1..10).
+
+    With a reranker on the retriever, the metrics are those of the beams' own ranking, and `metrics["rerank"]` holds
+    the re-ranked Recall@K (and its curve, weight and beams) of the same search; each record has both rankings.
+    """
+    reranker = retriever.reranker
     start = time.perf_counter()
-    results = retriever.retrieve(list(queries), top_k=max(KS), batch_size=batch_size, distributed=distributed)
+    top_k = max(KS) if reranker is None else retriever.num_beams
+    results = retriever.retrieve(
+        list(queries), top_k=top_k, batch_size=batch_size, distributed=distributed, rerank=False
+    )
     seconds = time.perf_counter() - start
-    rankings = [[hit.image_key for hit in hits] for hits in results]
+    rankings = [[hit.image_key for hit in hits[: max(KS)]] for hits in results]
     metrics: dict[str, Any] = recall_at_k(rankings, list(gold), KS)
     metrics.update(
         num_queries=len(queries),
@@ -81,7 +131,25 @@ def evaluate_model(
         query_image=retriever.query_image,
         seconds=seconds,
     )
-    records = [_record(query, key, hits) for query, key, hits in zip(queries, gold, results)]
+    records = [_record(query, key, hits[: max(KS)]) for query, key, hits in zip(queries, gold, results)]
+    if reranker is not None:
+        start = time.perf_counter()
+        reranked = [hits[: max(KS)] for hits in reranker.rerank(list(queries), results)]
+        rerank_seconds = time.perf_counter() - start
+        reranked_keys = [[hit.image_key for hit in hits] for hits in reranked]
+        metrics["rerank"] = {
+            **recall_at_k(reranked_keys, list(gold), KS),
+            "recall_curve": recall_curve(reranked_keys, list(gold), max(KS)),
+            "weight": reranker.weight,
+            "num_beams": reranker.num_beams,
+            "dense": reranker.scorer.directory,
+            "dense_fingerprint": reranker.scorer.fingerprint,
+            "query_latency_ms": 1000.0 * (seconds + rerank_seconds) / len(queries),
+            "rerank_seconds": rerank_seconds,
+        }
+        for record, hits in zip(records, reranked):
+            reranked_record = _record(record["query"], record["gold"], hits)
+            record["reranked"] = {key: reranked_record[key] for key in ("gold_rank", "image_keys", "scores")}
     return metrics, records, recall_curve(rankings, list(gold), max(KS))
 
 
@@ -105,7 +173,10 @@ def write_evaluation(
     atomic_write_json(directory / METRICS_FILE, {**metrics, "recall_curve": curve})
     lines = "".join(json.dumps(record, ensure_ascii=False) + "\n" for record in records)
     atomic_write_text(directory / QUERIES_FILE, lines)
-    write_recall_plot(directory / RECALL_PLOT_FILE, {name: curve}, "Recall@K")
+    curves = {name: curve}
+    if "rerank" in metrics:
+        curves[f"{name} + rerank"] = metrics["rerank"]["recall_curve"]
+    write_recall_plot(directory / RECALL_PLOT_FILE, curves, "Recall@K")
 
 
 if __name__ == "__main__":  # the module was the command's entry point before `grace-hf evaluate`

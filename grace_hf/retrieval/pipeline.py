@@ -6,10 +6,12 @@ standard pipeline call. Importing `grace_hf` registers the task.
 >>> retrieve("a small red star at the top left", top_k=3)  # one query -> its ranking, best first
 [{'image_key': 'images/synthetic_000123.png', 'identifier': '3_1-0_2', 'score': -0.12, 'image': <PIL.Image>}, ...]
 >>> retrieve(["a red circle", "two green squares"], batch_size=8)  # a list of queries -> a list of rankings
+>>> reranked = pipeline("text-to-image-retrieval", model="demo_output/model-structured", reranker="runs/dense-clip")
 """
 
 from __future__ import annotations
 
+import os
 from collections.abc import Sequence
 from typing import Any
 
@@ -20,6 +22,7 @@ from grace_hf.identifiers import IDENTIFIERS_FILE
 from grace_hf.models.flamingo import FlamingoForConditionalGeneration
 from grace_hf.retrieval.gallery import folder_image_loader
 from grace_hf.retrieval.model_dir import read_retrieval_files, resolve_model_dir
+from grace_hf.retrieval.rerank import DenseScorer, load_reranker
 from grace_hf.retrieval.retriever import GraceRetriever, RetrievedImage
 
 __all__ = ["TASK", "TextToImageRetrievalPipeline"]
@@ -37,6 +40,8 @@ class TextToImageRetrievalPipeline(Pipeline):
         num_beams: beams per query, the most results a query can get (default 10).
         length_penalty: as in `GraceRetriever` (default 0.0).
         candidates: image keys to rank (default: the model's collection).
+        reranker: a `grace-hf baseline-clip` directory (or a `DenseScorer`) that re-ranks the images of the beams;
+            rerank_weight, rerank_beams: as in `GraceRetriever.from_pretrained` (default: the model's rerank.json).
         image_root, top_k: defaults for the call arguments.
 
     Call arguments:
@@ -59,6 +64,9 @@ class TextToImageRetrievalPipeline(Pipeline):
         num_beams: int = 10,
         length_penalty: float = 0.0,
         candidates: Sequence[str] | None = None,
+        reranker: str | os.PathLike | DenseScorer | None = None,
+        rerank_weight: float | None = None,
+        rerank_beams: int | None = None,
         **kwargs: Any,
     ):
         super().__init__(*args, **kwargs)
@@ -70,6 +78,10 @@ class TextToImageRetrievalPipeline(Pipeline):
                 f"got {name_or_path!r}"
             )
         index, grace_config, saved_trie = read_retrieval_files(directory, self.processor)
+        if reranker is None and (rerank_weight is not None or rerank_beams is not None):
+            raise GraceInputError(
+                f"{TASK}: rerank_weight and rerank_beams need a reranker (a baseline-clip directory)"
+            )
         self.retriever = GraceRetriever(
             self.model,
             self.processor,
@@ -79,6 +91,7 @@ class TextToImageRetrievalPipeline(Pipeline):
             query_image=grace_config.query_image,
             candidates=candidates,
             saved_trie=saved_trie if candidates is None else None,
+            reranker=None if reranker is None else load_reranker(directory, reranker, rerank_weight, rerank_beams),
         )
 
     def _sanitize_parameters(self, top_k: int | None = None, image_root: str | None = None):

@@ -30,6 +30,7 @@ from grace_hf.retrieval.model_dir import (
     read_model_dir,
     write_model_dir,
 )
+from grace_hf.retrieval.rerank import DenseScorer, Reranker, load_reranker
 from grace_hf.retrieval.trie import IdentifierTrie, TrieLogitsProcessor
 
 __all__ = ["GraceRetriever", "RetrievedImage", "beam_generation_config"]
@@ -101,6 +102,8 @@ class GraceRetriever:
             search) and under DeepSpeed ZeRO-3. Both give the same ranking; `self.decoding` says which is used.
         compile: with fast decoding, also run its step through `torch.compile` (minutes of compilation per batch
             shape on first use; fewer, fused kernels after).
+        reranker: a second stage (`grace_hf.retrieval.rerank.Reranker`): the search then runs its `num_beams`
+            beams (instead of `num_beams`) and their images are re-ranked by the fused beam score and dense cosine.
     """
 
     def __init__(
@@ -117,6 +120,7 @@ class GraceRetriever:
         saved_trie: IdentifierTrie | None = None,
         decoding: str = "auto",
         compile: bool = False,
+        reranker: Reranker | None = None,
     ):
         if query_image not in QUERY_IMAGE_MODES:
             raise GraceInputError(f"query_image must be one of {QUERY_IMAGE_MODES}, got {query_image!r}")
@@ -126,6 +130,10 @@ class GraceRetriever:
         self.length_penalty, self.query_image, self.batch_size = length_penalty, query_image, batch_size
         collection = Collection.build(index, processor, candidates, saved_trie)
         self.candidates, self.trie = collection.image_keys, collection.trie
+        if reranker is not None:
+            reranker.scorer.check_covers(self.candidates, "the collection")
+            num_beams = reranker.num_beams
+        self.reranker = reranker
         self.identifiers, self.identifier_images = collection.identifiers, collection.identifier_images
         vocab_size = model.config.get_text_config().vocab_size
         if self.trie.vocab_bound > vocab_size:
@@ -171,16 +179,27 @@ class GraceRetriever:
         device: torch.device | str | None = None,
         dtype: torch.dtype | str | None = None,
         accelerator: Any = None,
+        reranker: str | os.PathLike | DenseScorer | None = None,
+        rerank_weight: float | None = None,
+        rerank_beams: int | None = None,
         **kwargs: Any,
     ) -> GraceRetriever:
         """Load the model, processor, identifier index and query-image mode from a model directory or Hub repo.
+
+        `reranker`: a dense scorer (a `grace-hf baseline-clip` directory or a `DenseScorer`) that re-ranks the images
+        of `rerank_beams` beams (default: as fitted, else 30) with the fusion weight `rerank_weight` (default: the
+        model's `rerank.json`, fitted on the validation queries by `grace-hf evaluate --rerank DENSE --split val`).
 
         `accelerator`: an `accelerate.Accelerator` (`grace_hf.distributed.create_accelerator()`, created before this
         call) whose DeepSpeed plugin (ZeRO-3) shards the model across the processes of `accelerate launch`; every
         process must then call `retrieve` (`distributed=True`). Without it the model goes to `device` (default:
         this process's accelerate device). Other keyword arguments go to `GraceRetriever(...)`.
         """
+        if reranker is None and (rerank_weight is not None or rerank_beams is not None):
+            raise GraceInputError("rerank_weight and rerank_beams need a reranker (a baseline-clip directory)")
         loaded = read_model_dir(model_dir_or_hub_id, dtype=dtype)
+        if reranker is not None:
+            kwargs["reranker"] = load_reranker(loaded.path, reranker, rerank_weight, rerank_beams)
         kwargs.setdefault("query_image", loaded.grace_config.query_image)
         if kwargs.get("candidates") is None:
             kwargs.setdefault("saved_trie", loaded.saved_trie)
@@ -191,6 +210,28 @@ class GraceRetriever:
             model.to(device if device is not None else PartialState().device)
         retriever = cls(model, loaded.processor, loaded.index, **kwargs)
         retriever._engine = engine  # keeps the DeepSpeed engine (and its sharding hooks) alive with the retriever
+        return retriever
+
+    def for_candidates(
+        self, candidates: Sequence[str] | None, reranker: Reranker | None = None, num_beams: int | None = None
+    ) -> GraceRetriever:
+        """The same model and settings ranking other images (e.g. the val images; None: the index's collection),
+        with `reranker` (none by default) and `num_beams` (default: these)."""
+        retriever = GraceRetriever(
+            self.model,
+            self.processor,
+            self.index,
+            num_beams=num_beams or self.num_beams,
+            length_penalty=self.length_penalty,
+            query_image=self.query_image,
+            candidates=candidates,
+            batch_size=self.batch_size,
+            max_length=self.max_length,
+            decoding=self.decoding,
+            compile=self.compile,
+            reranker=reranker,
+        )
+        retriever._engine = self._engine
         return retriever
 
     def save_pretrained(self, directory: str | os.PathLike, overwrite: bool = False) -> None:
@@ -341,16 +382,28 @@ class GraceRetriever:
         top_k: int = 10,
         batch_size: int | None = None,
         distributed: bool = False,
+        rerank: bool = True,
     ) -> list[list[RetrievedImage]]:
         """For each query, up to `min(top_k, num_beams)` distinct images, best first.
 
         `distributed=True` under `accelerate launch`: each process takes a shard of the queries and every process
         gets all results back, in query order; every process must call it (a collective). Under DeepSpeed ZeRO-3
         the shards are padded to equal length so that all processes run `generate` in lockstep.
+        With a reranker (and `rerank`), the images of all beams are re-ranked and the best `top_k` returned, their
+        `score` the fused one; `rerank=False` gives the beams' own ranking.
         """
         queries = self._check_queries([queries] if isinstance(queries, str) else list(queries))
         if top_k < 1:
             raise GraceInputError(f"top_k must be >= 1, got {top_k}")
+        if not rerank or self.reranker is None:
+            return self._search_all(queries, top_k, batch_size, distributed)
+        beams = self._search_all(queries, self.num_beams, batch_size, distributed)
+        return [hits[:top_k] for hits in self.reranker.rerank(queries, beams)]
+
+    def _search_all(
+        self, queries: list[str], top_k: int, batch_size: int | None, distributed: bool
+    ) -> list[list[RetrievedImage]]:
+        """The beams' ranking of every query (cut to fit the model's limit), sharded across processes if asked."""
         fitted = [self._fit(query) for query in queries]
         cut = sum(a != b for a, b in zip(queries, fitted))
         if cut:

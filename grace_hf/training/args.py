@@ -87,6 +87,13 @@ class DataArguments:
     eval_num_queries: int = field(
         default=1000, metadata={"help": "Test queries used for Recall@K (evenly spread; 0 = no evaluation)."}
     )
+    eval_split: Literal["test", "val"] = field(
+        default="test",
+        metadata={
+            "help": "Recall@K of training: 'test' (the test captions rank the collection) or 'val' (the val captions "
+            "rank the val images: for choosing settings without reading a test query)."
+        },
+    )
 
     def __post_init__(self) -> None:
         if self.task == "retrieval" and self.data is None:
@@ -150,6 +157,8 @@ class AddImagesArguments(DataArguments):
             raise GraceInputError("add-images needs karpathy_json and image_root (the new images)")
         if self.replay_ratio is not None and self.replay_ratio < 0:
             raise GraceInputError(f"replay_ratio must be >= 0, got {self.replay_ratio}")
+        if self.eval_split != "test":
+            raise GraceInputError(f"add-images evaluates on the test captions, not eval_split {self.eval_split!r}")
         self._check_values()
 
     def input_paths(self) -> list[str | None]:

@@ -12,7 +12,7 @@ import datasets
 from torch.utils.data import DataLoader
 
 from grace_hf.data.karpathy import load_karpathy
-from grace_hf.data.prepared import load_prepared, optional_prepared_file, prepared_file
+from grace_hf.data.prepared import caption_queries, load_prepared, optional_prepared_file, prepared_file
 from grace_hf.errors import GraceInputError
 from grace_hf.identifiers import CODEBOOKS_FILE, IDENTIFIERS_FILE, Codebooks, IdentifierIndex
 from grace_hf.prompts import CAPTION_PREFIX, IDENTIFIER_PREFIX
@@ -67,6 +67,7 @@ class TrainingData:
     index: IdentifierIndex | None = None
     eval_queries: list[str] = field(default_factory=list)
     eval_gold: list[str] = field(default_factory=list)
+    eval_candidates: list[str] | None = None  # the images the evaluation ranks; None: the index's collection
     sources: list[str] = field(default_factory=list)
     codebooks: Codebooks | None = None
     token_texts: dict[str, list[str]] = field(default_factory=dict)
@@ -106,7 +107,7 @@ def _retrieval_data(data_args: DataArguments, args: GraceTrainingArguments) -> T
         texts += [
             IDENTIFIER_PREFIX + identifier for identifiers in index.images.values() for identifier in identifiers
         ]
-    queries = prepared["queries"]
+    queries = caption_queries(prepared, data_args.data, data_args.eval_split)
     chosen = queries.select(spread(len(queries), data_args.eval_num_queries))
     codebooks_file = optional_prepared_file(data_args.data, CODEBOOKS_FILE)
     return TrainingData(
@@ -115,6 +116,8 @@ def _retrieval_data(data_args: DataArguments, args: GraceTrainingArguments) -> T
         index,
         list(chosen["query"]),
         list(chosen["image_key"]),
+        # the val captions rank the val images, as the test captions rank the collection (the test images)
+        eval_candidates=list(dict.fromkeys(queries["image_key"])) if data_args.eval_split == "val" else None,
         sources=[data_source(data_args.data)],
         codebooks=Codebooks.load(codebooks_file) if codebooks_file is not None else None,
     )

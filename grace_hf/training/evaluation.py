@@ -25,8 +25,9 @@ def evaluate_recall(
     batch_size: int,
     distributed: bool = False,
     ks: tuple[int, ...] = (1, 5, 10),
+    candidates: Sequence[str] | None = None,
 ) -> dict[str, float]:
-    """Rank `index.collection` for each query by constrained beam search; Recall@K against `gold` image keys.
+    """Rank `candidates` (default `index.collection`) for each query by constrained beam search; Recall@K against `gold` image keys.
 
     `model` is the bare (unwrapped) model; it is put in eval mode for the search and back in train mode after.
     `distributed`: every process calls this, searches a shard of the queries and gets all results (also under
@@ -35,7 +36,9 @@ def evaluate_recall(
     was_training = model.training
     model.eval()
     try:
-        retriever = GraceRetriever(model, processor, index, num_beams=num_beams, query_image=query_image)
+        retriever = GraceRetriever(
+            model, processor, index, num_beams=num_beams, query_image=query_image, candidates=candidates
+        )
         with torch.no_grad():
             results = retriever.retrieve(list(queries), top_k=max(ks), batch_size=batch_size, distributed=distributed)
     finally:

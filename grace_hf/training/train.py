@@ -223,6 +223,7 @@ class _Trainer:
             num_beams=self.args.num_beams,
             batch_size=self.args.eval_batch_size,
             distributed=self.accelerator.num_processes > 1,
+            candidates=self.data.eval_candidates,
         )
 
     # train
@@ -355,6 +356,7 @@ class _Trainer:
             metrics.update(
                 identifier_kind=self.data.index.kind,
                 num_eval_queries=len(self.data.eval_queries),
+                eval_split=self.data_args.eval_split,
                 eval_seconds=time.monotonic() - started_eval,
             )
         return metrics
