@@ -1,8 +1,9 @@
 """The demo: GRACE end to end on the built-in synthetic data, no GPU and no downloads (`grace-hf demo`).
 
-Stages: synthetic data -> dense open_clip baseline (its image embeddings also feed the structured and rq
-identifiers) -> prepare -> train the tiny Flamingo with `recipes/synthetic/<kind>.yaml` -> evaluate ->
-retrieve example queries -> `metrics.json`, `gallery.html`, `recall.png` and `comparison.md` in the output folder.
+Stages: synthetic data -> dense open_clip baseline -> prepare (rq and structured identifiers over 8x8 pixel
+thumbnails) -> train the tiny Flamingo with `recipes/synthetic/<kind>.yaml` -> fit the re-ranking weight on the val
+captions -> evaluate on the test captions, alone and re-ranked by the dense baseline -> retrieve example queries ->
+`metrics.json`, `gallery.html`, `recall.png` and `comparison.md` in the output folder.
 """
 
 from __future__ import annotations
@@ -17,24 +18,28 @@ from grace_hf.compare import comparison_table
 from grace_hf.data.synthetic import PSEUDO_QUERIES_JSON, SYNTHETIC_JSON, check_synthetic_size, write_synthetic
 from grace_hf.dense.train import DenseTrainingArgs, run_baseline
 from grace_hf.errors import GraceInputError
-from grace_hf.identifiers import get_identifier_kind
-from grace_hf.identifiers.embeddings import EmbeddingOptions
-from grace_hf.image_features import FEATURES_FILE
 from grace_hf.io_utils import atomic_write_json, atomic_write_text, read_json
 from grace_hf.outputs import DEMO, finish_output_dir, open_output_dir
 from grace_hf.prepare import prepare
-from grace_hf.retrieval.evaluate import evaluate_model, load_eval_queries
+from grace_hf.retrieval.evaluate import evaluate_model, fit_rerank_on_val, load_eval_queries
 from grace_hf.retrieval.gallery import GalleryEntry, folder_image_loader, write_gallery
-from grace_hf.retrieval.model_dir import METRICS_FILE
+from grace_hf.retrieval.model_dir import METRICS_FILE, write_rerank_config
 from grace_hf.retrieval.plots import write_recall_plot
+from grace_hf.retrieval.rerank import DEFAULT_RERANK_BEAMS, DenseScorer, Reranker
 from grace_hf.retrieval.retriever import GraceRetriever
 from grace_hf.training.args import parse_args
 from grace_hf.training.train import train
 
-__all__ = ["DEFAULT_KIND", "RECIPES", "run_demo"]
+__all__ = ["DEFAULT_KIND", "PREPARE_OPTIONS", "RECIPES", "evaluate_kind", "run_demo", "train_kind"]
 
 RECIPES = Path(__file__).resolve().parent / "recipes" / "synthetic"  # shipped inside the package
-DEFAULT_KIND = "structured"
+DEFAULT_KIND = "rq"
+# Content-based identifiers from 8x8 thumbnails, not from the dense baseline's embeddings: identifiers built from the
+# dense model's view make the generative model agree with it, and re-ranking by it then adds nothing.
+PREPARE_OPTIONS: dict[str, dict[str, Any]] = {
+    "rq": {"pixel_features": True, "pixel_side": 8},
+    "structured": {"pixel_features": True, "pixel_side": 8, "k": 10, "leaf_size": 10},
+}
 NUM_GALLERY_QUERIES = 8
 
 
@@ -49,12 +54,13 @@ def _recipe(kind: str) -> Path:
     return path
 
 
-def _train_kind(kind: str, out: Path, data: Path, dense_dir: Path, max_steps: int | None) -> Path:
-    """Prepare the data for one identifier kind and train the tiny Flamingo on it; return the model directory."""
+def train_kind(
+    kind: str, out: Path, data: Path, max_steps: int | None = None, options: dict[str, Any] | None = None
+) -> Path:
+    """Prepare `data` for one identifier kind (`options`: its prepare options, default `PREPARE_OPTIONS`) into
+    `out/prepared-<kind>` and train the tiny Flamingo on it into `out/model-<kind>`; return the model directory."""
     prepared = out / f"prepared-{kind}"
-    options: dict[str, Any] = {}
-    if issubclass(get_identifier_kind(kind).options, EmbeddingOptions):  # structured, rq: cluster embeddings
-        options["image_features"] = str(dense_dir / FEATURES_FILE)
+    options = PREPARE_OPTIONS.get(kind, {}) if options is None else options
     _log(f"prepare {kind} identifiers -> {prepared}")
     prepare(data / SYNTHETIC_JSON, data, kind, prepared, pseudo_queries=data / PSEUDO_QUERIES_JSON, **options)
 
@@ -68,22 +74,33 @@ def _train_kind(kind: str, out: Path, data: Path, dense_dir: Path, max_steps: in
     return model_dir
 
 
-def _evaluate(model_dir: Path, prepared: Path) -> tuple[dict[str, Any], list[dict[str, Any]], list[float]]:
+def evaluate_kind(model_dir: Path, prepared: Path, dense_dir: Path) -> tuple[dict[str, Any], list[dict[str, Any]]]:
+    """Fit the re-ranking weight on the val captions (saved as the model's `rerank.json`), then Recall@K of the test
+    captions alone and re-ranked (`metrics["rerank"]`), saved into the model's `metrics.json`; the per-query
+    records."""
+    scorer = DenseScorer.from_directory(dense_dir)
     queries, gold, candidates = load_eval_queries(prepared)
     retriever = GraceRetriever.from_pretrained(model_dir, candidates=candidates)
-    metrics, records, curve = evaluate_model(retriever, queries, gold, distributed=False)
+    _log(f"fit the re-ranking weight on the val captions ({DEFAULT_RERANK_BEAMS} beams)")
+    config = fit_rerank_on_val(retriever, prepared, scorer, distributed=False)
+    write_rerank_config(model_dir, config)
+    _log(f"evaluate: Recall@K over every test caption, alone and re-ranked (weight {config.weight:.2f})")
+    reranker = Reranker(scorer, config.weight, config.num_beams)
+    metrics, records, curve = evaluate_model(
+        retriever.for_candidates(candidates, reranker), queries, gold, distributed=False
+    )
     train_metrics = read_json(model_dir / METRICS_FILE, "metrics")
     metrics.update(identifier_kind=train_metrics.get("identifier_kind"), train_seconds=train_metrics["train_seconds"])
     metrics["recall_curve"] = curve
     atomic_write_json(model_dir / METRICS_FILE, train_metrics | metrics)
-    return metrics, records, curve
+    return metrics, records
 
 
-def _gallery(out: Path, model_dir: Path, data: Path, records: list[dict[str, Any]]) -> Path:
-    """Retrieve a few test captions again through the public API and show them with their images."""
+def _gallery(out: Path, model_dir: Path, dense_dir: Path, data: Path, records: list[dict[str, Any]]) -> Path:
+    """Retrieve a few test captions again through the public API, re-ranked, and show them with their images."""
     first_per_image = list({record["gold"]: record for record in reversed(records)}.values())[::-1]
     picked = first_per_image[:: max(1, len(first_per_image) // NUM_GALLERY_QUERIES)][:NUM_GALLERY_QUERIES]
-    retriever = GraceRetriever.from_pretrained(model_dir)
+    retriever = GraceRetriever.from_pretrained(model_dir, reranker=dense_dir)
     results = retriever.retrieve([r["query"] for r in picked], top_k=5)
     entries = [GalleryEntry(r["query"], hits, r["gold"]) for r, hits in zip(picked, results)]
     return write_gallery(out / "gallery.html", entries, load_image=folder_image_loader(data), title="grace_hf demo")
@@ -115,9 +132,9 @@ def run_demo(
     curves: dict[str, list[float]] = {"dense-clip": dense["recall_curve"]}
     runs, first = [], None
     for kind in kinds:
-        model_dir = _train_kind(kind, out, data, dense_dir, max_steps)
-        _log(f"evaluate {kind}: Recall@K over every test caption")
-        metrics, records, curves[kind] = _evaluate(model_dir, out / f"prepared-{kind}")
+        model_dir = train_kind(kind, out, data, max_steps)
+        metrics, records = evaluate_kind(model_dir, out / f"prepared-{kind}", dense_dir)
+        curves[kind], curves[f"{kind} + rerank"] = metrics["recall_curve"], metrics["rerank"]["recall_curve"]
         runs.append(model_dir)
         if first is None:
             first = metrics
@@ -125,7 +142,7 @@ def run_demo(
             lines = "".join(json.dumps(record, ensure_ascii=False) + "\n" for record in records)
             atomic_write_text(out / "queries.jsonl", lines)
             _log("retrieve example queries -> gallery.html")
-            _gallery(out, model_dir, data, records)
+            _gallery(out, model_dir, dense_dir, data, records)
 
     write_recall_plot(out / "recall.png", curves, title=f"synthetic, {num_images} images")
     table = comparison_table([*runs, dense_dir])
@@ -133,7 +150,9 @@ def run_demo(
     _log(f"done\n\n{table}")
     for name in ("metrics.json", "gallery.html", "recall.png", "comparison.md", "queries.jsonl"):
         print(f"  {out / name}")
-    serve = f"grace-hf serve --model {runs[0]} --image-root {data} --queries {out / 'queries.jsonl'}"
+    serve = (
+        f"grace-hf serve --model {runs[0]} --rerank {dense_dir} --image-root {data} --queries {out / 'queries.jsonl'}"
+    )
     print(f"\nSearch the model in the browser (the `app` extra: pip install -e '.[app]'):\n  {serve}")
     finish_output_dir(out, DEMO)
     return first
