@@ -29,7 +29,7 @@ from synthetic_split import write_part
 from grace_hf.add_images import add_images
 from grace_hf.data.karpathy import load_karpathy
 from grace_hf.data.synthetic import PSEUDO_QUERIES_JSON, SYNTHETIC_JSON, write_synthetic
-from grace_hf.demo import RECIPES
+from grace_hf.demo import PREPARE_OPTIONS, RECIPES
 from grace_hf.outputs import read_marker
 from grace_hf.prepare import prepare
 from grace_hf.retrieval.evaluate import evaluate_model
@@ -37,7 +37,7 @@ from grace_hf.retrieval.retriever import GraceRetriever
 from grace_hf.training.args import ADD_IMAGES_ARGUMENT_CLASSES, parse_args
 from grace_hf.training.train import train
 
-KINDS = ("structured", "semantic", "atomic", "numeric", "string")
+KINDS = ("rq", "structured", "semantic", "atomic", "numeric", "string")
 COMMON = ["--eval-num-queries", "0", "--report-to", "none", "--save-steps", "0", "--torch-num-threads", "1"]
 GOALS = {"new_ratio": 0.9, "forgetting": 0.02, "time_ratio": 0.25}
 
@@ -79,7 +79,6 @@ def _recall(model_dir: Path, queries: list[str], gold: list[str], candidates: li
 
 
 def _prepare(collection: Path, kind: str, output: Path) -> None:
-    options = {"pixel_features": True} if kind == "structured" else {}
     prepare(
         collection / SYNTHETIC_JSON,
         collection.parent / "raw",
@@ -87,7 +86,7 @@ def _prepare(collection: Path, kind: str, output: Path) -> None:
         output,
         pseudo_queries=collection / PSEUDO_QUERIES_JSON,
         overwrite=True,
-        **options,
+        **PREPARE_OPTIONS.get(kind, {}),
     )
 
 

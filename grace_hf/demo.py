@@ -55,16 +55,23 @@ def _recipe(kind: str) -> Path:
 
 
 def train_kind(
-    kind: str, out: Path, data: Path, max_steps: int | None = None, options: dict[str, Any] | None = None
+    kind: str,
+    out: Path,
+    data: Path,
+    max_steps: int | None = None,
+    options: dict[str, Any] | None = None,
+    name: str | None = None,
 ) -> Path:
     """Prepare `data` for one identifier kind (`options`: its prepare options, default `PREPARE_OPTIONS`) into
-    `out/prepared-<kind>` and train the tiny Flamingo on it into `out/model-<kind>`; return the model directory."""
-    prepared = out / f"prepared-{kind}"
+    `out/prepared-<name>` and train the tiny Flamingo on it into `out/model-<name>` (`name` default: the kind);
+    return the model directory."""
+    name = name or kind
+    prepared = out / f"prepared-{name}"
     options = PREPARE_OPTIONS.get(kind, {}) if options is None else options
     _log(f"prepare {kind} identifiers -> {prepared}")
     prepare(data / SYNTHETIC_JSON, data, kind, prepared, pseudo_queries=data / PSEUDO_QUERIES_JSON, **options)
 
-    model_dir = out / f"model-{kind}"
+    model_dir = out / f"model-{name}"
     _log(f"train the tiny Flamingo on {kind} identifiers (recipe {_recipe(kind)}) -> {model_dir}")
     argv = ["--config", str(_recipe(kind)), "--data", str(prepared), "--output-dir", str(model_dir)]
     argv += ["--eval-num-queries", "0", "--report-to", "none", "--save-steps", "0"]
