@@ -78,3 +78,21 @@ def next_number(index: IdentifierIndex, read: Callable[[str], int | None]) -> in
                 raise GraceInputError(f"{index.kind} identifiers: {identifier!r} of image {key!r} is not a number")
             numbers.append(number)
     return max(numbers, default=-1) + 1
+
+
+def extended_index(
+    index: IdentifierIndex,
+    images: list[KarpathyImage],
+    identifiers: list[str],
+    tokens: list[str],
+    codebooks: Codebooks,
+) -> IdentifierIndex:
+    """`index` with `images` named `identifiers` (in order) added, the `tokens` it lacks appended to its new tokens,
+    and the `codebooks` that now code them."""
+    known = set(index.new_tokens)
+    return IdentifierIndex(
+        index.kind,
+        {**index.images, **{image.key: [identifier] for image, identifier in zip(images, identifiers)}},
+        new_tokens=index.new_tokens + [token for token in dict.fromkeys(tokens) if token not in known],
+        codebooks=codebooks,
+    )

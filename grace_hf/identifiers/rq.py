@@ -33,7 +33,7 @@ from sklearn.cluster import KMeans
 from sklearn.exceptions import ConvergenceWarning
 
 from grace_hf.errors import GraceInputError
-from grace_hf.identifiers.base import IdentifierInputs, IdentifierKind
+from grace_hf.identifiers.base import IdentifierInputs, IdentifierKind, extended_index
 from grace_hf.identifiers.codebooks import Codebooks
 from grace_hf.identifiers.embeddings import EmbeddingOptions, check_same_source, embed, recorded_options
 from grace_hf.identifiers.index import IdentifierIndex
@@ -311,13 +311,8 @@ def extend(
             f"codebooks {quantizer.mean.shape[0]}"
         )
     identifiers = name_codes(quantizer.encode(embeddings.features), taken)
-    known = set(index.new_tokens)
-    return IdentifierIndex(
-        "rq",
-        {**index.images, **{image.key: [identifier] for image, identifier in zip(inputs.images, identifiers)}},
-        new_tokens=index.new_tokens + [token for token in _tokens(identifiers) if token not in known],
-        codebooks=quantizer.to_codebooks(options, embeddings.tensors),
-    )
+    codebooks = quantizer.to_codebooks(options, embeddings.tensors)
+    return extended_index(index, inputs.images, identifiers, _tokens(identifiers), codebooks)
 
 
 KIND = IdentifierKind(

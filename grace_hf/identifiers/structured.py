@@ -22,7 +22,7 @@ from sklearn.cluster import KMeans, MiniBatchKMeans
 from sklearn.exceptions import ConvergenceWarning
 
 from grace_hf.errors import GraceInputError
-from grace_hf.identifiers.base import IdentifierInputs, IdentifierKind
+from grace_hf.identifiers.base import IdentifierInputs, IdentifierKind, extended_index
 from grace_hf.identifiers.codebooks import Codebooks
 from grace_hf.identifiers.embeddings import EmbeddingOptions, check_same_source, embed, recorded_options
 from grace_hf.identifiers.index import IdentifierIndex
@@ -250,13 +250,9 @@ def extend(
             f"the saved tree's centroids {centroid_dim}"
         )
     paths = [tree.code(features) for features in embeddings.features]
-    known = set(index.new_tokens)
-    return IdentifierIndex(
-        "structured",
-        {**index.images, **{image.key: [path_to_identifier(path)] for image, path in zip(inputs.images, paths)}},
-        new_tokens=index.new_tokens + [token for token in _tokens(paths) if token not in known],
-        codebooks=tree.to_codebooks(options, embeddings.tensors),
-    )
+    identifiers = [path_to_identifier(path) for path in paths]
+    codebooks = tree.to_codebooks(options, embeddings.tensors)
+    return extended_index(index, inputs.images, identifiers, _tokens(paths), codebooks)
 
 
 KIND = IdentifierKind(
