@@ -24,7 +24,7 @@ from grace_hf.prepare import prepare
 from grace_hf.retrieval.evaluate import evaluate_model, fit_rerank_on_val, load_eval_queries
 from grace_hf.retrieval.gallery import GalleryEntry, folder_image_loader, write_gallery
 from grace_hf.retrieval.model_dir import METRICS_FILE, write_rerank_config
-from grace_hf.retrieval.plots import write_recall_plot
+from grace_hf.retrieval.plots import RERANKED_SUFFIX, write_recall_plot
 from grace_hf.retrieval.rerank import DEFAULT_RERANK_BEAMS, DenseScorer, Reranker
 from grace_hf.retrieval.retriever import GraceRetriever
 from grace_hf.training.args import parse_args
@@ -141,7 +141,7 @@ def run_demo(
     for kind in kinds:
         model_dir = train_kind(kind, out, data, max_steps)
         metrics, records = evaluate_kind(model_dir, out / f"prepared-{kind}", dense_dir)
-        curves[kind], curves[f"{kind} + rerank"] = metrics["recall_curve"], metrics["rerank"]["recall_curve"]
+        curves[kind], curves[f"{kind}{RERANKED_SUFFIX}"] = metrics["recall_curve"], metrics["rerank"]["recall_curve"]
         runs.append(model_dir)
         if first is None:
             first = metrics

@@ -20,7 +20,7 @@ from grace_hf.identifiers import IDENTIFIERS_FILE, IdentifierIndex
 from grace_hf.io_utils import atomic_write_json, atomic_write_text
 from grace_hf.retrieval.metrics import recall_at_k, recall_curve
 from grace_hf.retrieval.model_dir import RerankConfig
-from grace_hf.retrieval.plots import write_recall_plot
+from grace_hf.retrieval.plots import RERANKED_SUFFIX, write_recall_plot
 from grace_hf.retrieval.rerank import DEFAULT_RERANK_BEAMS, DenseScorer, fit_fusion_weight
 from grace_hf.retrieval.retriever import GraceRetriever, RetrievedImage
 
@@ -175,7 +175,7 @@ def write_evaluation(
     atomic_write_text(directory / QUERIES_FILE, lines)
     curves = {name: curve}
     if "rerank" in metrics:
-        curves[f"{name} + rerank"] = metrics["rerank"]["recall_curve"]
+        curves[f"{name}{RERANKED_SUFFIX}"] = metrics["rerank"]["recall_curve"]
     write_recall_plot(directory / RECALL_PLOT_FILE, curves, "Recall@K")
 
 

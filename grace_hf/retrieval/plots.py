@@ -13,18 +13,31 @@ import matplotlib.pyplot as plt  # noqa: E402 (after choosing the backend)
 
 from grace_hf.io_utils import atomic_write_bytes  # noqa: E402
 
-__all__ = ["write_recall_plot"]
+__all__ = ["RERANKED_SUFFIX", "write_recall_plot"]
+
+
+RERANKED_SUFFIX = " + rerank"
 
 
 def write_recall_plot(path: str | os.PathLike, curves: Mapping[str, Sequence[float]], title: str) -> None:
-    """Recall@K against K, one line per named curve, as a PNG written atomically."""
-    fig, ax = plt.subplots(figsize=(5, 3.5))
+    """Recall@K against K, one line per named curve, as a PNG written atomically; a curve named `NAME + rerank` is
+    drawn dashed in the colour of `NAME`, and a long legend goes beside the axes."""
+    fig, ax = plt.subplots(figsize=(5 if len(curves) <= 4 else 7, 3.5))
+    colours: dict[str, str] = {}
     for name, curve in curves.items():
-        ax.plot(range(1, len(curve) + 1), [100 * r for r in curve], marker="o", label=name)
+        base = name.removesuffix(RERANKED_SUFFIX)
+        line = "--" if name != base else "-"
+        (drawn,) = ax.plot(
+            range(1, len(curve) + 1), [100 * r for r in curve], line, marker="o", label=name, color=colours.get(base)
+        )
+        colours.setdefault(base, drawn.get_color())
     max_k = max(len(curve) for curve in curves.values())
     ax.set(xlabel="K", ylabel="Recall@K (%)", title=title, ylim=(0, 100), xticks=list(range(1, max_k + 1)))
     ax.grid(alpha=0.3)
-    ax.legend(loc="lower right")
+    if len(curves) <= 4:
+        ax.legend(loc="lower right")
+    else:
+        ax.legend(loc="center left", bbox_to_anchor=(1.02, 0.5), fontsize="small")
     fig.tight_layout()
     buffer = io.BytesIO()
     try:
