@@ -148,6 +148,19 @@ def _cli(argv):
         PartialState._reset_state()
 
 
+@pytest.mark.parametrize("command", ["retrieve", "evaluate", "serve"])
+def test_a_bad_rerank_directory_is_refused_before_the_model_is_read(command, tmp_path, capsys):
+    """The model path does not exist: the error must be the dense directory's, said before the model is loaded."""
+    argv = [command, "--model", str(tmp_path / "no-model"), "--rerank", str(tmp_path)]
+    argv += {
+        "retrieve": ["a red star"],
+        "evaluate": ["--data", str(tmp_path), "--output-dir", str(tmp_path / "e")],
+    }.get(command, [])
+    assert cli_main(argv) == 2
+    err = capsys.readouterr().err
+    assert f"{tmp_path}: not a `grace-hf baseline-clip` directory" in err and "no-model" not in err
+
+
 def test_fit_on_val_never_reads_a_test_query(trained_model, model_copy, dense_dir, monkeypatch):
     _, data, _ = trained_model
     splits = load_prepared(data)

@@ -6,6 +6,7 @@ import argparse
 from collections.abc import Mapping, Sequence
 
 from grace_hf.errors import GraceInputError
+from grace_hf.retrieval.rerank import check_dense_directory
 from grace_hf.runtime import configure_threads
 
 __all__ = ["add_num_threads", "add_overwrite", "add_rerank", "check_rerank_args", "command_parser", "setup_threads"]
@@ -88,7 +89,8 @@ def add_rerank(parser: argparse.ArgumentParser) -> argparse._ArgumentGroup:
 
 
 def check_rerank_args(args: argparse.Namespace) -> None:
-    """The re-ranking flags need --rerank; a weight in [0, 1] and beams >= 1 (a GraceInputError otherwise)."""
+    """The re-ranking flags need --rerank, a `baseline-clip` directory (checked before any model is loaded); a weight
+    in [0, 1] and beams >= 1 (a GraceInputError otherwise)."""
     if args.rerank is None:
         if args.rerank_beams is not None or args.rerank_weight is not None or getattr(args, "refit_rerank", False):
             raise GraceInputError("--rerank-beams, --rerank-weight and --refit-rerank need --rerank DENSE_DIR")
@@ -97,3 +99,4 @@ def check_rerank_args(args: argparse.Namespace) -> None:
         raise GraceInputError(f"--rerank-weight must be in [0, 1], got {args.rerank_weight}")
     if args.rerank_beams is not None and args.rerank_beams < 1:
         raise GraceInputError(f"--rerank-beams must be >= 1, got {args.rerank_beams}")
+    check_dense_directory(args.rerank)

@@ -41,6 +41,7 @@ __all__ = [
     "WEIGHT_GRID",
     "DenseScorer",
     "Reranker",
+    "check_dense_directory",
     "fit_fusion_weight",
     "fuse",
     "load_reranker",
@@ -51,6 +52,18 @@ logger = logging.getLogger(__name__)
 DEFAULT_RERANK_BEAMS = 30
 WEIGHT_GRID = tuple(i / 20 for i in range(21))  # 0.00, 0.05, ..., 1.00
 DENSE_FILES = (CONFIG_NAME, WEIGHTS_NAME, FEATURES_FILE)
+
+
+def check_dense_directory(directory: str | os.PathLike) -> Path:
+    """`directory` as a path if it holds a `grace-hf baseline-clip` output's files; a `GraceInputError` otherwise."""
+    path = Path(directory)
+    missing = [name for name in DENSE_FILES if not (path / name).is_file()]
+    if missing:
+        raise GraceInputError(
+            f"{directory}: not a `grace-hf baseline-clip` directory (no {', '.join(missing)}); --rerank takes "
+            "the output directory of `grace-hf baseline-clip`"
+        )
+    return path
 
 
 @dataclass
@@ -77,13 +90,7 @@ class DenseScorer:
     @classmethod
     def from_directory(cls, directory: str | os.PathLike) -> DenseScorer:
         """A `grace-hf baseline-clip` output directory: its encoder and `image_features.safetensors`."""
-        path = Path(directory)
-        missing = [name for name in DENSE_FILES if not (path / name).is_file()]
-        if missing:
-            raise GraceInputError(
-                f"{directory}: not a `grace-hf baseline-clip` directory (no {', '.join(missing)}); --rerank takes "
-                "the output directory of `grace-hf baseline-clip`"
-            )
+        path = check_dense_directory(directory)
         features, keys = load_image_features(path / FEATURES_FILE)
         fingerprint = sha256_file(*(path / name for name in DENSE_FILES))
         return cls(load_dual_encoder(path), features.float(), keys, str(directory), fingerprint)
