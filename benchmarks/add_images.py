@@ -18,6 +18,7 @@ from __future__ import annotations
 import argparse
 import json
 import shlex
+import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -30,7 +31,8 @@ from grace_hf.add_images import add_images
 from grace_hf.data.karpathy import load_karpathy
 from grace_hf.data.synthetic import PSEUDO_QUERIES_JSON, SYNTHETIC_JSON, write_synthetic
 from grace_hf.demo import PREPARE_OPTIONS, RECIPES
-from grace_hf.outputs import read_marker
+from grace_hf.errors import GraceInputError
+from grace_hf.outputs import BENCHMARK, finish_output_dir, is_complete_output, open_output_dir
 from grace_hf.prepare import prepare
 from grace_hf.retrieval.evaluate import evaluate_model
 from grace_hf.retrieval.retriever import GraceRetriever
@@ -55,11 +57,6 @@ def _timed(timings: dict, name: str, work: Callable[[], Any], done: bool) -> Non
     wall, cpu = time.perf_counter(), time.process_time()
     work()
     timings[name] = {"wall": time.perf_counter() - wall, "cpu": time.process_time() - cpu}
-
-
-def _complete(directory: Path) -> bool:
-    marker = read_marker(directory)
-    return marker is not None and marker.get("complete", False)
 
 
 def _queries(collection: Path, split: str) -> tuple[list[str], list[str], list[str]]:
@@ -114,7 +111,7 @@ def run_kind(
     timings = json.loads(timings_file.read_text()) if reuse and timings_file.is_file() else {}
 
     def stage(name: str, output: Path, job: Callable[[], Any]) -> None:
-        _timed(timings, name, job, reuse and _complete(output))
+        _timed(timings, name, job, reuse and is_complete_output(output))
         timings_file.write_text(json.dumps(timings, indent=2))
 
     a, b, ab = work / "a", work / "b", work / "ab"
@@ -191,7 +188,12 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     torch.set_num_threads(1)
 
-    work = Path(args.work_dir).resolve()
+    try:  # the output policy: never the working directory, home or a folder this script did not write
+        work = open_output_dir(
+            args.work_dir, BENCHMARK, resume=args.reuse, command=shlex.join(sys.argv), flag="--work-dir"
+        ).resolve()
+    except GraceInputError as error:
+        parser.error(str(error))
     raw = work / "raw"
     if not (args.reuse and (raw / SYNTHETIC_JSON).is_file()):
         write_synthetic(raw, args.num_images, seed=0, overwrite=True)
@@ -214,6 +216,7 @@ def main(argv: list[str] | None = None) -> int:
         f"{GOALS['time_ratio']:.0%} of retraining\n"
     )
     print(table(results), end="")
+    finish_output_dir(work, BENCHMARK, shlex.join(sys.argv))
     return 0
 
 

@@ -19,6 +19,8 @@ from __future__ import annotations
 
 import argparse
 import json
+import shlex
+import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -29,8 +31,9 @@ import torch
 from grace_hf.data.synthetic import PSEUDO_QUERIES_JSON, SYNTHETIC_JSON, SyntheticStyle, write_synthetic
 from grace_hf.demo import evaluate_kind, train_kind
 from grace_hf.dense.train import run_baseline
+from grace_hf.errors import GraceInputError
 from grace_hf.image_features import FEATURES_FILE
-from grace_hf.outputs import read_marker
+from grace_hf.outputs import BENCHMARK, finish_output_dir, is_complete_output, open_output_dir
 from grace_hf.retrieval.model_dir import METRICS_FILE
 
 
@@ -66,11 +69,6 @@ METHODS: dict[str, tuple[str, str | None]] = {
 DEFAULT_METHODS = ("rq-pixels", "rq-dense")
 
 
-def _complete(directory: Path) -> bool:
-    marker = read_marker(directory)
-    return marker is not None and marker.get("complete", False)
-
-
 def _log(message: str) -> None:
     print(f"==> [{time.strftime('%H:%M:%S')}] {message}", flush=True)
 
@@ -84,10 +82,10 @@ def run_collection(name: str, work: Path, methods: list[str], reuse: bool) -> tu
     spec, out = COLLECTIONS[name], work / name
     out.mkdir(parents=True, exist_ok=True)
     data, dense_dir = out / "data", out / "dense-clip"
-    if not (reuse and _complete(data)):
+    if not (reuse and is_complete_output(data)):
         _log(f"{name}: {spec.num_images} synthetic images -> {data}")
         write_synthetic(data, spec.num_images, spec.seed, overwrite=True, style=spec.style)
-    if not (reuse and _complete(dense_dir)):
+    if not (reuse and is_complete_output(dense_dir)):
         _log(f"{name}: dense baseline -> {dense_dir}")
         run_baseline(data / SYNTHETIC_JSON, data, dense_dir, data / PSEUDO_QUERIES_JSON, overwrite=True)
     dense = json.loads((dense_dir / METRICS_FILE).read_text())
@@ -97,7 +95,7 @@ def run_collection(name: str, work: Path, methods: list[str], reuse: bool) -> tu
         kind, source = METHODS[method]
         options = {"image_features": str(dense_dir / FEATURES_FILE)} if source == "dense" else None
         model_dir = out / f"model-{method}"
-        if not (reuse and _complete(model_dir)):
+        if not (reuse and is_complete_output(model_dir)):
             _log(f"{name}: {method}")
             train_kind(kind, out, data, options=options, name=method)
         metrics = json.loads((model_dir / METRICS_FILE).read_text())
@@ -128,13 +126,19 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--reuse", action="store_true", help="keep finished stages of an earlier run here")
     args = parser.parse_args(argv)
     torch.set_num_threads(1)
-    work = Path(args.work_dir).resolve()
+    try:  # the output policy: never the working directory, home or a folder this script did not write
+        work = open_output_dir(
+            args.work_dir, BENCHMARK, resume=args.reuse, command=shlex.join(sys.argv), flag="--work-dir"
+        ).resolve()
+    except GraceInputError as error:
+        parser.error(str(error))
     results = [run_collection(name, work, args.methods, args.reuse) for name in args.collections]
     header = ["| collection | method | R@1 | R@5 | R@10 | train s |", "| --- | --- | --- | --- | --- | --- |"]
     table = "\n".join([*header, *(row for rows, _ in results for row in rows)])
     goals = "\n".join(f"- {verdict}" for _, verdict in results)
     (work / "generalization.md").write_text(f"{table}\n\n{goals}\n")
     print(f"\nTest captions ranking each collection's test images (one torch thread):\n\n{table}\n\nGoals:\n{goals}")
+    finish_output_dir(work, BENCHMARK, shlex.join(sys.argv))
     return 0
 
 

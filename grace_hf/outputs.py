@@ -32,6 +32,7 @@ __all__ = [
     "MARKER_FILE",
     "check_output_dir",
     "finish_output_dir",
+    "is_complete_output",
     "open_output_dir",
     "output_directory",
     "read_marker",
@@ -50,6 +51,7 @@ RETRIEVAL = "retrieval"
 COMPARISON = "comparison"
 PSEUDO_QUERIES = "pseudo-queries"
 DEMO = "demo"
+BENCHMARK = "benchmark"  # the work directory of a script in benchmarks/
 _TEMPORARY = re.compile(r"^\.(?P<name>.+)\.grace-(?P<role>tmp|old)-(?P<pid>\d+)-[0-9a-f]+$")
 
 PathLike = str | os.PathLike
@@ -65,16 +67,27 @@ def read_marker(directory: PathLike) -> dict[str, Any] | None:
     return marker if isinstance(marker, dict) and isinstance(marker.get("kind"), str) else None
 
 
+def is_complete_output(directory: PathLike) -> bool:
+    """Whether `directory` is a grace_hf output whose marker says it is complete."""
+    marker = read_marker(directory)
+    return marker is not None and marker.get("complete", False) is True
+
+
 def _contains(outer: Path, inner: Path) -> bool:
     return outer == inner or outer in inner.parents
 
 
 def check_output_dir(
-    path: PathLike, kind: str, inputs: Iterable[PathLike | None] = (), overwrite: bool = False
+    path: PathLike,
+    kind: str,
+    inputs: Iterable[PathLike | None] = (),
+    overwrite: bool = False,
+    flag: str = "--output-dir",
 ) -> Path:
-    """Refuse an output directory that must not be written or replaced (see the module docstring); return it."""
+    """Refuse an output directory that must not be written or replaced (see the module docstring); return it.
+    `flag`: the command-line flag that named it, for the messages."""
     output = Path(path).expanduser()
-    where = f"--output-dir {os.fspath(path)}"
+    where = f"{flag} {os.fspath(path)}"
     if output.is_symlink():
         raise GraceInputError(f"{where}: is a symbolic link; give the directory it points to")
     resolved = output.resolve()
@@ -180,22 +193,24 @@ def open_output_dir(
     resumable: bool = False,
     resume: bool = False,
     command: str | None = None,
+    flag: str = "--output-dir",
 ) -> Path:
-    """Open a long job's output directory in place, marked incomplete, and return it.
+    """Open a long job's output directory in place, marked incomplete, and return it (`flag`: as in
+    `check_output_dir`).
 
     `resume`: keep what is there (it must be a `kind` output). Otherwise an existing output is replaced by an
     empty one; for a `resumable` job, an unfinished run of the same kind is kept unless `overwrite` is given.
     """
-    output = check_output_dir(path, kind, inputs, overwrite)
+    output = check_output_dir(path, kind, inputs, overwrite, flag)
     remove_stale_temporaries(output)
     marker = read_marker(output)
     if resume:
         if marker is None or marker["kind"] != kind:
-            raise GraceInputError(f"--output-dir {os.fspath(path)}: no {kind} output to resume")
+            raise GraceInputError(f"{flag} {os.fspath(path)}: no {kind} output to resume")
     elif output.is_dir() and any(output.iterdir()):
         if resumable and marker is not None and not marker.get("complete", True) and not overwrite:
             raise GraceInputError(
-                f"--output-dir {os.fspath(path)}: holds an unfinished run; resume it with "
+                f"{flag} {os.fspath(path)}: holds an unfinished run; resume it with "
                 "--resume-from-checkpoint latest, or pass --overwrite to start again"
             )
         fresh = _sibling(output, "tmp")

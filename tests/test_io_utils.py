@@ -172,3 +172,29 @@ def test_read_json_names_the_file_and_what_it_is(tmp_path):
     binary.write_bytes(b"\xff\xfe\x00garbage")
     with pytest.raises(GraceInputError, match=r"binary\.json: not valid JSON"):
         read_json(binary)
+
+
+@pytest.mark.parametrize("script", ["generalization", "add_images"])
+def test_benchmark_work_dirs_follow_the_output_policy(script, tmp_path, monkeypatch, capsys):
+    """A benchmark's --work-dir is refused where a command's output would be: nothing in it is touched."""
+    main = __import__(script).main
+    foreign = tmp_path / "mine"
+    foreign.mkdir()
+    (foreign / "notes.txt").write_text("keep")
+    monkeypatch.chdir(foreign)
+    for work_dir, message in (
+        (".", "--work-dir .: is the working directory"),
+        (str(foreign), "is the working directory"),
+    ):
+        with pytest.raises(SystemExit) as exit_:
+            main(["--work-dir", work_dir])
+        assert exit_.value.code == 2 and message in capsys.readouterr().err
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(SystemExit):
+        main(["--work-dir", str(foreign)])
+    assert "exists and is not a grace_hf output, not a benchmark output" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        main(["--work-dir", str(tmp_path / "new"), "--reuse"])
+    assert "no benchmark output to resume" in capsys.readouterr().err
+    assert sorted(p.name for p in tmp_path.rglob("*")) == ["mine", "notes.txt"]
+    assert (foreign / "notes.txt").read_text() == "keep"

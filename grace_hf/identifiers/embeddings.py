@@ -36,6 +36,7 @@ __all__ = [
     "check_same_source",
     "embed",
     "embed_images",
+    "embed_new_images",
     "embedding_source",
     "recorded_options",
 ]
@@ -178,6 +179,26 @@ def embed(
         mean = saved[PIXEL_MEAN] if saved and PIXEL_MEAN in saved else thumbnails.mean(axis=0, keepdims=True)
         return Embeddings(pixel_embeddings(thumbnails, mean), {PIXEL_MEAN: mean})
     return Embeddings(_clip_features(options, options.clip_model, options.clip_pretrained, paths, num_workers))
+
+
+def embed_new_images(
+    kind: str,
+    options: EmbeddingOptions,
+    images: list[KarpathyImage],
+    num_workers: int | None,
+    saved: Mapping[str, np.ndarray],
+    width: int,
+    what: str,
+) -> Embeddings:
+    """Embeddings of images added to a `kind` index, in the space of its saved codebooks (`saved`: their tensors);
+    a `GraceInputError` unless they are `width` wide, as the saved arrays (`what`) are."""
+    embeddings = embed(options, images, num_workers, saved=saved)
+    if embeddings.features.shape[1] != width:
+        raise GraceInputError(
+            f"{kind} identifiers: the new images' embeddings have {embeddings.features.shape[1]} dimensions, {what} "
+            f"{width}"
+        )
+    return embeddings
 
 
 def embed_images(options: EmbeddingOptions, images: list[KarpathyImage], num_workers: int | None = None) -> np.ndarray:

@@ -35,7 +35,13 @@ from sklearn.exceptions import ConvergenceWarning
 from grace_hf.errors import GraceInputError
 from grace_hf.identifiers.base import IdentifierInputs, IdentifierKind, extended_index
 from grace_hf.identifiers.codebooks import Codebooks
-from grace_hf.identifiers.embeddings import EmbeddingOptions, check_same_source, embed, recorded_options
+from grace_hf.identifiers.embeddings import (
+    EmbeddingOptions,
+    check_same_source,
+    embed,
+    embed_new_images,
+    recorded_options,
+)
 from grace_hf.identifiers.index import IdentifierIndex
 
 __all__ = [
@@ -304,12 +310,15 @@ def extend(
                 "belong to another collection"
             )
         taken[parsed[0]].append(parsed[1])
-    embeddings = embed(options, inputs.images, inputs.num_workers, saved=codebooks.tensors)
-    if embeddings.features.shape[1] != quantizer.mean.shape[0]:
-        raise GraceInputError(
-            f"rq identifiers: the new images' embeddings have {embeddings.features.shape[1]} dimensions, the saved "
-            f"codebooks {quantizer.mean.shape[0]}"
-        )
+    embeddings = embed_new_images(
+        "rq",
+        options,
+        inputs.images,
+        inputs.num_workers,
+        codebooks.tensors,
+        quantizer.mean.shape[0],
+        "the saved codebooks",
+    )
     identifiers = name_codes(quantizer.encode(embeddings.features), taken)
     codebooks = quantizer.to_codebooks(options, embeddings.tensors)
     return extended_index(index, inputs.images, identifiers, _tokens(identifiers), codebooks)

@@ -24,7 +24,13 @@ from sklearn.exceptions import ConvergenceWarning
 from grace_hf.errors import GraceInputError
 from grace_hf.identifiers.base import IdentifierInputs, IdentifierKind, extended_index
 from grace_hf.identifiers.codebooks import Codebooks
-from grace_hf.identifiers.embeddings import EmbeddingOptions, check_same_source, embed, recorded_options
+from grace_hf.identifiers.embeddings import (
+    EmbeddingOptions,
+    check_same_source,
+    embed,
+    embed_new_images,
+    recorded_options,
+)
 from grace_hf.identifiers.index import IdentifierIndex
 
 __all__ = [
@@ -242,13 +248,16 @@ def extend(
             f"({recorded[fixed[0]]}); new images descend the tree as it is"
         )
     check_same_source("structured", StructuredOptions(**recorded), options)
-    embeddings = embed(options, inputs.images, inputs.num_workers, saved=codebooks.tensors)
-    centroid_dim = codebooks.tensors["centroids"].shape[1]
-    if embeddings.features.shape[1] != centroid_dim:
-        raise GraceInputError(
-            f"structured identifiers: the new images' embeddings have {embeddings.features.shape[1]} dimensions, "
-            f"the saved tree's centroids {centroid_dim}"
-        )
+    width = codebooks.tensors["centroids"].shape[1]
+    embeddings = embed_new_images(
+        "structured",
+        options,
+        inputs.images,
+        inputs.num_workers,
+        codebooks.tensors,
+        width,
+        "the saved tree's centroids",
+    )
     paths = [tree.code(features) for features in embeddings.features]
     identifiers = [path_to_identifier(path) for path in paths]
     codebooks = tree.to_codebooks(options, embeddings.tensors)
