@@ -11,7 +11,7 @@ DEMO_DIR ?= demo_output
 # The browser test drives Debian's Chromium through Selenium; nothing downloads a browser.
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 
-.PHONY: install browser demo test lint format clean
+.PHONY: install browser demo test test-fast lint format clean
 
 $(BIN)/grace-hf: pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -33,6 +33,10 @@ browser:
 
 test: install browser
 	HF_HUB_OFFLINE=1 $(BIN)/python -m pytest -q
+
+# The same without the `slow` tests (subprocess launches: DeepSpeed, multi-process, kills).
+test-fast: install browser
+	HF_HUB_OFFLINE=1 $(BIN)/python -m pytest -q -m "not slow"
 
 lint: install
 	$(BIN)/ruff check grace_hf tests benchmarks recipes

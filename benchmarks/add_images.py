@@ -25,21 +25,22 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from synthetic_split import write_part
 
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repository root, for `python benchmarks/<name>.py`
+from benchmarks.common import finish_work_dir, open_work_dir
+from benchmarks.synthetic_split import write_part
 from grace_hf.add_images import add_images
 from grace_hf.data.karpathy import load_karpathy
 from grace_hf.data.synthetic import PSEUDO_QUERIES_JSON, SYNTHETIC_JSON, write_synthetic
 from grace_hf.demo import PREPARE_OPTIONS, RECIPES
-from grace_hf.errors import GraceInputError
-from grace_hf.outputs import BENCHMARK, finish_output_dir, is_complete_output, open_output_dir
+from grace_hf.identifiers import IDENTIFIER_KINDS
+from grace_hf.outputs import is_complete_output
 from grace_hf.prepare import prepare
 from grace_hf.retrieval.evaluate import evaluate_model
 from grace_hf.retrieval.retriever import GraceRetriever
 from grace_hf.training.args import ADD_IMAGES_ARGUMENT_CLASSES, parse_args
 from grace_hf.training.train import train
 
-KINDS = ("rq", "structured", "semantic", "atomic", "numeric", "string")
 COMMON = ["--eval-num-queries", "0", "--report-to", "none", "--save-steps", "0", "--torch-num-threads", "1"]
 GOALS = {"new_ratio": 0.9, "forgetting": 0.02, "time_ratio": 0.25}
 
@@ -175,7 +176,7 @@ def table(results: list[dict[str, Any]]) -> str:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--work-dir", default="runs/bench-add-images", help="data, models and results go here")
-    parser.add_argument("--kinds", nargs="+", default=list(KINDS), choices=KINDS)
+    parser.add_argument("--kinds", nargs="+", default=list(IDENTIFIER_KINDS), choices=IDENTIFIER_KINDS)
     parser.add_argument("--num-images", type=int, default=600, help="synthetic images, A and B together")
     parser.add_argument("--num-added", type=int, default=120, help="the last images: collection B")
     parser.add_argument("--split", default="test", choices=("test", "val"), help="whose captions are scored")
@@ -188,12 +189,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     torch.set_num_threads(1)
 
-    try:  # the output policy: never the working directory, home or a folder this script did not write
-        work = open_output_dir(
-            args.work_dir, BENCHMARK, resume=args.reuse, command=shlex.join(sys.argv), flag="--work-dir"
-        ).resolve()
-    except GraceInputError as error:
-        parser.error(str(error))
+    work = open_work_dir(parser, args.work_dir, args.reuse)
     raw = work / "raw"
     if not (args.reuse and (raw / SYNTHETIC_JSON).is_file()):
         write_synthetic(raw, args.num_images, seed=0, overwrite=True)
@@ -216,7 +212,7 @@ def main(argv: list[str] | None = None) -> int:
         f"{GOALS['time_ratio']:.0%} of retraining\n"
     )
     print(table(results), end="")
-    finish_output_dir(work, BENCHMARK, shlex.join(sys.argv))
+    finish_work_dir(work)
     return 0
 
 

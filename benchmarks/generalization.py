@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import shlex
 import sys
 import time
 from dataclasses import dataclass, field
@@ -28,12 +27,13 @@ from typing import Any
 
 import torch
 
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repository root, for `python benchmarks/<name>.py`
+from benchmarks.common import finish_work_dir, open_work_dir
 from grace_hf.data.synthetic import PSEUDO_QUERIES_JSON, SYNTHETIC_JSON, SyntheticStyle, write_synthetic
 from grace_hf.demo import evaluate_kind, train_kind
 from grace_hf.dense.train import run_baseline
-from grace_hf.errors import GraceInputError
 from grace_hf.image_features import FEATURES_FILE
-from grace_hf.outputs import BENCHMARK, finish_output_dir, is_complete_output, open_output_dir
+from grace_hf.outputs import is_complete_output
 from grace_hf.retrieval.model_dir import METRICS_FILE
 
 
@@ -126,19 +126,14 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--reuse", action="store_true", help="keep finished stages of an earlier run here")
     args = parser.parse_args(argv)
     torch.set_num_threads(1)
-    try:  # the output policy: never the working directory, home or a folder this script did not write
-        work = open_output_dir(
-            args.work_dir, BENCHMARK, resume=args.reuse, command=shlex.join(sys.argv), flag="--work-dir"
-        ).resolve()
-    except GraceInputError as error:
-        parser.error(str(error))
+    work = open_work_dir(parser, args.work_dir, args.reuse)
     results = [run_collection(name, work, args.methods, args.reuse) for name in args.collections]
     header = ["| collection | method | R@1 | R@5 | R@10 | train s |", "| --- | --- | --- | --- | --- | --- |"]
     table = "\n".join([*header, *(row for rows, _ in results for row in rows)])
     goals = "\n".join(f"- {verdict}" for _, verdict in results)
     (work / "generalization.md").write_text(f"{table}\n\n{goals}\n")
     print(f"\nTest captions ranking each collection's test images (one torch thread):\n\n{table}\n\nGoals:\n{goals}")
-    finish_output_dir(work, BENCHMARK, shlex.join(sys.argv))
+    finish_work_dir(work)
     return 0
 
 

@@ -13,13 +13,17 @@ from __future__ import annotations
 
 import argparse
 import functools
-import statistics
+import itertools
+import sys
 import time
+from pathlib import Path
 
 import torch
 
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repository root, for `python benchmarks/<name>.py`
+from benchmarks.common import median_seconds
+from benchmarks.tiny_model import random_flamingo
 from grace_hf.identifiers import IdentifierIndex
-from grace_hf.models.flamingo import FlamingoConfig, FlamingoForConditionalGeneration, FlamingoProcessor
 from grace_hf.retrieval import GraceRetriever
 
 QUERIES = [
@@ -34,24 +38,10 @@ QUERIES = [
 ]
 
 
-def tiny_model() -> tuple[FlamingoForConditionalGeneration, FlamingoProcessor]:
-    """Random tiny Flamingo; its tokenizer is trained on the queries and numeric identifiers, like a real run's."""
-    identifiers = [f"id {' '.join(str(n))}" for n in range(2000)]
-    processor = FlamingoProcessor.from_texts(QUERIES + identifiers, image_size=32, vocab_size=300)
-    torch.manual_seed(0)
-    config = FlamingoConfig.from_preset("tiny", text_config={"vocab_size": len(processor.tokenizer)})
-    return FlamingoForConditionalGeneration(config).eval(), processor
-
-
 def median_ms(fn, inputs: list) -> float:
-    """Median wall time (ms) of `fn(x)` over `inputs`, after one warm-up call."""
-    fn(inputs[0])
-    times = []
-    for x in inputs:
-        start = time.perf_counter()
-        fn(x)
-        times.append(time.perf_counter() - start)
-    return 1e3 * statistics.median(times)
+    """Median wall time (ms) of `fn(x)` over `inputs`, after one warm-up call on the first."""
+    calls = itertools.cycle(inputs)
+    return 1e3 * median_seconds(lambda: fn(next(calls)), len(inputs))[0]
 
 
 def dense_top10(vectors: torch.Tensor, query: torch.Tensor) -> torch.Tensor:
@@ -68,7 +58,8 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=1, help="torch CPU threads")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
-    model, processor = tiny_model()
+    identifiers = [f"id {' '.join(str(n))}" for n in range(2000)]
+    model, processor = random_flamingo(QUERIES + identifiers)
     queries = (QUERIES * (args.queries // len(QUERIES) + 1))[: args.queries]
     print(f"torch threads: {args.threads}; tiny Flamingo, {args.num_beams} beams, batch 1; dense dim {args.dim}\n")
     header = (

@@ -16,8 +16,10 @@ import tempfile
 import time
 from pathlib import Path
 
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repository root, for `python benchmarks/<name>.py`
+from grace_hf.identifiers import IDENTIFIER_KINDS
+
 REPO = Path(__file__).resolve().parents[1]
-KINDS = ("numeric", "string", "semantic", "structured", "atomic")
 
 # Runs one grace-hf command and reports its peak memory on the last stdout line.
 _CHILD = """
@@ -55,7 +57,7 @@ def _size_mib(path: Path) -> float:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--num-images", type=int, default=30000)
-    parser.add_argument("--kinds", nargs="+", default=list(KINDS), choices=KINDS)
+    parser.add_argument("--kinds", nargs="+", default=list(IDENTIFIER_KINDS), choices=IDENTIFIER_KINDS)
     parser.add_argument("--num-workers", type=int, default=None)
     parser.add_argument("--work-dir", default=None, help="keep outputs here (default: a temporary directory)")
     args = parser.parse_args(argv)
@@ -73,7 +75,7 @@ def main(argv: list[str] | None = None) -> int:
             command = ["prepare", "--karpathy-json", str(syn / "dataset_synthetic.json"), "--image-root", str(syn)]
             command += ["--pseudo-queries", str(syn / "pseudo_queries.json"), "--identifier-kind", kind]
             command += ["--output-dir", str(out), *workers]
-            command += ["--pixel-features"] if kind == "structured" else []
+            command += ["--pixel-features"] if kind in ("structured", "rq") else []
             wall, peak = _run(command)
             with open(out / "prepare.json") as f:
                 counts = json.load(f)["counts"]

@@ -23,15 +23,18 @@ from __future__ import annotations
 
 import argparse
 import functools
-import statistics
+import sys
 import time
 from collections.abc import Callable
+from pathlib import Path
 
 import torch
-from dict_trie import NestedDictTrie
-from gpu_3b_smoke import build_model
 from transformers import PrefixConstrainedLogitsProcessor
 
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repository root, for `python benchmarks/<name>.py`
+from benchmarks.common import median_seconds, sync
+from benchmarks.dict_trie import NestedDictTrie
+from benchmarks.gpu_3b_smoke import build_model
 from grace_hf.retrieval import IdentifierTrie, TrieBeamSearch
 from grace_hf.retrieval.retriever import beam_generation_config
 
@@ -39,25 +42,6 @@ PRESETS = {  # name -> (model preset, identifiers)
     "tiny": ("tiny", 2_000),
     "3b": ("openflamingo-3b-vitl-mpt1b", 100_000),
 }
-
-
-def sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
-def median_seconds(fn: Callable[[], object], repeats: int, device: torch.device) -> tuple[float, object]:
-    """Median wall time of `fn` over `repeats` calls after one warm-up call (compilation, graph capture), and what
-    the warm-up call returned."""
-    result = fn()
-    times = []
-    for _ in range(repeats):
-        sync(device)
-        start = time.perf_counter()
-        fn()
-        sync(device)
-        times.append(time.perf_counter() - start)
-    return statistics.median(times), result
 
 
 def ordinary_tokens(vocab: int, specials: set[int]) -> torch.Tensor:

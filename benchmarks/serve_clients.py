@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import json
 import os
-import socket
 import subprocess
 import sys
 import tempfile
@@ -22,18 +21,12 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from benchmarks.common import free_port
 from grace_hf.retrieval.app import API_NAME
 
-__all__ = ["LoadRun", "free_port", "run_clients", "search_http", "serve_subprocess"]
+__all__ = ["LoadRun", "run_clients", "search_http", "serve_subprocess"]
 
 Request = tuple[str, int]  # (query, top_k)
-
-
-def free_port(host: str = "127.0.0.1") -> int:
-    """A port nothing listens on right now."""
-    with socket.socket() as probe:
-        probe.bind((host, 0))
-        return probe.getsockname()[1]
 
 
 @contextmanager

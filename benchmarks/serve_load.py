@@ -13,15 +13,14 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 import tempfile
 from pathlib import Path
 
-import torch
-from serve_clients import LoadRun, run_clients, serve_subprocess
-
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repository root, for `python benchmarks/<name>.py`
+from benchmarks.serve_clients import LoadRun, run_clients, serve_subprocess
+from benchmarks.tiny_model import save_random_model_dir
 from grace_hf.data.synthetic import SYNTHETIC_JSON, write_synthetic
-from grace_hf.identifiers import IdentifierIndex
-from grace_hf.models.flamingo import FlamingoConfig, FlamingoForConditionalGeneration, FlamingoProcessor
 
 
 def random_model(root: Path, num_images: int) -> tuple[Path, Path, list[str]]:
@@ -32,16 +31,8 @@ def random_model(root: Path, num_images: int) -> tuple[Path, Path, list[str]]:
     keys = [f"{image['filepath']}/{image['filename']}" for image in images]
     captions = [sentence["raw"] for image in images for sentence in image["sentences"]]
     identifiers = {key: [" ".join(str(n))] for n, key in enumerate(keys)}
-    texts = captions + [f"id {ids[0]}" for ids in identifiers.values()]
-    config = FlamingoConfig.from_preset("tiny")
-    processor = FlamingoProcessor.from_texts(texts, image_size=config.vision_config["image_size"], vocab_size=500)
-    torch.manual_seed(0)
-    config = FlamingoConfig.from_preset("tiny", text_config={"vocab_size": len(processor.tokenizer)})
-    model_dir = root / "model"
-    FlamingoForConditionalGeneration(config).save_pretrained(model_dir)
-    processor.save_pretrained(model_dir)
-    IdentifierIndex("numeric", identifiers, [], collection=keys).save(model_dir)
-    return model_dir, root / "data", captions
+    save_random_model_dir(root / "model", identifiers, captions, keys, vocab_size=500)
+    return root / "model", root / "data", captions
 
 
 def measure(argv: list[str], clients: int, queries: list[str], per_client: int, top_k: int) -> LoadRun:

@@ -24,7 +24,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import socket
 import subprocess
 import sys
 import tempfile
@@ -32,6 +31,9 @@ import time
 from pathlib import Path
 
 import yaml
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repository root, for `python benchmarks/<name>.py`
+from benchmarks.common import free_port
 
 SHAPES = {
     "tiny": ("tiny", {}),
@@ -90,12 +92,6 @@ def _accelerate_config(backend: str, num_processes: int, gpu: bool) -> dict:
     return config
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def run_cell(shape: str, backend: str, num_processes: int, steps: int, warmup: int, gpu: bool) -> dict:
     """Launch one worker and return its measurement (or the error)."""
     return _launch(shape, backend, num_processes, steps, warmup, gpu, ["--worker"])
@@ -110,7 +106,7 @@ def _launch(
         config_file, result_file = Path(tmp) / "accelerate.yaml", Path(tmp) / "result.json"
         config_file.write_text(yaml.safe_dump(_accelerate_config(backend, processes, gpu)))
         command = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(config_file)]
-        command += ["--main_process_port", str(_free_port()), __file__, *worker_args, "--shapes", shape]
+        command += ["--main_process_port", str(free_port()), __file__, *worker_args, "--shapes", shape]
         command += ["--steps", str(steps), "--warmup", str(warmup), "--result", str(result_file)]
         env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1")}
         started = time.monotonic()
@@ -196,8 +192,8 @@ def worker(shape: str, steps: int, warmup: int, result_path: str) -> None:
 def compare_worker(model_kind: str, shape: str, batch: int, length: int, steps: int, warmup: int, result_path: str):
     """Time `steps` single-device training steps of grace_hf's model or open-flamingo's on B x L i2id samples."""
     import torch
-    from flamingo_speed import build_reference
 
+    from benchmarks.flamingo_speed import build_reference
     from grace_hf.models.flamingo import FlamingoConfig, FlamingoForConditionalGeneration
     from grace_hf.training.train import batch_to_device, create_accelerator, create_optimizer, step_loss
 

@@ -15,13 +15,17 @@ from __future__ import annotations
 import argparse
 import gc
 import random
+import sys
 import time
 import tracemalloc
+from pathlib import Path
 
 import torch
-from dict_trie import NestedDictTrie
 from transformers import PrefixConstrainedLogitsProcessor
 
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repository root, for `python benchmarks/<name>.py`
+from benchmarks.common import sync
+from benchmarks.dict_trie import NestedDictTrie
 from grace_hf.retrieval.trie import IdentifierTrie
 
 ID_TOKEN, END_TOKEN, PAD_TOKEN, FIRST_DIGIT = 3, 0, 2, 10  # ids like the tiny tokenizer's
@@ -32,11 +36,6 @@ def numeric_identifiers(count: int) -> list[list[int]]:
     return [[ID_TOKEN, *(FIRST_DIGIT + int(d) for d in str(n)), END_TOKEN] for n in range(count)]
 
 
-def _sync() -> None:
-    if torch.cuda.is_available():
-        torch.cuda.synchronize()
-
-
 def timed(fn, *args, repeats: int = 1, warmup: bool = False) -> tuple[float, object]:
     """Best wall time (seconds) of `repeats` back-to-back calls `fn(*args)`, after an optional warm-up call, and
     the last result. Best-of: on a shared machine the noise only ever adds time."""
@@ -44,10 +43,10 @@ def timed(fn, *args, repeats: int = 1, warmup: bool = False) -> tuple[float, obj
     result = fn(*args) if warmup else None
     best = float("inf")
     for _ in range(repeats):
-        _sync()
+        sync()
         start = time.perf_counter()
         result = fn(*args)
-        _sync()
+        sync()
         best = min(best, time.perf_counter() - start)
     return best, result
 
