@@ -21,16 +21,17 @@ from grace_hf.commands.common import add_num_threads, add_overwrite, command_par
 from grace_hf.data.synthetic import PSEUDO_QUERIES_JSON, SYNTHETIC_JSON, check_synthetic_size, write_synthetic
 from grace_hf.dense.training import DenseTrainingArgs, run_baseline
 from grace_hf.errors import GraceInputError
-from grace_hf.evaluation.compare import comparison_table
-from grace_hf.evaluation.evaluate import evaluate_model, fit_rerank_on_val, load_eval_queries
-from grace_hf.evaluation.plots import RERANKED_SUFFIX, write_recall_plot
+from grace_hf.evaluation.compare import TABLE_FILE, comparison_table
+from grace_hf.evaluation.evaluate import QUERIES_FILE, evaluate_model
+from grace_hf.evaluation.metrics import METRICS_FILE
+from grace_hf.evaluation.plots import RECALL_PLOT_FILE, RERANKED_SUFFIX, write_recall_plot
+from grace_hf.evaluation.queries import load_eval_queries
 from grace_hf.identifiers import IDENTIFIER_KINDS, get_identifier_kind
 from grace_hf.io_utils import atomic_write_json, atomic_write_text, read_json
-from grace_hf.model_dir import METRICS_FILE, write_rerank_config
 from grace_hf.outputs import DEMO, finish_output_dir, open_output_dir
-from grace_hf.retrieval.rerank import DEFAULT_RERANK_BEAMS, DenseScorer, Reranker
+from grace_hf.retrieval.rerank import DEFAULT_RERANK_BEAMS, DenseScorer, fit_or_load
 from grace_hf.retrieval.retriever import GraceRetriever
-from grace_hf.serving.gallery import GalleryEntry, folder_image_loader, write_gallery
+from grace_hf.serving.gallery import GALLERY_FILE, GalleryEntry, folder_image_loader, write_gallery
 from grace_hf.training.args import parse_args
 from grace_hf.training.loop import train
 from grace_hf.training.preparation import prepare
@@ -94,10 +95,8 @@ def evaluate_kind(model_dir: Path, prepared: Path, dense_dir: Path) -> tuple[dic
     queries, gold, candidates = load_eval_queries(prepared)
     retriever = GraceRetriever.from_pretrained(model_dir, candidates=candidates)
     _log(f"fit the re-ranking weight on the val captions ({DEFAULT_RERANK_BEAMS} beams)")
-    config = fit_rerank_on_val(retriever, prepared, scorer, distributed=False)
-    write_rerank_config(model_dir, config)
-    _log(f"evaluate: Recall@K over every test caption, alone and re-ranked (weight {config.weight:.2f})")
-    reranker = Reranker(scorer, config.weight, config.num_beams)
+    reranker, _ = fit_or_load(model_dir, scorer, retriever, prepared, refit=True, distributed=False)
+    _log(f"evaluate: Recall@K over every test caption, alone and re-ranked (weight {reranker.weight:.2f})")
     metrics, records, curve = evaluate_model(
         retriever.for_candidates(candidates, reranker), queries, gold, distributed=False
     )
@@ -115,7 +114,7 @@ def _gallery(out: Path, model_dir: Path, dense_dir: Path, data: Path, records: l
     retriever = GraceRetriever.from_pretrained(model_dir, reranker=dense_dir)
     results = retriever.retrieve([r["query"] for r in picked], top_k=5)
     entries = [GalleryEntry(r["query"], hits, r["gold"]) for r, hits in zip(picked, results)]
-    return write_gallery(out / "gallery.html", entries, load_image=folder_image_loader(data), title="grace_hf demo")
+    return write_gallery(out / GALLERY_FILE, entries, load_image=folder_image_loader(data), title="grace_hf demo")
 
 
 def run_demo(
@@ -150,21 +149,19 @@ def run_demo(
         runs.append(model_dir)
         if first is None:
             first = metrics
-            atomic_write_json(out / "metrics.json", metrics)
+            atomic_write_json(out / METRICS_FILE, metrics)
             lines = "".join(json.dumps(record, ensure_ascii=False) + "\n" for record in records)
-            atomic_write_text(out / "queries.jsonl", lines)
-            _log("retrieve example queries -> gallery.html")
+            atomic_write_text(out / QUERIES_FILE, lines)
+            _log(f"retrieve example queries -> {GALLERY_FILE}")
             _gallery(out, model_dir, dense_dir, data, records)
 
-    write_recall_plot(out / "recall.png", curves, title=f"synthetic, {num_images} images")
+    write_recall_plot(out / RECALL_PLOT_FILE, curves, title=f"synthetic, {num_images} images")
     table = comparison_table([*runs, dense_dir])
-    atomic_write_text(out / "comparison.md", table)
+    atomic_write_text(out / TABLE_FILE, table)
     _log(f"done\n\n{table}")
-    for name in ("metrics.json", "gallery.html", "recall.png", "comparison.md", "queries.jsonl"):
+    for name in (METRICS_FILE, GALLERY_FILE, RECALL_PLOT_FILE, TABLE_FILE, QUERIES_FILE):
         print(f"  {out / name}")
-    serve = (
-        f"grace-hf serve --model {runs[0]} --rerank {dense_dir} --image-root {data} --queries {out / 'queries.jsonl'}"
-    )
+    serve = f"grace-hf serve --model {runs[0]} --rerank {dense_dir} --image-root {data} --queries {out / QUERIES_FILE}"
     print(f"\nSearch the model in the browser (the `app` extra: pip install -e '.[app]'):\n  {serve}")
     finish_output_dir(out, DEMO)
     return first

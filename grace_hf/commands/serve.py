@@ -16,7 +16,7 @@ from pathlib import Path
 
 from grace_hf.commands.common import add_num_threads, add_rerank, check_rerank_args, command_parser, setup_threads
 from grace_hf.errors import GraceInputError
-from grace_hf.evaluation.evaluate import load_eval_queries
+from grace_hf.evaluation.queries import load_eval_queries
 from grace_hf.retrieval.retriever import GraceRetriever
 from grace_hf.serving.gallery import ImageLoader, dataset_image_loader, folder_image_loader
 

@@ -29,7 +29,7 @@ from grace_hf.outputs import MODEL, output_directory
 from grace_hf.prompts import query_prompt
 from grace_hf.retrieval.beam_search import TrieBeamSearch
 from grace_hf.retrieval.collection import Collection, load_saved_trie
-from grace_hf.retrieval.rerank import DenseScorer, Reranker, load_reranker
+from grace_hf.retrieval.rerank import DenseScorer, Reranker, check_reranker_given, load_reranker
 from grace_hf.retrieval.results import RetrievedImage
 from grace_hf.retrieval.trie import IdentifierTrie, TrieLogitsProcessor
 
@@ -185,8 +185,7 @@ class GraceRetriever:
         process must then call `retrieve` (`distributed=True`). Without it the model goes to `device` (default:
         this process's accelerate device). Other keyword arguments go to `GraceRetriever(...)`.
         """
-        if reranker is None and (rerank_weight is not None or rerank_beams is not None):
-            raise GraceInputError("rerank_weight and rerank_beams need a reranker (a baseline-clip directory)")
+        check_reranker_given(reranker, rerank_weight, rerank_beams)
         loaded = read_model_dir(model_dir_or_hub_id, dtype=dtype)
         if reranker is not None:
             kwargs["reranker"] = load_reranker(loaded.path, reranker, rerank_weight, rerank_beams)

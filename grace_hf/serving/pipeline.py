@@ -22,7 +22,7 @@ from grace_hf.identifiers import IDENTIFIERS_FILE
 from grace_hf.model_dir import read_retrieval_files, resolve_model_dir
 from grace_hf.models.flamingo import FlamingoForConditionalGeneration
 from grace_hf.retrieval.collection import load_saved_trie
-from grace_hf.retrieval.rerank import DenseScorer, load_reranker
+from grace_hf.retrieval.rerank import DenseScorer, check_reranker_given, load_reranker
 from grace_hf.retrieval.results import RetrievedImage
 from grace_hf.retrieval.retriever import GraceRetriever
 from grace_hf.serving.gallery import folder_image_loader
@@ -80,10 +80,7 @@ class TextToImageRetrievalPipeline(Pipeline):
                 f"got {name_or_path!r}"
             )
         index, grace_config = read_retrieval_files(directory, self.processor)
-        if reranker is None and (rerank_weight is not None or rerank_beams is not None):
-            raise GraceInputError(
-                f"{TASK}: rerank_weight and rerank_beams need a reranker (a baseline-clip directory)"
-            )
+        check_reranker_given(reranker, rerank_weight, rerank_beams, f"{TASK}: ")
         self.retriever = GraceRetriever(
             self.model,
             self.processor,
