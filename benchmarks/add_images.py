@@ -29,17 +29,17 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repository root, for `python benchmarks/<name>.py`
 from benchmarks.common import finish_work_dir, open_work_dir
 from benchmarks.synthetic_split import write_part
-from grace_hf.add_images import add_images
+from grace_hf.commands.demo import PREPARE_OPTIONS, RECIPES
 from grace_hf.data.karpathy import load_karpathy
 from grace_hf.data.synthetic import PSEUDO_QUERIES_JSON, SYNTHETIC_JSON, write_synthetic
-from grace_hf.demo import PREPARE_OPTIONS, RECIPES
+from grace_hf.evaluation.evaluate import evaluate_model
 from grace_hf.identifiers import IDENTIFIER_KINDS
 from grace_hf.outputs import is_complete_output
-from grace_hf.prepare import prepare
-from grace_hf.retrieval.evaluate import evaluate_model
 from grace_hf.retrieval.retriever import GraceRetriever
+from grace_hf.training.adding import add_images
 from grace_hf.training.args import ADD_IMAGES_ARGUMENT_CLASSES, parse_args
-from grace_hf.training.train import train
+from grace_hf.training.loop import train
+from grace_hf.training.preparation import prepare
 
 COMMON = ["--eval-num-queries", "0", "--report-to", "none", "--save-steps", "0", "--torch-num-threads", "1"]
 GOALS = {"new_ratio": 0.9, "forgetting": 0.02, "time_ratio": 0.25}

@@ -36,7 +36,7 @@ from benchmarks.common import median_seconds, sync
 from benchmarks.dict_trie import NestedDictTrie
 from benchmarks.gpu_3b_smoke import build_model
 from grace_hf.retrieval import IdentifierTrie, TrieBeamSearch
-from grace_hf.retrieval.retriever import beam_generation_config
+from grace_hf.retrieval.decoding import beam_generation_config
 
 PRESETS = {  # name -> (model preset, identifiers)
     "tiny": ("tiny", 2_000),
