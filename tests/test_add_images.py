@@ -14,17 +14,23 @@ import numpy as np
 import pytest
 import torch
 from safetensors.torch import load_file
-from synthetic_split import write_part
-from test_training import reset_accelerate, run_training, tiny_recipe, write_recipe
 
+from benchmarks.synthetic_split import write_part
 from grace_hf.commands import add_images as add_images_command
 from grace_hf.data.karpathy import load_karpathy
 from grace_hf.data.prepared import load_prepared
 from grace_hf.data.pseudo_queries import load_pseudo_queries
-from grace_hf.data.synthetic import PSEUDO_QUERIES_JSON, SYNTHETIC_JSON, write_synthetic
+from grace_hf.data.synthetic import PSEUDO_QUERIES_JSON, SYNTHETIC_JSON
 from grace_hf.dense.directory import FEATURES_FILE, save_image_features
 from grace_hf.errors import GraceInputError
-from grace_hf.identifiers import CODEBOOKS_FILE, Codebooks, IdentifierIndex, build_identifiers, extend_identifiers
+from grace_hf.identifiers import (
+    CODEBOOKS_FILE,
+    IDENTIFIER_KINDS,
+    Codebooks,
+    IdentifierIndex,
+    build_identifiers,
+    extend_identifiers,
+)
 from grace_hf.identifiers.embeddings import EmbeddingOptions, embed
 from grace_hf.identifiers.semantic import normalize
 from grace_hf.identifiers.structured import KMeansTree, StructuredOptions, identifier_to_path, path_to_identifier
@@ -35,32 +41,21 @@ from grace_hf.retrieval.collection import identifier_token_ids
 from grace_hf.training.adding import added_training_data, split_batch
 from grace_hf.training.args import ADD_IMAGES_ARGUMENT_CLASSES, parse_args
 from grace_hf.training.modeling import build_model_and_processor
-from grace_hf.training.preparation import prepare
 from grace_hf.training.sampling import ConcatBatchSampler, StepBatchSampler
-
-KINDS = ("numeric", "string", "semantic", "structured", "atomic", "rq")
-NUM_IMAGES, NUM_OLD = 30, 22  # the last 8 images (2 of them test images) are added
-KIND_OPTIONS = {
-    "structured": {"pixel_features": True, "k": 3, "leaf_size": 4},
-    # 2 codes of at most 11 of the 22 old images: every new image takes a position after them, a new token
-    "rq": {"pixel_features": True, "levels": 1, "codebook_size": 2},
-}
+from tests.helpers import (
+    NUM_IMAGES,
+    NUM_OLD,
+    add_argv,
+    reset_accelerate,
+    train_old,
+    write_collections,
+)
 
 
 def _tree_digest(root: Path) -> dict[str, str]:
     return {
         str(p.relative_to(root)): hashlib.sha256(p.read_bytes()).hexdigest() for p in root.rglob("*") if p.is_file()
     }
-
-
-def add_argv(model, new, output, *extra) -> list[str]:
-    return [
-        "--model", str(model), "--karpathy-json", str(new / SYNTHETIC_JSON), "--image-root", str(new.parent / "raw"),
-        "--pseudo-queries", str(new / PSEUDO_QUERIES_JSON), "--output-dir", str(output), "--max-steps", "2",
-        "--batch-size-i2id", "4", "--batch-size-t2id", "8", "--learning-rate", "2e-3", "--warmup-steps", "1",
-        "--logging-steps", "1", "--save-steps", "0", "--eval-num-queries", "4", "--num-beams", "2",
-        "--report-to", "none", "--torch-num-threads", "1", *extra,
-    ]  # fmt: skip
 
 
 def run_add(argv) -> None:
@@ -73,32 +68,15 @@ def run_add(argv) -> None:
 @pytest.fixture(scope="module")
 def collections(tmp_path_factory):
     """One synthetic set cut in two: `old` (the first 22 images) and `new` (the last 8), one image root `raw`."""
-    root = tmp_path_factory.mktemp("collections")
-    write_synthetic(root / "raw", num_images=NUM_IMAGES, seed=0, num_workers=1)
-    return write_part(root / "raw", root / "old", 0, NUM_OLD), write_part(root / "raw", root / "new", NUM_OLD)
+    return write_collections(tmp_path_factory.mktemp("collections"))
 
 
-def _train_old(root: Path, old: Path, kind: str) -> tuple[Path, Path]:
-    prepared = root / "prepared"
-    prepare(
-        old / SYNTHETIC_JSON,
-        old.parent / "raw",
-        kind,
-        prepared,
-        pseudo_queries=old / PSEUDO_QUERIES_JSON,
-        **KIND_OPTIONS.get(kind, {}),
-    )
-    recipe = tiny_recipe(prepared, root / "model", max_steps=2, save_steps=0, eval_num_queries=2)
-    run_training(["--config", write_recipe(root / "recipe.yaml", recipe)])
-    return prepared, root / "model"
-
-
-@pytest.fixture(scope="module", params=KINDS)
+@pytest.fixture(scope="module", params=IDENTIFIER_KINDS)
 def added(request, collections, tmp_path_factory):
     """Per kind: a model trained on `old`, its files' digests, and the model directory after adding `new`."""
     old, new = collections
     root = tmp_path_factory.mktemp(f"add-{request.param}")
-    prepared, model = _train_old(root, old, request.param)
+    prepared, model = train_old(root, old, request.param)
     before = _tree_digest(model)
     run_add(add_argv(model, new, root / "added"))
     return {"kind": request.param, "prepared": prepared, "model": model, "before": before, "out": root / "added"}

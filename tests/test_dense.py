@@ -9,26 +9,17 @@ from grace_hf.commands.baseline_clip import main
 from grace_hf.commands.cli import main as cli_main
 from grace_hf.data.karpathy import load_karpathy
 from grace_hf.data.pseudo_queries import load_pseudo_queries
-from grace_hf.data.synthetic import write_synthetic
 from grace_hf.dense import DualEncoder, load_dual_encoder, resolve_model_config
 from grace_hf.dense.directory import FEATURES_FILE, load_image_features, save_image_features
 from grace_hf.dense.training import DenseTrainingArgs, training_texts
 from grace_hf.errors import GraceInputError
-
-# Smaller than the `tiny` preset: one layer per tower, so a run takes about a second.
-MICRO = {
-    "embed_dim": 32,
-    "vision_cfg": {"image_size": 64, "patch_size": 16, "layers": 1, "width": 32, "head_width": 16},
-    "text_cfg": {"context_length": 24, "width": 32, "heads": 2, "layers": 1},
-}
+from tests.helpers import MICRO
 
 
 @pytest.fixture(scope="module")
-def synthetic(tmp_path_factory):
-    root = write_synthetic(tmp_path_factory.mktemp("synthetic"), 40, seed=0, num_workers=1)
-    config = root / "micro.json"
-    config.write_text(json.dumps(MICRO))
-    return root, config
+def synthetic(synthetic, micro_config):
+    """40 synthetic images and the micro dual encoder's config."""
+    return synthetic(40), micro_config
 
 
 def _run(synthetic, output_dir, epochs=25):

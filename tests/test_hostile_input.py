@@ -11,36 +11,22 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
-from accelerate.state import AcceleratorState, GradientState, PartialState
-from test_dense import MICRO
-from test_evaluate_cli import write_prepared
-from test_retriever import IMAGES, QUERIES, build_tiny_model_dir
 
 from grace_hf import cli
-from grace_hf.data.synthetic import write_synthetic
 from grace_hf.dense.directory import FEATURES_FILE, save_image_features
 from grace_hf.dense.model import DualEncoder
 from grace_hf.errors import GraceInputError
-from grace_hf.training.preparation import prepare
+from tests.helpers import IMAGES, MICRO, QUERIES, reset_accelerate, write_prepared
 
 
 @pytest.fixture(scope="module")
-def assets(tmp_path_factory):
+def assets(tmp_path_factory, synthetic, prepared, tiny_model):
     """Read-only originals: synthetic data, a prepared dataset, a tiny model and its evaluation data."""
     root = tmp_path_factory.mktemp("assets")
-    write_synthetic(root / "data", num_images=12, seed=0, num_workers=1)
-    prepare(
-        root / "data" / "dataset_synthetic.json",
-        root / "data",
-        "structured",
-        root / "prepared",
-        pseudo_queries=root / "data" / "pseudo_queries.json",
-        pixel_features=True,
-        k=3,
-        leaf_size=4,
-    )
-    build_tiny_model_dir(root / "model")
-    build_tiny_model_dir(root / "model-semantic", kind="semantic")
+    shutil.copytree(synthetic(12), root / "data")
+    shutil.copytree(prepared("structured", num_images=12, k=3, leaf_size=4), root / "prepared")
+    shutil.copytree(tiny_model(), root / "model")
+    shutil.copytree(tiny_model("semantic"), root / "model-semantic")
     queries = [f"{q} number {n}" for n, q in enumerate(QUERIES)]
     write_prepared(root / "eval-data", queries, IMAGES[4:7])
     torch.manual_seed(0)
@@ -78,9 +64,7 @@ def _run(argv: list[str], capsys) -> tuple[int, str]:
     except SystemExit as exit_:  # argparse's own errors (unknown or renamed flags)
         code = exit_.code
     finally:
-        AcceleratorState._reset_state(reset_partial_state=True)
-        GradientState._reset_state()
-        PartialState._reset_state()
+        reset_accelerate()
     return code, capsys.readouterr().err
 
 

@@ -11,7 +11,7 @@ from safetensors.numpy import save_file
 
 from grace_hf.data.karpathy import KarpathyCorpus, KarpathyImage, load_karpathy
 from grace_hf.data.pseudo_queries import load_pseudo_queries
-from grace_hf.data.synthetic import PSEUDO_QUERIES_JSON, SYNTHETIC_JSON, write_synthetic
+from grace_hf.data.synthetic import PSEUDO_QUERIES_JSON, SYNTHETIC_JSON
 from grace_hf.errors import GraceInputError
 from grace_hf.identifiers import IDENTIFIER_KINDS, IdentifierIndex, build_identifiers
 from grace_hf.identifiers.semantic import normalize
@@ -21,8 +21,8 @@ STRUCTURED = re.compile(r"^0_\d+(-\d+_\d+)*$")
 
 
 @pytest.fixture(scope="module")
-def synthetic(tmp_path_factory):
-    out = write_synthetic(tmp_path_factory.mktemp("syn") / "data", 40, seed=0, num_workers=1)
+def synthetic(synthetic):
+    out = synthetic(40)
     corpus = load_karpathy(out / SYNTHETIC_JSON, out, check_images=False)
     return out, corpus, load_pseudo_queries(out / PSEUDO_QUERIES_JSON, corpus)
 

@@ -1,6 +1,5 @@
 """Behaviour of FlamingoForConditionalGeneration on the tiny preset."""
 
-import copy
 import os
 import shutil
 import subprocess
@@ -15,6 +14,7 @@ from transformers.generation import LogitsProcessor, LogitsProcessorList
 
 from grace_hf.models.flamingo import FlamingoConfig, FlamingoForConditionalGeneration
 from grace_hf.models.flamingo.modeling_flamingo import media_index_from_input_ids
+from tests.helpers import tiny_flamingo
 
 VOCAB = 64
 MEDIA, EOC, PAD = 1, 0, 2
@@ -30,14 +30,7 @@ class FlamingoTester:
         self.image_size = self.config.vision_config["image_size"]
 
     def model(self, seed: int = 0, open_gates: bool = True) -> FlamingoForConditionalGeneration:
-        torch.manual_seed(seed)
-        model = FlamingoForConditionalGeneration(copy.deepcopy(self.config))
-        if open_gates:  # gates start at 0, which would hide the images from the decoder
-            with torch.no_grad():
-                for name, param in model.named_parameters():
-                    if name.endswith("_gate"):
-                        param.fill_(0.7)
-        return model.eval()
+        return tiny_flamingo(seed=seed, open_gates=open_gates, config=self.config)
 
     def inputs(self, seed: int = 1, with_labels: bool = False) -> dict:
         generator = torch.Generator().manual_seed(seed)

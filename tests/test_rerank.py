@@ -11,8 +11,6 @@ from types import SimpleNamespace
 
 import pytest
 import torch
-from accelerate.state import AcceleratorState, GradientState, PartialState
-from test_dense import MICRO
 from transformers import pipeline
 
 import grace_hf  # noqa: F401  (registers the pipeline task)
@@ -37,6 +35,7 @@ from grace_hf.retrieval.rerank import (
 )
 from grace_hf.retrieval.retriever import GraceRetriever, RetrievedImage
 from grace_hf.serving.pipeline import TASK
+from tests.helpers import MICRO, reset_accelerate
 
 # the fusion and the fit, with a stand-in dense model
 
@@ -130,14 +129,19 @@ def test_rerank_json_round_trip_and_refusals(tmp_path):
 
 
 @pytest.fixture(scope="module")
-def dense_dir(trained_model, tmp_path_factory):
+def dense_dir(trained_model, micro_config, tmp_path_factory):
     """A tiny `grace-hf baseline-clip` directory trained on the model's collection (one layer per tower)."""
     _, _, raw = trained_model
-    config = tmp_path_factory.mktemp("micro") / "micro.json"
-    config.write_text(json.dumps(MICRO))
     out = tmp_path_factory.mktemp("dense") / "dense"
     argv = ["--karpathy-json", str(raw / "dataset_synthetic.json"), "--image-root", str(raw), "--output-dir", str(out)]
-    argv += ["--pseudo-queries", str(raw / "pseudo_queries.json"), "--model-config", str(config), "--epochs", "3"]
+    argv += [
+        "--pseudo-queries",
+        str(raw / "pseudo_queries.json"),
+        "--model-config",
+        str(micro_config),
+        "--epochs",
+        "3",
+    ]
     assert baseline_clip([*argv, "--batch-size", "20", "--lr", "5e-3", "--num-threads", "1"]) == 0
     return out
 
@@ -153,9 +157,7 @@ def _cli(argv):
     try:
         return cli_main(argv)
     finally:
-        AcceleratorState._reset_state(reset_partial_state=True)
-        GradientState._reset_state()
-        PartialState._reset_state()
+        reset_accelerate()
 
 
 @pytest.mark.parametrize("command", ["retrieve", "evaluate", "serve"])

@@ -1,7 +1,6 @@
 """GraceRetriever on a tiny random model directory: exact identifiers, exhaustive beams equal teacher-forced
 log-probabilities, batching, errors on bad input, the saved trie, and the query-image modes."""
 
-import json
 import logging
 from types import SimpleNamespace
 
@@ -9,38 +8,15 @@ import pytest
 import torch
 
 from grace_hf.errors import GraceInputError
-from grace_hf.identifiers import IdentifierIndex
 from grace_hf.prompts import query_prompt
 from grace_hf.retrieval import GraceRetriever, IdentifierTrie
 from grace_hf.retrieval.collection import identifier_token_ids
-
-IMAGES = [f"images/{n:03d}.png" for n in range(12)]
-QUERIES = ["a red square", "two blue circles on a green field", "a small yellow triangle"]
-
-
-def build_tiny_model_dir(directory, kind="numeric", query_image="none", seed=0):
-    """A complete GRACE model directory with random weights: model, processor, identifiers.json, grace_config.json."""
-    from grace_hf.models.flamingo import FlamingoConfig, FlamingoForConditionalGeneration, FlamingoProcessor
-
-    if kind == "numeric":  # identifiers share prefixes and one is a prefix of others ("1" / "1 0", "1 1")
-        images = {key: [" ".join(str(n))] for n, key in enumerate(IMAGES)}
-    else:  # semantic: several identifiers per image, of different lengths
-        images = {key: [f"shape {n}", f"a picture of shape number {n}"] for n, key in enumerate(IMAGES)}
-    texts = QUERIES + [f"id {ids[0]}" for ids in images.values()] + [f"id {i}" for ids in images.values() for i in ids]
-    processor = FlamingoProcessor.from_texts(texts, image_size=32, vocab_size=300)
-    torch.manual_seed(seed)
-    config = FlamingoConfig.from_preset("tiny", text_config={"vocab_size": len(processor.tokenizer)})
-    model = FlamingoForConditionalGeneration(config)
-    model.save_pretrained(directory)
-    processor.save_pretrained(directory)
-    IdentifierIndex(kind, images, [], collection=IMAGES[4:]).save(directory)
-    (directory / "grace_config.json").write_text(json.dumps({"query_image": query_image, "identifier_kind": kind}))
-    return directory
+from tests.helpers import IMAGES, QUERIES
 
 
 @pytest.fixture(scope="module")
-def model_dir(tmp_path_factory):
-    return build_tiny_model_dir(tmp_path_factory.mktemp("tiny_grace"))
+def model_dir(tiny_model):
+    return tiny_model()
 
 
 @pytest.fixture(scope="module")
@@ -161,8 +137,8 @@ def test_saved_trie_is_checked_and_a_stale_or_corrupt_one_ignored(tmp_path, retr
     assert len(other.trie) == 3
 
 
-def test_blank_query_image_and_semantic_identifiers(tmp_path):
-    directory = build_tiny_model_dir(tmp_path / "semantic", kind="semantic", query_image="blank", seed=1)
+def test_blank_query_image_and_semantic_identifiers(tiny_model):
+    directory = tiny_model("semantic", query_image="blank", seed=1)
     retriever = GraceRetriever.from_pretrained(directory, device="cpu", num_beams=6)
     assert retriever.query_image == "blank"
     hits = retriever.retrieve(QUERIES[:2], top_k=6)
@@ -182,8 +158,8 @@ def assert_same_rankings(fast, slow):
 @pytest.mark.parametrize(
     ("kind", "query_image", "length_penalty"), [("numeric", "none", 0.0), ("semantic", "blank", -2.0)]
 )
-def test_fast_decoding_ranks_like_generate(tmp_path, kind, query_image, length_penalty):
-    directory = build_tiny_model_dir(tmp_path / kind, kind=kind, query_image=query_image, seed=2)
+def test_fast_decoding_ranks_like_generate(tiny_model, kind, query_image, length_penalty):
+    directory = tiny_model(kind, query_image=query_image, seed=2)
     queries = [*QUERIES, "a"]  # prompts of different lengths: left padding
     rankings = {}
     for decoding in ("fast", "generate"):

@@ -12,7 +12,7 @@ from safetensors.numpy import save_file
 
 from grace_hf import cli
 from grace_hf.data.karpathy import KarpathyCorpus, KarpathyImage, load_karpathy
-from grace_hf.data.synthetic import SYNTHETIC_JSON, write_synthetic
+from grace_hf.data.synthetic import SYNTHETIC_JSON
 from grace_hf.errors import GraceInputError
 from grace_hf.identifiers import Codebooks, IdentifierIndex, build_identifiers, extend_identifiers
 from grace_hf.identifiers.rq import (
@@ -50,8 +50,8 @@ def _features_file(path, keys, features):
 
 
 @pytest.fixture(scope="module")
-def synthetic(tmp_path_factory):
-    out = write_synthetic(tmp_path_factory.mktemp("syn") / "data", 60, seed=0, num_workers=1)
+def synthetic(synthetic):
+    out = synthetic(60)
     return load_karpathy(out / SYNTHETIC_JSON, out, check_images=False)
 
 

@@ -17,8 +17,8 @@ from selenium import webdriver
 from selenium.webdriver.chrome.service import Service
 from selenium.webdriver.common.by import By
 from selenium.webdriver.support.ui import WebDriverWait
-from serve_clients import run_clients, search_http, serve_subprocess
 
+from benchmarks.serve_clients import run_clients, search_http, serve_subprocess
 from grace_hf.commands import serve
 from grace_hf.errors import GraceInputError
 from grace_hf.evaluation.queries import load_eval_queries

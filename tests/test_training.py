@@ -13,12 +13,9 @@ from pathlib import Path
 
 import pytest
 import torch
-import yaml
-from accelerate.state import AcceleratorState, GradientState, PartialState
 from accelerate.utils import set_seed
 from safetensors.torch import load_file
 
-from grace_hf.commands import train as train_command
 from grace_hf.errors import GraceInputError
 from grace_hf.model_dir import read_model_dir
 from grace_hf.training import loop as train_module
@@ -30,52 +27,15 @@ from grace_hf.training.data import load_training_data
 from grace_hf.training.loop import step_loss
 from grace_hf.training.modeling import build_model_and_processor, optimizer_parameter_groups
 from grace_hf.training.sampling import StepBatchSampler
+from tests.helpers import run_training, tiny_recipe, write_recipe
 
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def tiny_recipe(data, output_dir, **overrides) -> dict:
-    """A recipe that trains the tiny preset for a few steps on the 24-image synthetic set."""
-    recipe = {
-        "model_preset": "tiny",
-        "tokenizer_vocab_size": 300,
-        "data": str(data),
-        "output_dir": str(output_dir),
-        "max_steps": 6,
-        "batch_size_i2id": 4,
-        "batch_size_t2id": 8,
-        "learning_rate": 2e-3,
-        "warmup_steps": 1,
-        "logging_steps": 1,
-        "save_steps": 2,
-        "save_total_limit": 0,
-        "eval_num_queries": 4,
-        "num_beams": 2,
-        "report_to": "none",
-        "seed": 0,
-        "torch_num_threads": 1,  # the same reduction order in every process, so runs compare bit for bit
-    }
-    recipe.update(overrides)
-    return recipe
-
-
-def write_recipe(path, recipe) -> str:
-    Path(path).write_text(yaml.safe_dump(recipe), encoding="utf-8")
-    return str(path)
-
-
-def reset_accelerate():
-    """Forget the Accelerate singletons so the next in-process run starts like a fresh process."""
-    AcceleratorState._reset_state(reset_partial_state=True)
-    GradientState._reset_state()
-    PartialState._reset_state()
-
-
-def run_training(argv):
-    try:
-        assert train_command.main(argv) == 0
-    finally:
-        reset_accelerate()
+@pytest.fixture(scope="module")
+def prepared(prepared):
+    """The 24-image synthetic set prepared with structured identifiers."""
+    return prepared("structured")
 
 
 # arguments

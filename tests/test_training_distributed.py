@@ -2,7 +2,6 @@
 
 import json
 import os
-import socket
 import subprocess
 import sys
 import textwrap
@@ -12,6 +11,9 @@ import pytest
 import torch
 import yaml
 from safetensors.torch import load_file
+
+from benchmarks.common import free_port
+from tests.helpers import add_argv, tiny_recipe, train_old, write_collections, write_recipe
 
 pytestmark = pytest.mark.slow
 
@@ -77,37 +79,14 @@ PROBE = textwrap.dedent(
 )
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _recipe(path, prepared, output_dir, **overrides) -> str:
-    recipe = {
-        "model_preset": "tiny",
-        "tokenizer_vocab_size": 300,
-        "data": str(prepared),
-        "output_dir": str(output_dir),
-        "max_steps": 3,
-        "batch_size_i2id": 4,
-        "batch_size_t2id": 4,
-        "learning_rate": 2e-3,
-        "warmup_steps": 1,
-        "logging_steps": 1,
-        "save_steps": 3,
-        "eval_num_queries": 2,
-        "num_beams": 2,
-        "report_to": "none",
-        "i2id_flip": False,
-    }
-    recipe.update(overrides)
-    path.write_text(yaml.safe_dump(recipe))
-    return str(path)
+    """The tiny recipe for 3 steps of 2 processes, a checkpoint at the end."""
+    fields = {"max_steps": 3, "batch_size_t2id": 4, "save_steps": 3, "eval_num_queries": 2, "i2id_flip": False}
+    return write_recipe(path, tiny_recipe(prepared, output_dir, **{**fields, **overrides}))
 
 
 def _launch(launch_args, script_args, probe_dir):
-    command = [sys.executable, "-m", "accelerate.commands.launch", "--main_process_port", str(_free_port())]
+    command = [sys.executable, "-m", "accelerate.commands.launch", "--main_process_port", str(free_port())]
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "GRACE_PROBE_DIR": str(probe_dir), "OMP_NUM_THREADS": "1"}
     result = subprocess.run(
         command + launch_args + script_args, cwd=ROOT, env=env, capture_output=True, text=True, timeout=400
@@ -126,7 +105,7 @@ def test_zero3_single_process_trains_saves_and_retrieves(prepared, tmp_path):
 
     config = tmp_path / "zero3_cpu.yaml"
     config.write_text(yaml.safe_dump(ZERO3_CPU))
-    recipe = _recipe(tmp_path / "recipe.yaml", prepared, tmp_path / "out", max_steps=2, save_steps=2)
+    recipe = _recipe(tmp_path / "recipe.yaml", prepared(), tmp_path / "out", max_steps=2, save_steps=2)
     _launch(["--config_file", str(config), "-m", "grace_hf", "train"], ["--config", recipe], tmp_path)
 
     out = tmp_path / "out"
@@ -145,7 +124,7 @@ def test_zero3_single_process_trains_saves_and_retrieves(prepared, tmp_path):
 def test_two_cpu_processes_shard_the_data_and_save_once(prepared, tmp_path):
     script = tmp_path / "probe.py"
     script.write_text(PROBE)
-    recipe = _recipe(tmp_path / "recipe.yaml", prepared, tmp_path / "out")
+    recipe = _recipe(tmp_path / "recipe.yaml", prepared(), tmp_path / "out")
     _launch(
         ["--multi_gpu", "--num_processes", "2", "--num_machines", "1", str(script)], ["--config", recipe], tmp_path
     )
@@ -177,23 +156,12 @@ def test_two_cpu_processes_shard_the_data_and_save_once(prepared, tmp_path):
 
 def _old_model_and_new_images(tmp_path, kind):
     """A tiny model trained on the first 22 of 30 synthetic images; the last 8 are the new collection."""
-    from synthetic_split import write_part
-    from test_add_images import NUM_OLD, _train_old
-
-    from grace_hf.data.synthetic import write_synthetic
-
-    write_synthetic(tmp_path / "raw", num_images=30, seed=0, num_workers=1)
-    old, new = (
-        write_part(tmp_path / "raw", tmp_path / "old", 0, NUM_OLD),
-        write_part(tmp_path / "raw", tmp_path / "new", NUM_OLD),
-    )
-    _, model = _train_old(tmp_path / "old", old, kind)
+    old, new = write_collections(tmp_path)
+    _, model = train_old(tmp_path / "old", old, kind)
     return model, new
 
 
 def test_add_images_with_two_cpu_processes(tmp_path):
-    from test_add_images import add_argv
-
     from grace_hf.identifiers import IdentifierIndex
     from grace_hf.retrieval import GraceRetriever
 
@@ -209,8 +177,6 @@ def test_add_images_with_two_cpu_processes(tmp_path):
 
 
 def test_add_images_under_zero3_starts_atomic_tokens_from_their_captions(tmp_path):
-    from test_add_images import add_argv
-
     from grace_hf.models.flamingo import FlamingoProcessor
 
     model, new = _old_model_and_new_images(tmp_path, "atomic")

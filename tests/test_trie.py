@@ -5,9 +5,9 @@ import random
 
 import pytest
 import torch
-from dict_trie import NestedDictTrie
 from transformers import GPT2Config, GPT2LMHeadModel, PrefixConstrainedLogitsProcessor
 
+from benchmarks.dict_trie import NestedDictTrie
 from grace_hf.retrieval import IdentifierTrie
 
 EOS, PAD, VOCAB = 1, 0, 24

@@ -7,42 +7,20 @@ import subprocess
 import sys
 
 import pytest
-from datasets import Dataset, DatasetDict, Features, Image, Value
-from PIL import Image as PILImage
-from test_retriever import IMAGES, QUERIES, build_tiny_model_dir
 
 from grace_hf.commands import evaluate, retrieve
 from grace_hf.commands.cli import main as cli_main
 from grace_hf.errors import GraceInputError
 from grace_hf.identifiers import IdentifierIndex
 from grace_hf.serving.gallery import folder_image_loader
-
-TEST_IMAGES = IMAGES[4:]
-
-
-def write_prepared(directory, queries, gold, collection=TEST_IMAGES):
-    """A prepared dataset as `grace-hf prepare` writes it (i2id, t2id, queries + identifiers.json)."""
-    images = [PILImage.new("RGB", (16, 16), (20 * n, 100, 200 - 10 * n)) for n in range(len(IMAGES))]
-    identifiers = [" ".join(str(n)) for n in range(len(IMAGES))]
-    text = Value("string")
-    DatasetDict(
-        {
-            "i2id": Dataset.from_dict(
-                {"image": images, "image_key": IMAGES, "identifier": identifiers},
-                features=Features({"image": Image(), "image_key": text, "identifier": text}),
-            ),
-            "t2id": Dataset.from_dict({"query": QUERIES, "image_key": IMAGES[:3], "identifier": identifiers[:3]}),
-            "queries": Dataset.from_dict({"query": queries, "image_key": gold}),
-        }
-    ).save_to_disk(str(directory))
-    IdentifierIndex("numeric", {k: [i] for k, i in zip(IMAGES, identifiers)}, [], list(collection)).save(directory)
-    return directory
+from tests.helpers import COLLECTION as TEST_IMAGES
+from tests.helpers import IMAGES, QUERIES, write_prepared
 
 
 @pytest.fixture(scope="module")
-def setup(tmp_path_factory):
+def setup(tmp_path_factory, tiny_model):
     root = tmp_path_factory.mktemp("evaluate")
-    model = build_tiny_model_dir(root / "model")
+    model = tiny_model()
     queries = [f"{q} number {n}" for n, q in enumerate(QUERIES * 3)]
     gold = [TEST_IMAGES[n % len(TEST_IMAGES)] for n in range(len(queries))]
     data = write_prepared(root / "prepared", queries, gold)

@@ -17,15 +17,15 @@ from safetensors.numpy import save_file
 
 from grace_hf import cli
 from grace_hf.data.prepared import load_prepared
-from grace_hf.data.synthetic import PSEUDO_QUERIES_JSON, SYNTHETIC_JSON, write_synthetic
-from grace_hf.identifiers import IdentifierIndex
+from grace_hf.data.synthetic import PSEUDO_QUERIES_JSON, SYNTHETIC_JSON
+from grace_hf.identifiers import IDENTIFIER_KINDS, IdentifierIndex
 
 NUM_IMAGES = 30
 
 
 @pytest.fixture(scope="module")
-def synthetic(tmp_path_factory):
-    return write_synthetic(tmp_path_factory.mktemp("syn") / "data", NUM_IMAGES, seed=0, num_workers=1)
+def synthetic(synthetic):
+    return synthetic(NUM_IMAGES)
 
 
 def _prepare(syn: Path, out: Path, kind: str, *extra: str, json_name: str = SYNTHETIC_JSON) -> int:
@@ -39,7 +39,7 @@ def _structured_flags(kind):
     return ("--pixel-features", "--k", "3", "--leaf-size", "5") if kind == "structured" else ()
 
 
-@pytest.mark.parametrize("kind", ["numeric", "string", "semantic", "structured", "atomic"])
+@pytest.mark.parametrize("kind", [kind for kind in IDENTIFIER_KINDS if kind != "rq"])  # rq: test_rq.py
 def test_prepare_each_kind(kind, synthetic, tmp_path):
     out = tmp_path / kind
     assert _prepare(synthetic, out, kind, *_structured_flags(kind)) == 0
@@ -105,6 +105,7 @@ def test_self_contained_and_deterministic(synthetic, tmp_path):
 
 
 def test_restval_not_memorized(synthetic, tmp_path):
+    synthetic = shutil.copytree(synthetic, tmp_path / "syn")
     data = json.loads((synthetic / SYNTHETIC_JSON).read_text())
     train = [i for i, image in enumerate(data["images"]) if image["split"] == "train"]
     for i in train[:3]:

@@ -9,6 +9,7 @@ import torch
 
 from grace_hf.models.flamingo import FlamingoConfig, FlamingoForConditionalGeneration
 from grace_hf.retrieval import IdentifierTrie, TrieBeamSearch
+from tests.helpers import tiny_flamingo
 
 VOCAB = 64
 MEDIA, EOC, PAD = 1, 0, 2
@@ -16,13 +17,7 @@ MEDIA, EOC, PAD = 1, 0, 2
 
 @pytest.fixture(scope="module")
 def model():
-    torch.manual_seed(0)
-    model = FlamingoForConditionalGeneration(FlamingoConfig.from_preset("tiny", text_config={"vocab_size": VOCAB}))
-    with torch.no_grad():  # open the gates so that the image features matter
-        for name, param in model.named_parameters():
-            if name.endswith("_gate"):
-                param.fill_(0.7)
-    return model.eval()
+    return tiny_flamingo(VOCAB)  # the gates open, so that the image features matter
 
 
 def random_identifiers(count: int, seed: int = 0) -> list[list[int]]:

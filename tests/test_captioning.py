@@ -3,21 +3,18 @@
 import json
 
 import pytest
-import yaml
-from accelerate.state import AcceleratorState, GradientState, PartialState
 
 from grace_hf.commands import pseudo_queries as pseudo_queries_command
-from grace_hf.commands import train as train_command
 from grace_hf.data.karpathy import load_karpathy
 from grace_hf.data.pseudo_queries import load_pseudo_queries
-from grace_hf.data.synthetic import write_synthetic
 from grace_hf.errors import GraceInputError
+from tests.helpers import run_training, write_recipe
 
 
 @pytest.fixture(scope="module")
-def trained_captioner(tmp_path_factory):
+def trained_captioner(tmp_path_factory, synthetic):
     root = tmp_path_factory.mktemp("captioner")
-    raw = write_synthetic(root / "raw", num_images=24, seed=1)
+    raw = synthetic(24, seed=1)
     recipe = {
         "task": "captioner",
         "karpathy_json": str(raw / "dataset_synthetic.json"),
@@ -32,13 +29,7 @@ def trained_captioner(tmp_path_factory):
         "save_steps": 0,
         "report_to": "none",
     }
-    (root / "captioner.yaml").write_text(yaml.safe_dump(recipe))
-    try:
-        assert train_command.main(["--config", str(root / "captioner.yaml")]) == 0
-    finally:
-        AcceleratorState._reset_state(reset_partial_state=True)
-        GradientState._reset_state()
-        PartialState._reset_state()
+    run_training(["--config", write_recipe(root / "captioner.yaml", recipe)])
     return raw, root / "captioner"
 
 

@@ -1,0 +1,1 @@
+"""The test suite: a package, so that `tests.helpers` and `benchmarks` import from the repository root."""
