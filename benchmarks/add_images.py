@@ -32,7 +32,7 @@ from grace_hf.data.karpathy import load_karpathy
 from grace_hf.data.synthetic import PSEUDO_QUERIES_JSON, SYNTHETIC_JSON, write_synthetic
 from grace_hf.demo import PREPARE_OPTIONS, RECIPES
 from grace_hf.errors import GraceInputError
-from grace_hf.outputs import BENCHMARK, finish_output_dir, is_complete_output, open_output_dir
+from grace_hf.outputs import BENCHMARK, begin_output, is_complete_output
 from grace_hf.prepare import prepare
 from grace_hf.retrieval.evaluate import evaluate_model
 from grace_hf.retrieval.retriever import GraceRetriever
@@ -189,11 +189,12 @@ def main(argv: list[str] | None = None) -> int:
     torch.set_num_threads(1)
 
     try:  # the output policy: never the working directory, home or a folder this script did not write
-        work = open_output_dir(
+        output = begin_output(
             args.work_dir, BENCHMARK, resume=args.reuse, command=shlex.join(sys.argv), flag="--work-dir"
-        ).resolve()
+        )
     except GraceInputError as error:
         parser.error(str(error))
+    work = output.build.resolve()  # built beside --work-dir, which it becomes at the end
     raw = work / "raw"
     if not (args.reuse and (raw / SYNTHETIC_JSON).is_file()):
         write_synthetic(raw, args.num_images, seed=0, overwrite=True)
@@ -216,7 +217,7 @@ def main(argv: list[str] | None = None) -> int:
         f"{GOALS['time_ratio']:.0%} of retraining\n"
     )
     print(table(results), end="")
-    finish_output_dir(work, BENCHMARK, shlex.join(sys.argv))
+    output.commit()
     return 0
 
 

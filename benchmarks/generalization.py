@@ -33,7 +33,7 @@ from grace_hf.demo import evaluate_kind, train_kind
 from grace_hf.dense.train import run_baseline
 from grace_hf.errors import GraceInputError
 from grace_hf.image_features import FEATURES_FILE
-from grace_hf.outputs import BENCHMARK, finish_output_dir, is_complete_output, open_output_dir
+from grace_hf.outputs import BENCHMARK, begin_output, is_complete_output
 from grace_hf.retrieval.model_dir import METRICS_FILE
 
 
@@ -127,18 +127,19 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     torch.set_num_threads(1)
     try:  # the output policy: never the working directory, home or a folder this script did not write
-        work = open_output_dir(
+        output = begin_output(
             args.work_dir, BENCHMARK, resume=args.reuse, command=shlex.join(sys.argv), flag="--work-dir"
-        ).resolve()
+        )
     except GraceInputError as error:
         parser.error(str(error))
+    work = output.build.resolve()  # built beside --work-dir, which it becomes at the end
     results = [run_collection(name, work, args.methods, args.reuse) for name in args.collections]
     header = ["| collection | method | R@1 | R@5 | R@10 | train s |", "| --- | --- | --- | --- | --- | --- |"]
     table = "\n".join([*header, *(row for rows, _ in results for row in rows)])
     goals = "\n".join(f"- {verdict}" for _, verdict in results)
     (work / "generalization.md").write_text(f"{table}\n\n{goals}\n")
     print(f"\nTest captions ranking each collection's test images (one torch thread):\n\n{table}\n\nGoals:\n{goals}")
-    finish_output_dir(work, BENCHMARK, shlex.join(sys.argv))
+    output.commit()
     return 0
 
 

@@ -35,7 +35,7 @@ from grace_hf.errors import GraceInputError
 from grace_hf.identifiers import CODEBOOKS_FILE, IDENTIFIERS_FILE, Codebooks, IdentifierIndex
 from grace_hf.io_utils import atomic_write_json, atomic_write_text, read_json
 from grace_hf.models.flamingo import FlamingoConfig, FlamingoForConditionalGeneration, FlamingoProcessor
-from grace_hf.outputs import MARKER_FILE, read_marker
+from grace_hf.outputs import MARKER_FILE, read_marker, record_written
 from grace_hf.retrieval.collection import Collection
 from grace_hf.retrieval.trie import IdentifierTrie
 
@@ -318,8 +318,8 @@ def read_codebooks(directory: Path) -> Codebooks | None:
 
 
 def training_data_sources(directory: Path) -> list[str] | None:
-    """The prepared datasets a model was trained on, as its `training_args.json` records them (`./x`, a dataset
-    inside the model directory, made absolute), or None when it has no record."""
+    """The prepared datasets a model was trained on, as its `training_args.json` records them (a relative path,
+    `./x` inside the model directory or `../x` beside it, made absolute), or None when it has no record."""
     path = directory / TRAINING_ARGS_FILE
     if not path.is_file():
         return None
@@ -327,7 +327,7 @@ def training_data_sources(directory: Path) -> list[str] | None:
     sources = record.get("data") if isinstance(record, dict) else None
     if not isinstance(sources, list) or not all(isinstance(source, str) for source in sources):
         raise GraceInputError(f"{path}: 'data' must be a list of prepared datasets")
-    return [str(directory / source) if source.startswith("./") else source for source in sources]
+    return [str(directory / source) if source.startswith(("./", "../")) else source for source in sources]
 
 
 def check_rerank_settings(weight: float, num_beams: int, where: str) -> None:
@@ -378,7 +378,9 @@ def read_rerank_config(directory: Path) -> RerankConfig | None:
 
 
 def write_rerank_config(directory: Path, config: RerankConfig) -> Path:
-    """Write `rerank.json` into a model directory through a temporary file and a rename; returns its path."""
+    """Write `rerank.json` into a model directory through a temporary file and a rename (recorded in its marker as
+    grace_hf's); returns its path."""
     path = directory / RERANK_FILE
     atomic_write_json(path, dataclasses.asdict(config))
+    record_written(directory, RERANK_FILE)
     return path
