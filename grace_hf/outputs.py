@@ -144,7 +144,9 @@ def _ownership(directory: Path) -> tuple[dict[str, int] | None, str]:
         )
     extras = sorted(name for name in found if name not in listed)
     if extras:
-        named = ", ".join(extras[:NAMED_EXTRAS]) + (f" and {len(extras) - NAMED_EXTRAS} more" if len(extras) > 5 else "")
+        named = ", ".join(extras[:NAMED_EXTRAS]) + (
+            f" and {len(extras) - NAMED_EXTRAS} more" if len(extras) > 5 else ""
+        )
         return None, f"a grace_hf {marker['kind']} output that also holds files grace_hf did not write: {named}"
     return listed, ""
 
@@ -178,7 +180,7 @@ def _clashes(output: Path, source: PathLike) -> str | None:
     for path in {given.resolve(), Path(os.path.abspath(given))}:
         if _contains(output, path):
             return "holds the input"
-        if path.is_dir() and output in path.parents:
+        if path.is_dir() and path in output.parents:
             return "is inside the input"
     return None
 
