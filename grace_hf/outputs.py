@@ -333,7 +333,9 @@ class OutputBuild:
             try:
                 old_files = _check_replaceable(self.path, self.kind, self.overwrite, where)
             except GraceInputError as err:
-                raise GraceInputError(f"{err} (it changed during the run); the new output is kept in {self.build}")
+                raise GraceInputError(
+                    f"{err} (it changed during the run); the new output is kept in {self.build}"
+                ) from None
             _write_marker(self.build, self.kind, self.command, _manifest(self.build))
             if not self.path.is_dir() or not any(self.path.iterdir()):
                 os.replace(self.build, self.path)

@@ -24,8 +24,8 @@ from accelerate.utils import set_seed
 from transformers import get_scheduler
 
 from grace_hf.distributed import create_accelerator
-from grace_hf.io_utils import atomic_write_text
 from grace_hf.errors import GraceInputError
+from grace_hf.io_utils import atomic_write_text
 from grace_hf.outputs import MODEL, OutputBuild, begin_output, build_path, check_output_dir, portable_path
 from grace_hf.retrieval.model_dir import LOGS_DIR, GraceConfig
 from grace_hf.runtime import configure_threads, progress_bar
@@ -158,7 +158,7 @@ class _Trainer:
 
     # output and resume
     def _inputs(self) -> list:
-        inputs = [*self.data_args.input_paths(), self.model_args.model]
+        inputs = [*self.data_args.input_paths(), self.model_args.model, self.args.recipe]
         return inputs + ([self.checkpoint] if self.checkpoint is not None and not self._continues() else [])
 
     def _continues(self) -> bool:
