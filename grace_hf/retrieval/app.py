@@ -121,6 +121,7 @@ class SearchService:
         if max_query_chars < 1:
             raise GraceInputError(f"the query length limit must be >= 1 character, got {max_query_chars}")
         self.default_top_k, self.max_query_chars = default_top_k, max_query_chars
+        retriever.max_query_chars = max_query_chars
         self.rank: Rank = rank or (lambda queries, top_k: retriever.retrieve(queries, top_k=top_k))
         self.thumbnails = _Thumbnails(load_image, thumbnail_size) if load_image is not None else None
         self.gold_of: dict[str, str] = {}

@@ -239,9 +239,20 @@ def _load_processor(directory: Path, config: FlamingoConfig) -> FlamingoProcesso
 def _load_model(directory: Path, dtype: torch.dtype | str | None) -> FlamingoForConditionalGeneration:
     _check_weights(directory)
     try:
-        return FlamingoForConditionalGeneration.from_pretrained(directory, dtype=dtype).eval()
+        model, info = FlamingoForConditionalGeneration.from_pretrained(
+            directory, dtype=dtype, output_loading_info=True
+        )
     except (RuntimeError, ValueError, OSError, KeyError) as err:
         raise GraceInputError(f"{directory}: the weights do not match config.json ({err})") from None
+    for problem in ("missing_keys", "unexpected_keys", "mismatched_keys"):
+        keys = sorted(str(key[0] if isinstance(key, tuple) else key) for key in info.get(problem) or ())
+        if keys:  # loading would leave those weights randomly initialised, or drop what the file holds
+            weights = next(directory / name for name in WEIGHTS_FILES if (directory / name).is_file())
+            raise GraceInputError(
+                f"{weights}: the weights do not fit the model of config.json: {len(keys)} "
+                f"{problem.replace('_', ' ')}, e.g. {', '.join(keys[:3])}"
+            )
+    return model.eval()
 
 
 def _check_index(directory: Path, index: IdentifierIndex, processor: Any, config: GraceConfig) -> None:
