@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import os
+import pickle
 import tempfile
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -21,6 +22,7 @@ import open_clip
 import torch
 import torch.nn.functional as F
 from PIL import Image
+from safetensors import SafetensorError
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
@@ -136,8 +138,20 @@ def open_clip_image_encoder(clip_model: str, clip_pretrained: str | None) -> tup
             raise GraceInputError(f"{clip_pretrained}: CLIP weights file not found")
     try:
         model, _, preprocess = open_clip.create_model_and_transforms(name, pretrained=clip_pretrained, **overrides)
-    except (RuntimeError, ValueError, OSError, KeyError) as err:
-        raise GraceInputError(f"--clip-model {clip_model} --clip-pretrained {clip_pretrained}: {err}") from None
+    except (
+        RuntimeError,
+        ValueError,
+        OSError,
+        KeyError,
+        TypeError,
+        EOFError,
+        pickle.UnpicklingError,
+        SafetensorError,
+    ) as err:
+        # a corrupt or foreign weights file
+        raise GraceInputError(
+            f"--clip-model {clip_model} --clip-pretrained {clip_pretrained}: cannot load: {type(err).__name__}: {err}"
+        ) from None
     return model.eval(), preprocess
 
 

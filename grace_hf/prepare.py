@@ -16,7 +16,7 @@ from datasets import Dataset, DatasetDict, Features, Image, Value
 
 from grace_hf.data.karpathy import KarpathyCorpus, KarpathyImage, load_karpathy
 from grace_hf.data.prepared import PREPARE_FILE, VAL_QUERIES, save_prepared
-from grace_hf.data.pseudo_queries import load_pseudo_queries
+from grace_hf.data.pseudo_queries import load_pseudo_queries, pseudo_queries_file
 from grace_hf.identifiers import (
     CODEBOOKS_FILE,
     IDENTIFIERS_FILE,
@@ -148,8 +148,8 @@ def inputs_record(
         "image_root": str(image_root),
         "identifier_kind": kind,
         "identifier_options": {k: os.fspath(v) if isinstance(v, os.PathLike) else v for k, v in options.items()},
-        "pseudo_queries": None if pseudo_queries is None else str(pseudo_queries),
-        "pseudo_queries_sha256": None if pseudo_queries is None else sha256_file(pseudo_queries),
+        "pseudo_queries": None if pseudo_queries is None else pseudo_queries_file(pseudo_queries),
+        "pseudo_queries_sha256": None if pseudo_queries is None else sha256_file(pseudo_queries_file(pseudo_queries)),
     }
 
 

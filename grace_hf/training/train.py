@@ -21,11 +21,12 @@ from typing import Any
 import torch
 from accelerate import Accelerator
 from accelerate.utils import set_seed
+from safetensors import SafetensorError
 from transformers import get_scheduler
 
 from grace_hf.distributed import create_accelerator
 from grace_hf.errors import GraceInputError
-from grace_hf.io_utils import atomic_write_text
+from grace_hf.io_utils import atomic_write_text, read_json
 from grace_hf.outputs import MODEL, OutputBuild, begin_output, build_path, check_output_dir, portable_path
 from grace_hf.retrieval.model_dir import LOGS_DIR, GraceConfig
 from grace_hf.runtime import configure_threads, progress_bar
@@ -198,10 +199,16 @@ class _Trainer:
 
     def resume(self) -> None:
         path = self.checkpoint
-        self.accelerator.load_state(str(path))
-        state = json.loads((path / TRAINER_STATE_FILE).read_text(encoding="utf-8"))
-        self.scheduler.load_state_dict(state["scheduler"])
-        self.step, self.previous_seconds = state["step"], state["train_seconds"]
+        state = read_json(path / TRAINER_STATE_FILE, "trainer state")
+        try:
+            self.accelerator.load_state(str(path))
+            self.scheduler.load_state_dict(state["scheduler"])
+            self.step, self.previous_seconds = int(state["step"]), float(state["train_seconds"])
+        except (RuntimeError, OSError, ValueError, KeyError, TypeError, SafetensorError) as err:
+            raise GraceInputError(
+                f"{path}: cannot resume from this checkpoint (truncated, or written by another model or recipe): "
+                f"{type(err).__name__}: {str(err)[:300]}"
+            ) from None
         if state["world_size"] != self.accelerator.num_processes:
             self.accelerator.print(
                 f"warning: {path} was written by {state['world_size']} processes, resuming with "
