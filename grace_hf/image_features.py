@@ -22,7 +22,6 @@ import open_clip
 import torch
 import torch.nn.functional as F
 from PIL import Image
-from safetensors import SafetensorError
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
