@@ -21,6 +21,7 @@ from grace_hf.data.synthetic import write_synthetic
 from grace_hf.dense.model import DualEncoder
 from grace_hf.errors import GraceInputError
 from grace_hf.image_features import FEATURES_FILE, save_image_features
+from grace_hf.outputs import MARKER_FILE
 from grace_hf.prepare import prepare
 
 
@@ -148,6 +149,66 @@ def _structured_without_codebooks(work: Path) -> str:
     return "model"
 
 
+def _marker_into_thesis(work: Path, how: str) -> str:
+    """The user's `thesis/` with the marker of a genuine grace_hf output copied, linked or nested into it."""
+    marker = work / "thesis" / MARKER_FILE
+    if how == "copied":
+        shutil.copy(work / "prepared" / MARKER_FILE, marker)
+    elif how == "linked":
+        os.symlink(work / "prepared" / MARKER_FILE, marker)
+    else:
+        marker.write_text("[" * 100_000 + "]" * 100_000)
+    return "thesis"
+
+
+def _with_user_file(work: Path, output: str) -> str:
+    """A grace_hf output with a file of the user's added to it."""
+    (work / output / "my-notes.txt").write_text("the user's notes on this output")
+    return output
+
+
+def _recipe_folder(work: Path) -> str:
+    """`recipes/recipe.yaml` with other files of the user's beside it."""
+    (work / "recipes").mkdir()
+    (work / "recipes" / "other.yaml").write_text("seed: 1")
+    _recipe(work)
+    shutil.move(work / "recipe.yaml", work / "recipes" / "recipe.yaml")
+    return "recipes/recipe.yaml"
+
+
+def _linked_image_root(work: Path) -> str:
+    """An image root that is a symbolic link to `data/` (its Karpathy JSON copied beside it)."""
+    os.symlink(work / "data", work / "imglink")
+    shutil.copy(work / "data" / "dataset_synthetic.json", work / "k.json")
+    return "imglink"
+
+
+def _leaking_image(work: Path) -> str:
+    """A Karpathy JSON whose image is a symbolic link inside the image root to the user's notes outside it."""
+    data = json.loads((work / "data" / "dataset_synthetic.json").read_text())
+    os.symlink(work / "notes.txt", work / "data" / "images" / "leak.png")
+    data["images"][2].update(filepath="images", filename="leak.png")
+    (work / "leaking.json").write_text(json.dumps(data))
+    return "leaking.json"
+
+
+def _checkpoint(work: Path, damage: str) -> str:
+    """A checkpoint directory that is truncated or was not written by grace_hf."""
+    checkpoint = work / "ckpt"
+    checkpoint.mkdir()
+    if damage == "foreign":
+        (checkpoint / "trainer_state.json").write_text(json.dumps({"global_step": 3}))
+    else:
+        (checkpoint / "trainer_state.json").write_text(json.dumps({"step": 3, "scheduler": {}, "train_seconds": 1}))
+        (checkpoint / "model.safetensors").write_bytes(b"\x00" * 100)
+    return "ckpt"
+
+
+def _corrupt(work: Path, name: str) -> str:
+    (work / name).write_bytes(b"not weights at all" * 10)
+    return name
+
+
 PREPARE = ["prepare", "--karpathy-json", "data/dataset_synthetic.json", "--image-root", "data"]
 PREPARE_NUMERIC = [*PREPARE, "--identifier-kind", "numeric"]
 PREPARE_RQ = [*PREPARE, "--identifier-kind", "rq", "--pixel-features"]
@@ -258,7 +319,7 @@ CASES = [
     (
         "prepare-rq-no-levels",
         lambda w: [*PREPARE_RQ, "--levels", "0", "--output-dir", "o"],
-        "rq identifiers need --levels >= 1 and --codebook-size >= 2, got levels 0",
+        "argument --levels: must be >= 1, got 0",
     ),
     (
         "prepare-rq-one-code",
@@ -382,7 +443,7 @@ CASES = [
     ),
     ("evaluate-rerank-fit-without-val", lambda w: [*RERANK, "dense"], "no 'val_queries' split"),
     ("evaluate-rerank-weight-range", lambda w: [*RERANK, "dense", "--rerank-weight", "1.5"], r"must be in \[0, 1\]"),
-    ("evaluate-rerank-no-beams", lambda w: [*RERANK, "dense", "--rerank-beams", "0"], "--rerank-beams must be >= 1"),
+    ("evaluate-rerank-no-beams", lambda w: [*RERANK, "dense", "--rerank-beams", "0"], "--rerank-beams: must be >= 1"),
     (
         "evaluate-rerank-weight-alone",
         lambda w: [*EVALUATE, "--model", "model", "--output-dir", "e", "--rerank-weight", "0.5"],
@@ -547,6 +608,236 @@ CASES = [
         "add-images-no-new-images",
         lambda w: ["add-images", "--model", "model", "--output-dir", "a"],
         "needs karpathy_json",
+    ),
+    # issue 20: data loss, inputs that are outputs, system paths, leaks, numbers and files that were tracebacks
+    (
+        "synthetic-forged-marker",
+        lambda w: ["synthetic", "--output-dir", _marker_into_thesis(w, "copied"), "--overwrite"],
+        "thesis: exists and is a grace_hf prepared-dataset output whose files are not those its marker lists",
+    ),
+    (
+        "synthetic-linked-marker",
+        lambda w: ["synthetic", "--output-dir", _marker_into_thesis(w, "linked"), "--overwrite"],
+        "thesis: exists and is not a grace_hf output; nothing was deleted",
+    ),
+    (
+        "synthetic-nested-marker",
+        lambda w: ["synthetic", "--output-dir", _marker_into_thesis(w, "nested"), "--overwrite"],
+        "thesis: exists and is not a grace_hf output; nothing was deleted",
+    ),
+    (
+        "synthetic-rerun-keeps-user-files",
+        lambda w: ["synthetic", "--output-dir", _with_user_file(w, "data"), "--num-images", "12"],
+        "data: exists and is a grace_hf synthetic-data output that also holds files grace_hf did not write: "
+        "my-notes.txt; nothing was deleted",
+    ),
+    (
+        "prepare-rerun-keeps-user-files-with-overwrite",
+        lambda w: [*PREPARE_NUMERIC, "--output-dir", _with_user_file(w, "prepared"), "--overwrite"],
+        "prepared: exists and is a grace_hf prepared-dataset output that also holds files grace_hf did not write",
+    ),
+    (
+        "prepare-inside-image-root",
+        lambda w: [*PREPARE_NUMERIC, "--output-dir", "data/prepared"],
+        "--output-dir data/prepared: is inside the input data",
+    ),
+    (
+        "prepare-into-linked-image-root",
+        lambda w: [
+            "prepare",
+            "--karpathy-json",
+            "k.json",
+            "--image-root",
+            _linked_image_root(w),
+            "--identifier-kind",
+            "numeric",
+            "--output-dir",
+            "data",
+            "--overwrite",
+        ],
+        "--output-dir data: holds the input imglink",
+    ),
+    (
+        "prepare-image-links-outside-root",
+        lambda w: [
+            "prepare",
+            "--karpathy-json",
+            _leaking_image(w),
+            "--image-root",
+            "data",
+            "--identifier-kind",
+            "numeric",
+            "--output-dir",
+            "p",
+        ],
+        r"leaking.json: images\[2\] \('leak.png'\): data/images/leak.png leads outside the image root data",
+    ),
+    (
+        "evaluate-rerank-is-the-output",
+        lambda w: [*EVALUATE, "--model", "model", "--rerank", "dense", "--output-dir", "dense", "--overwrite"],
+        "--output-dir dense: holds the input dense",
+    ),
+    (
+        "retrieve-rerank-is-the-output",
+        lambda w: [
+            "retrieve",
+            "--model",
+            "model",
+            "a dog",
+            "--rerank",
+            "dense",
+            "--output-dir",
+            "dense",
+            "--overwrite",
+        ],
+        "--output-dir dense: holds the input dense",
+    ),
+    (
+        "train-into-the-recipe-folder",
+        lambda w: ["train", "--config", _recipe_folder(w), "--output-dir", "recipes", "--overwrite"],
+        "--output-dir recipes: holds the input recipes/recipe.yaml",
+    ),
+    ("synthetic-etc", lambda w: ["synthetic", "--output-dir", "/etc", "--overwrite"], "/etc: is / or a directory"),
+    (
+        "synthetic-usr",
+        lambda w: ["synthetic", "--output-dir", "/usr/share/grace", "--overwrite"],
+        "/usr/share/grace: is a system directory",
+    ),
+    (
+        "synthetic-var-lib",
+        lambda w: ["synthetic", "--output-dir", "/var/lib/grace", "--overwrite"],
+        "/var/lib/grace: is a system directory",
+    ),
+    (
+        "synthetic-home-dot-folder",
+        lambda w: ["synthetic", "--output-dir", "~/.ssh", "--overwrite"],
+        "~/.ssh: is in the dot-folder .*/home/.ssh of the home directory",
+    ),
+    (
+        "synthetic-git-checkout",
+        lambda w: ["synthetic", "--output-dir", str(Path(__file__).resolve().parents[1]), "--overwrite"],
+        "is the root of a git checkout",
+    ),
+    (
+        "synthetic-name-too-long",
+        lambda w: ["synthetic", "--output-dir", "x" * 250],
+        "the name is too long to build the output beside it",
+    ),
+    (
+        "retrieve-query-too-long",
+        lambda w: ["retrieve", "--model", "model", "a" * 100_000],
+        r"queries\[0\]: the query is 100,000 characters long; at most 1,000 are accepted",
+    ),
+    (
+        "pseudo-queries-from-a-retriever",
+        lambda w: [
+            "pseudo-queries",
+            "--model",
+            "model",
+            "--karpathy-json",
+            "data/dataset_synthetic.json",
+            "--image-root",
+            "data",
+            "--output-dir",
+            "pq",
+            "--device",
+            "cpu",
+        ],
+        "--model model: a retrieval model .it has identifiers.json., not a captioner",
+    ),
+    (
+        "pseudo-queries-cuda-without-gpu",
+        lambda w: [
+            "pseudo-queries",
+            "--model",
+            "model",
+            "--karpathy-json",
+            "data/dataset_synthetic.json",
+            "--image-root",
+            "data",
+            "--output-dir",
+            "pq",
+            "--device",
+            "cuda" if not torch.cuda.is_available() else "cuda:99",
+        ],
+        "no CUDA GPU is available here" if not torch.cuda.is_available() else "cuda:99",
+    ),
+    (
+        "evaluate-no-beams",
+        lambda w: [*EVALUATE, "--model", "model", "--output-dir", "e", "--num-beams", "0"],
+        "--num-beams: must be >= 1",
+    ),
+    ("retrieve-no-batch", lambda w: ["retrieve", "--model", "model", "a", "--batch-size", "0"], "--batch-size: must"),
+    (
+        "serve-negative-port",
+        lambda w: ["serve", "--model", "model", "--port", "-1"],
+        r"--port: must be in \[1, 65535\]",
+    ),
+    ("serve-port-too-large", lambda w: ["serve", "--model", "model", "--port", "70000"], "--port: must be in"),
+    (
+        "serve-deep-queries",
+        lambda w: ["serve", "--model", "model", "--queries", _deep_json(w)],
+        "deep.json: line 1: not JSON .nested too deeply.",
+    ),
+    (
+        "baseline-nan-lr",
+        lambda w: ["baseline-clip", *PREPARE[1:5], "--output-dir", "b", "--lr", "nan"],
+        "--lr: must be a finite number, got nan",
+    ),
+    (
+        "synthetic-negative-workers",
+        lambda w: ["synthetic", "--output-dir", "s", "--num-workers", "-1"],
+        "--num-workers: must be >= 0",
+    ),
+    (
+        "prepare-negative-workers",
+        lambda w: [*PREPARE_NUMERIC, "--output-dir", "o", "--num-workers", "-2"],
+        "--num-workers: must be >= 0",
+    ),
+    (
+        "train-nan-learning-rate",
+        lambda w: ["train", "--config", _recipe(w), "--learning-rate", "nan"],
+        "learning_rate must be a finite number >= 0, got nan",
+    ),
+    (
+        "train-negative-learning-rate",
+        lambda w: ["train", "--config", _recipe(w), "--learning-rate", "-1"],
+        "learning_rate must be a finite number >= 0, got -1",
+    ),
+    (
+        "train-negative-workers",
+        lambda w: ["train", "--config", _recipe(w), "--dataloader-num-workers", "-1"],
+        "dataloader_num_workers must be >= 0, got -1",
+    ),
+    (
+        "add-images-nan-replay-ratio",
+        lambda w: [*ADD, "--model", "model", "--replay-ratio", "nan", "--output-dir", "a"],
+        "replay_ratio must be a finite number >= 0, got nan",
+    ),
+    (
+        "train-resume-foreign-checkpoint",
+        lambda w: ["train", "--config", _recipe(w), "--resume-from-checkpoint", _checkpoint(w, "foreign")],
+        "ckpt/trainer_state.json: not a grace_hf trainer state",
+    ),
+    (
+        "train-resume-truncated-checkpoint",
+        lambda w: ["train", "--config", _recipe(w), "--resume-from-checkpoint", _checkpoint(w, "truncated")],
+        "ckpt: cannot resume from this checkpoint",
+    ),
+    (
+        "convert-corrupt-safetensors",
+        lambda w: [
+            "convert-openflamingo",
+            "--openflamingo-checkpoint",
+            _corrupt(w, "bad.safetensors"),
+            "--mpt-weights",
+            "m",
+            "--clip-weights",
+            "c.pt",
+            "--output-dir",
+            "converted",
+        ],
+        "bad.safetensors: not a readable safetensors file",
     ),
     ("demo-cwd", lambda w: ["demo", "--output-dir", "."], "working directory"),
     ("demo-too-few-images", lambda w: ["demo", "--output-dir", "d", "--num-images", "2"], "between 3 and"),
