@@ -6,23 +6,28 @@ import json
 import os
 import re
 import shutil
+import struct
+import zlib
 from pathlib import Path
 
 import pytest
 import torch
 import yaml
 from accelerate.state import AcceleratorState, GradientState, PartialState
+from safetensors.torch import load_file, save_file
 from test_dense import MICRO
 from test_evaluate_cli import write_prepared
 from test_retriever import IMAGES, QUERIES, build_tiny_model_dir
 
 from grace_hf import cli
+from grace_hf import demo as demo_module
 from grace_hf.data.synthetic import write_synthetic
 from grace_hf.dense.model import DualEncoder
 from grace_hf.errors import GraceInputError
 from grace_hf.image_features import FEATURES_FILE, save_image_features
-from grace_hf.outputs import MARKER_FILE
+from grace_hf.outputs import DEMO, MARKER_FILE, begin_output, output_directory, read_marker
 from grace_hf.prepare import prepare
+from grace_hf.training import train as train_module
 
 
 @pytest.fixture(scope="module")
@@ -119,6 +124,9 @@ def _broken_model(work: Path, damage: str) -> str:
         index = json.loads((model / "identifiers.json").read_text())
         index["images"].pop("images/000.png")
         (model / "identifiers.json").write_text(json.dumps(index))
+    elif damage == "foreign-weights":  # every key renamed: nothing would load, all weights random
+        weights = model / "model.safetensors"
+        save_file({f"foreign.{key}": value for key, value in load_file(weights).items()}, weights)
     elif damage == "unfinished":
         (model / ".grace_hf_output.json").write_text(json.dumps({"kind": "model", "complete": False}))
     else:
@@ -839,6 +847,11 @@ CASES = [
         ],
         "bad.safetensors: not a readable safetensors file",
     ),
+    (
+        "retrieve-foreign-weights",
+        lambda w: ["retrieve", "--model", _broken_model(w, "foreign-weights"), "a dog"],
+        r"model/model.safetensors: the weights do not fit the model of config.json: \d+ missing keys, e.g. ",
+    ),
     ("demo-cwd", lambda w: ["demo", "--output-dir", "."], "working directory"),
     ("demo-too-few-images", lambda w: ["demo", "--output-dir", "d", "--num-images", "2"], "between 3 and"),
     (
@@ -869,3 +882,86 @@ def test_debug_raises_instead_of_a_message(work, monkeypatch):
     monkeypatch.setenv("GRACE_HF_DEBUG", "1")
     with pytest.raises(GraceInputError, match="working directory"):
         cli.main(["synthetic", "--output-dir", "."])
+
+
+def test_a_failed_or_interrupted_rerun_keeps_the_finished_model(work, capsys, monkeypatch):
+    code, err = _run(["train", "--config", _recipe(work, batch_size_t2id=100_000)], capsys)
+    assert code == 0, err[-2000:]
+    assert re.search(r"note: t2id batch size 100000 clamped to the \d+ rows there are", err)
+    before = _tree(work.parent)
+    assert _run(["train", "--config", "recipe.yaml", "--learning-rate", "-1"], capsys)[0] == 2
+    assert _tree(work.parent) == before
+    for failure, code in ((KeyboardInterrupt(), 130), (RuntimeError("the disk is full"), None)):
+
+        def fail(self, *args, failure=failure):
+            raise failure
+
+        with monkeypatch.context() as patch:
+            patch.setattr(train_module._Trainer, "_step", fail)
+            if code is None:
+                with pytest.raises(RuntimeError, match="the disk is full"):
+                    _run(["train", "--config", "recipe.yaml"], capsys)
+            else:
+                assert _run(["train", "--config", "recipe.yaml"], capsys)[0] == code
+        assert _tree(work.parent) == before  # the finished model, byte for byte; no build directory or lock left
+
+    def offline(*args, **kwargs):
+        raise ConnectionError("offline mode is enabled")
+
+    monkeypatch.setattr("huggingface_hub.HfApi.create_repo", offline)
+    code, err = _run(["train", "--config", "recipe.yaml", "--push-to-hub", "me/grace"], capsys)
+    assert code == 2 and "Traceback" not in err
+    assert "--push-to-hub me/grace: the model is saved in runs/new, but pushing it failed: ConnectionError" in err
+    assert read_marker(work / "runs" / "new")["complete"] is True
+
+
+def test_an_interrupted_demo_keeps_the_previous_one(work, capsys, monkeypatch):
+    with output_directory("demo-out", DEMO) as tmp:
+        (tmp / "metrics.json").write_text("{}")
+    before = _tree(work.parent)
+
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(demo_module, "run_baseline", interrupted)
+    code, err = _run(["demo", "--output-dir", "demo-out", "--num-images", "12"], capsys)
+    assert code == 130, err[-2000:]
+    assert _tree(work.parent) == before
+
+
+def test_a_second_run_into_the_same_output_names_the_first(work, capsys):
+    first = begin_output("runs/new", "model")
+    try:
+        code, err = _run(["train", "--config", _recipe(work)], capsys)
+    finally:
+        first.abandon()
+    assert code == 2 and f"another grace_hf run (process {os.getpid()}) is writing it" in err
+    assert not (work / "runs").exists()
+
+
+def _bomb_png(path: Path) -> None:
+    """A PNG whose header claims 20000 x 20000 pixels: Pillow's bomb guard refuses to decode it."""
+
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+    header = chunk(b"IHDR", struct.pack(">IIBBBBB", 20000, 20000, 8, 2, 0, 0, 0))
+    path.write_bytes(b"\x89PNG\r\n\x1a\n" + header + chunk(b"IDAT", zlib.compress(b"\0" * 64)) + chunk(b"IEND", b""))
+
+
+def test_the_gallery_keeps_pillows_bomb_guard(work, capsys):
+    for key in json.loads((work / "model" / "identifiers.json").read_text())["images"]:
+        (work / "bombs" / key).parent.mkdir(parents=True, exist_ok=True)
+        _bomb_png(work / "bombs" / key)
+    argv = ["retrieve", "--model", "model", "a red square", "--image-root", "bombs", "--output-dir", "g"]
+    code, err = _run(argv, capsys)
+    assert code == 0, err[-2000:]
+    assert "no image" in (work / "g" / "gallery.html").read_text()
+
+
+def test_pseudo_queries_given_as_the_folder_the_command_writes(work, capsys):
+    argv = [*PREPARE_NUMERIC, "--pseudo-queries", "data", "--output-dir", "p"]
+    code, err = _run(argv, capsys)
+    assert code == 0, err[-2000:]
+    record = json.loads((work / "p" / "prepare.json").read_text())
+    assert record["inputs"]["pseudo_queries"] == os.path.join("data", "pseudo_queries.json")
