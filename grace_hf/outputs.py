@@ -243,8 +243,9 @@ def _process_alive(pid: int) -> bool:
 
 
 def remove_stale_temporaries(output: PathLike) -> None:
-    """Remove the temporary siblings of `output` that dead runs of earlier versions left; a replaced directory
-    whose successor never arrived (a kill between the two renames) is put back."""
+    """Clean up what a dead run left beside `output`: a temporary of an earlier version is removed; a replaced
+    output moved aside is put back when its successor never arrived (a kill between the two renames of a swap),
+    else its listed files are removed (a kill just after the swap)."""
     output = Path(output)
     if not output.parent.is_dir():
         return
@@ -252,10 +253,12 @@ def remove_stale_temporaries(output: PathLike) -> None:
         match = _TEMPORARY.match(entry.name)
         if not match or match["name"] != output.name or _process_alive(int(match["pid"])):
             continue
-        if match["role"] == "old" and not output.exists():
-            os.replace(entry, output)
-        elif match["role"] == "tmp":
+        if match["role"] == "tmp":
             shutil.rmtree(entry, ignore_errors=True)
+        elif not output.exists():
+            os.replace(entry, output)
+        elif _ownership(entry)[0] is not None:  # killed after the swap: the replaced output's own files go
+            _remove_listed(entry, _ownership(entry)[0])
 
 
 def _remove_listed(directory: Path, files: Iterable[str]) -> list[str]:
