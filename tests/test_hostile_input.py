@@ -20,14 +20,14 @@ from test_evaluate_cli import write_prepared
 from test_retriever import IMAGES, QUERIES, build_tiny_model_dir
 
 from grace_hf import cli
-from grace_hf import demo as demo_module
+from grace_hf.commands import demo as demo_module
 from grace_hf.data.synthetic import write_synthetic
+from grace_hf.dense.directory import FEATURES_FILE, save_image_features
 from grace_hf.dense.model import DualEncoder
 from grace_hf.errors import GraceInputError
-from grace_hf.image_features import FEATURES_FILE, save_image_features
 from grace_hf.outputs import DEMO, MARKER_FILE, begin_output, output_directory, read_marker
-from grace_hf.prepare import prepare
-from grace_hf.training import train as train_module
+from grace_hf.training import loop as train_module
+from grace_hf.training.preparation import prepare
 
 
 @pytest.fixture(scope="module")

@@ -6,8 +6,8 @@ import argparse
 import math
 from collections.abc import Mapping, Sequence
 
+from grace_hf.dense.directory import check_dense_directory
 from grace_hf.errors import GraceInputError
-from grace_hf.retrieval.rerank import check_dense_directory
 from grace_hf.runtime import configure_threads
 
 __all__ = ["add_num_threads", "add_overwrite", "add_rerank", "check_rerank_args", "command_parser", "setup_threads"]

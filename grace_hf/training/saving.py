@@ -3,7 +3,7 @@
 The model files are written into the run's build directory (`grace_hf.outputs.build_path`), beside its checkpoints
 and logs; the run then swaps the build in for the output (`OutputBuild.commit`). A kill at any moment leaves the
 previous output as it was and a build directory that `--resume-from-checkpoint latest` resumes. The layout is
-`grace_hf.retrieval.model_dir`'s.
+`grace_hf.model_dir`'s.
 """
 
 from __future__ import annotations
@@ -16,7 +16,8 @@ from typing import Any
 from huggingface_hub import HfApi
 
 from grace_hf.identifiers import Codebooks, IdentifierIndex
-from grace_hf.retrieval.model_dir import NOT_PUSHED, GraceConfig, write_model_dir
+from grace_hf.model_dir import NOT_PUSHED, GraceConfig, write_model_dir
+from grace_hf.retrieval.collection import Collection
 
 __all__ = ["push_directory", "save_model_directory"]
 
@@ -52,6 +53,7 @@ def save_model_directory(
             state_dict=state_dict,
             codebooks=codebooks,
             training_args=training_args,
+            trie=None if index is None else Collection.build(index, processor).trie,
         )
         if write_files is not None:
             write_files(directory)

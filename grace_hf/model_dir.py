@@ -25,19 +25,18 @@ import json
 import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import torch
 from huggingface_hub import snapshot_download
 from safetensors import SafetensorError, safe_open
 
 from grace_hf.errors import GraceInputError
+from grace_hf.evaluation.metrics import METRICS_FILE
 from grace_hf.identifiers import CODEBOOKS_FILE, IDENTIFIERS_FILE, Codebooks, IdentifierIndex
 from grace_hf.io_utils import atomic_write_json, atomic_write_text, read_json
 from grace_hf.models.flamingo import FlamingoConfig, FlamingoForConditionalGeneration, FlamingoProcessor
-from grace_hf.outputs import MARKER_FILE, read_marker, record_written
-from grace_hf.retrieval.collection import Collection
-from grace_hf.retrieval.trie import IdentifierTrie
+from grace_hf.outputs import MARKER_FILE, read_marker
 
 __all__ = [
     "ADDED_IMAGES_DIR",
@@ -52,21 +51,16 @@ __all__ = [
     "TRIE_FILE",
     "GraceConfig",
     "ModelDirectory",
-    "RerankConfig",
-    "check_rerank_settings",
     "read_codebooks",
     "read_model_dir",
-    "read_rerank_config",
     "read_retrieval_files",
     "resolve_model_dir",
     "training_data_sources",
     "write_model_dir",
-    "write_rerank_config",
 ]
 
 GRACE_CONFIG_FILE = "grace_config.json"
 TRIE_FILE = "identifier_trie.safetensors"
-METRICS_FILE = "metrics.json"
 MODEL_CARD_FILE = "README.md"
 CHECKPOINTS_DIR = "checkpoints"
 LOGS_DIR = "logs"
@@ -77,6 +71,12 @@ NOT_PUSHED = [f"{CHECKPOINTS_DIR}/*", f"{LOGS_DIR}/*", f"{ADDED_IMAGES_DIR}/*", 
 WEIGHTS_FILES = ("model.safetensors", "model.safetensors.index.json")
 REQUIRED_FILES = ("config.json", "tokenizer.json", "tokenizer_config.json", "processor_config.json")
 QUERY_IMAGE_MODES = ("none", "blank")
+
+
+class SavesToFile(Protocol):
+    """What writes itself to a file (the identifier trie)."""
+
+    def save(self, path: str | os.PathLike) -> None: ...
 
 
 @dataclass
@@ -114,14 +114,14 @@ class GraceConfig:
 @dataclass
 class ModelDirectory:
     """What a model directory holds, loaded: the model (eval mode, on CPU; None when read without weights), its
-    processor, and for a retriever the identifier index, the GRACE config and the saved trie."""
+    processor, and for a retriever the identifier index and the GRACE config (the saved trie is the retriever's to
+    read: `grace_hf.retrieval.collection.load_saved_trie`)."""
 
     path: Path
     model: FlamingoForConditionalGeneration | None
     processor: FlamingoProcessor
     index: IdentifierIndex | None
     grace_config: GraceConfig
-    saved_trie: IdentifierTrie | None
 
 
 def resolve_model_dir(model: str | os.PathLike) -> Path:
@@ -151,11 +151,12 @@ def write_model_dir(
     state_dict: dict[str, torch.Tensor] | None = None,
     codebooks: Codebooks | None = None,
     training_args: dict[str, Any] | None = None,
+    trie: SavesToFile | None = None,
 ) -> None:
     """Write the model directory's files into the existing directory `directory` (the caller makes it atomic).
 
     `state_dict`: the gathered weights when the model is sharded (ZeRO-3); a retriever's directory needs `index`
-    (and its `codebooks`, when its kind keeps them); `training_args`: what training ran on (`training_args.json`,
+    (and its `codebooks`, when its kind keeps them) and the `trie` of its default candidates; `training_args`: what training ran on (`training_args.json`,
     with `data`: the prepared datasets it trained on).
     """
     directory = Path(directory)
@@ -163,10 +164,11 @@ def write_model_dir(
     processor.save_pretrained(directory)
     if index is not None:
         index.save(directory / IDENTIFIERS_FILE)
-        Collection.build(index, processor).trie.save(directory / TRIE_FILE)
         atomic_write_json(
             directory / GRACE_CONFIG_FILE, dataclasses.asdict(grace_config or GraceConfig.for_index(index))
         )
+    if trie is not None:
+        trie.save(directory / TRIE_FILE)
     if codebooks is not None:
         codebooks.save(directory / CODEBOOKS_FILE)
     if training_args is not None:
@@ -276,27 +278,14 @@ def _check_index(directory: Path, index: IdentifierIndex, processor: Any, config
         raise GraceInputError(f"{path}: {index.kind} identifiers for a model trained on {config.identifier_kind} ones")
 
 
-def _load_saved_trie(directory: Path) -> IdentifierTrie | None:
-    path = directory / TRIE_FILE
-    if not path.is_file():
-        return None
-    try:
-        return IdentifierTrie.load(path)
-    except (SafetensorError, ValueError, KeyError, OSError):
-        return None  # a corrupt cache: the collection rebuilds the trie from the identifiers anyway
-
-
-def read_retrieval_files(
-    directory: Path, processor: Any
-) -> tuple[IdentifierIndex, GraceConfig, IdentifierTrie | None]:
-    """The identifier index (checked against the model's tokenizer), the GRACE config and the saved trie of a
-    model directory."""
+def read_retrieval_files(directory: Path, processor: Any) -> tuple[IdentifierIndex, GraceConfig]:
+    """The identifier index (checked against the model's tokenizer) and the GRACE config of a model directory."""
     grace_config = GraceConfig()
     if (directory / GRACE_CONFIG_FILE).is_file():
         grace_config = GraceConfig.load(directory / GRACE_CONFIG_FILE)
     index = IdentifierIndex.load(directory / IDENTIFIERS_FILE)
     _check_index(directory, index, processor, grace_config)
-    return index, grace_config, _load_saved_trie(directory)
+    return index, grace_config
 
 
 def read_model_dir(
@@ -311,15 +300,15 @@ def read_model_dir(
     _check_files(directory, retriever)
     config = _load_config(directory)
     processor = _load_processor(directory, config)
-    index, grace_config, saved_trie = None, GraceConfig(), None
+    index, grace_config = None, GraceConfig()
     if retriever:
-        index, grace_config, saved_trie = read_retrieval_files(directory, processor)
+        index, grace_config = read_retrieval_files(directory, processor)
     if weights:
         loaded = _load_model(directory, dtype)
     else:
         _check_weights(directory)
         loaded = None
-    return ModelDirectory(directory, loaded, processor, index, grace_config, saved_trie)
+    return ModelDirectory(directory, loaded, processor, index, grace_config)
 
 
 def read_codebooks(directory: Path) -> Codebooks | None:
@@ -339,59 +328,3 @@ def training_data_sources(directory: Path) -> list[str] | None:
     if not isinstance(sources, list) or not all(isinstance(source, str) for source in sources):
         raise GraceInputError(f"{path}: 'data' must be a list of prepared datasets")
     return [str(directory / source) if source.startswith(("./", "../")) else source for source in sources]
-
-
-def check_rerank_settings(weight: float, num_beams: int, where: str) -> None:
-    """A fusion weight in [0, 1] and at least one beam, or a `GraceInputError` naming `where` they came from."""
-    if isinstance(weight, bool) or not isinstance(weight, int | float) or not 0.0 <= weight <= 1.0:
-        raise GraceInputError(f"{where}: the re-ranking weight must be a number in [0, 1], got {weight!r}")
-    if isinstance(num_beams, bool) or not isinstance(num_beams, int) or num_beams < 1:
-        raise GraceInputError(f"{where}: the re-ranking beams must be a whole number >= 1, got {num_beams!r}")
-
-
-@dataclass
-class RerankConfig:
-    """How the model re-ranks its beams with a dense scorer (`rerank.json`), fitted on the validation queries.
-
-    Args:
-        weight: fused score = weight * log_softmax(beam scores) + (1 - weight) * logit_scale * cosine.
-        num_beams: beams searched per query; their images are re-scored.
-        dense: the dense model directory the weight was fitted with.
-        dense_fingerprint: sha256 of that dense model's files: another dense model is refused.
-        fitted_on: what the weight was fitted on (the val captions of a prepared dataset).
-        val_grid: Recall@1/5/10 on val of every weight tried.
-    """
-
-    weight: float
-    num_beams: int
-    dense: str | None = None
-    dense_fingerprint: str | None = None
-    fitted_on: str | None = None
-    val_grid: list[dict[str, float]] = dataclasses.field(default_factory=list)
-
-
-def read_rerank_config(directory: Path) -> RerankConfig | None:
-    """The `rerank.json` of a model directory (checked), or None when the model has none."""
-    path = directory / RERANK_FILE
-    if not path.is_file():
-        return None
-    data = read_json(path, "re-ranking config")
-    if not isinstance(data, dict) or "weight" not in data or "num_beams" not in data:
-        raise GraceInputError(f"{path}: expected a JSON object with 'weight' and 'num_beams'")
-    check_rerank_settings(data["weight"], data["num_beams"], str(path))
-    for key in ("dense", "dense_fingerprint", "fitted_on"):
-        if data.get(key) is not None and not isinstance(data[key], str):
-            raise GraceInputError(f"{path}: {key!r} must be a string")
-    if not isinstance(data.get("val_grid", []), list):
-        raise GraceInputError(f"{path}: 'val_grid' must be a list")
-    known = {f.name for f in dataclasses.fields(RerankConfig)}
-    return RerankConfig(**{key: value for key, value in data.items() if key in known})
-
-
-def write_rerank_config(directory: Path, config: RerankConfig) -> Path:
-    """Write `rerank.json` into a model directory through a temporary file and a rename (recorded in its marker as
-    grace_hf's); returns its path."""
-    path = directory / RERANK_FILE
-    atomic_write_json(path, dataclasses.asdict(config))
-    record_written(directory, RERANK_FILE)
-    return path
