@@ -212,6 +212,11 @@ def _checkpoint(work: Path, damage: str) -> str:
     return "ckpt"
 
 
+def _micro_clip_config(work: Path) -> str:
+    (work / "micro.json").write_text(json.dumps(MICRO))
+    return "micro.json"
+
+
 def _corrupt(work: Path, name: str) -> str:
     (work / name).write_bytes(b"not weights at all" * 10)
     return name
@@ -846,6 +851,21 @@ CASES = [
             "converted",
         ],
         "bad.safetensors: not a readable safetensors file",
+    ),
+    (
+        "prepare-corrupt-clip-weights",
+        lambda w: [
+            *PREPARE,
+            "--identifier-kind",
+            "rq",
+            "--clip-model",
+            _micro_clip_config(w),
+            "--clip-pretrained",
+            _corrupt(w, "clip.safetensors"),
+            "--output-dir",
+            "o",
+        ],
+        "--clip-pretrained clip.safetensors: cannot load: ",
     ),
     (
         "retrieve-foreign-weights",
