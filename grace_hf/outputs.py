@@ -77,9 +77,11 @@ DEMO = "demo"
 BENCHMARK = "benchmark"  # the work directory of a script in benchmarks/
 # what a run of an earlier version left beside an output
 _TEMPORARY = re.compile(r"^\.(?P<name>.+)\.grace-(?P<role>tmp|old)-(?P<pid>\d+)-[0-9a-f]+$")
-_SYSTEM_TREES = ("bin", "boot", "dev", "etc", "lib", "lib32", "lib64", "libx32", "proc", "run", "sbin", "snap", "sys")
-_SYSTEM_TREES += ("usr",)
-NAMED_EXTRAS = 5
+# top-level directories of the system: nothing under them is ever an output (/var: down to three levels)
+_SYSTEM_TREES = frozenset(
+    ("bin", "boot", "dev", "etc", "lib", "lib32", "lib64", "libx32", "proc", "run", "sbin", "snap", "sys", "usr")
+)
+NAMED_FILES = 5  # files named in a message, at most
 
 PathLike = str | os.PathLike
 
@@ -140,13 +142,12 @@ def _ownership(directory: Path) -> tuple[dict[str, int] | None, str]:
     if changed:
         return None, (
             f"a grace_hf {marker['kind']} output whose files are not those its marker lists "
-            f"({', '.join(changed[:NAMED_EXTRAS])}): it was changed, or the marker was copied from elsewhere"
+            f"({', '.join(changed[:NAMED_FILES])}): it was changed, or the marker was copied from elsewhere"
         )
     extras = sorted(name for name in found if name not in listed)
     if extras:
-        named = ", ".join(extras[:NAMED_EXTRAS]) + (
-            f" and {len(extras) - NAMED_EXTRAS} more" if len(extras) > 5 else ""
-        )
+        more = len(extras) - NAMED_FILES
+        named = ", ".join(extras[:NAMED_FILES]) + (f" and {more} more" if more > 0 else "")
         return None, f"a grace_hf {marker['kind']} output that also holds files grace_hf did not write: {named}"
     return listed, ""
 
@@ -332,9 +333,8 @@ class OutputBuild:
         """Mark the build complete with its manifest and swap it in for the old output, of which exactly the files
         grace_hf wrote are removed."""
         try:
-            where = f"{self.path}"
             try:
-                old_files = _check_replaceable(self.path, self.kind, self.overwrite, where)
+                old_files = _check_replaceable(self.path, self.kind, self.overwrite, str(self.path))
             except GraceInputError as err:
                 raise GraceInputError(
                     f"{err} (it changed during the run); the new output is kept in {self.build}"
@@ -348,7 +348,8 @@ class OutputBuild:
             os.replace(self.build, self.path)
             left = _remove_listed(old, old_files)
             if left:
-                print(f"note: {old} keeps files written into the old output during the run: {', '.join(left[:5])}")
+                kept = ", ".join(left[:NAMED_FILES])
+                print(f"note: {old} keeps files written into the old output during the run: {kept}")
         finally:
             self._release()
 

@@ -192,7 +192,7 @@ def test_a_killed_rerun_leaves_the_old_output_byte_for_byte(signum, tmp_path):
     before = _tree(tmp_path)
     script = (
         "import sys, time\n"
-        "from grace_hf.cli import _sigterm_interrupts\n"
+        "from grace_hf.commands.cli import _sigterm_interrupts\n"
         "from grace_hf.outputs import output_directory\n"
         "with _sigterm_interrupts(), output_directory(sys.argv[1], 'evaluation') as tmp:\n"
         "    (tmp / 'half.txt').write_text('half'); print('started', flush=True); time.sleep(60)\n"
