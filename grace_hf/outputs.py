@@ -4,9 +4,13 @@ What holds, for every command (`train`, `add-images` and `demo` included):
 
 - **Built beside, swapped in at the end.** The output `NAME` is built in the sibling `.NAME.grace-partial/` and
   renamed into place only when complete. Until then the previous output is untouched: a failed, killed
-  (SIGINT, SIGTERM, SIGKILL) or refused run leaves it byte for byte. `train` keeps its checkpoints in that sibling,
-  so `--resume-from-checkpoint latest` finds them after a kill; a build directory a dead run left is removed by the
-  next run for the same output (not one with checkpoints: that one is resumed, or replaced with `--overwrite`).
+  (SIGINT, SIGTERM, SIGKILL) or refused run leaves it byte for byte. A failure, SIGINT or SIGTERM (`grace-hf`
+  turns it into an interrupt) also removes the build directory; one a SIGKILLed run left is removed by the next run
+  for the same output. `train` keeps its checkpoints in the build directory, so `--resume-from-checkpoint latest`
+  finds them after a kill (a build directory with checkpoints is kept: it is resumed, or replaced with
+  `--overwrite`). A kill between the two renames of the swap leaves the old output aside
+  (`.NAME.grace-old-<pid>-0`); the next run puts it back. Only the benchmarks' `--reuse` (`begin_output(resume=True)`
+  on a complete output) moves an output back into its build directory, to continue it.
 - **One writer per output.** The whole run holds a lock on `.NAME.grace-lock` beside the output; a second run into
   the same output is refused, naming the first run's process id.
 - **Only what grace_hf wrote is ever removed.** Every output holds a marker (`.grace_hf_output.json`, a regular
