@@ -189,7 +189,8 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     torch.set_num_threads(1)
 
-    work = open_work_dir(parser, args.work_dir, args.reuse)
+    output = open_work_dir(parser, args.work_dir, args.reuse)
+    work = output.build.resolve()  # built beside --work-dir, which it becomes at the end
     raw = work / "raw"
     if not (args.reuse and (raw / SYNTHETIC_JSON).is_file()):
         write_synthetic(raw, args.num_images, seed=0, overwrite=True)
@@ -212,7 +213,7 @@ def main(argv: list[str] | None = None) -> int:
         f"{GOALS['time_ratio']:.0%} of retraining\n"
     )
     print(table(results), end="")
-    finish_work_dir(work)
+    finish_work_dir(output)
     return 0
 
 

@@ -10,11 +10,10 @@ import statistics
 import sys
 import time
 from collections.abc import Callable
-from pathlib import Path
 from typing import TYPE_CHECKING
 
 from grace_hf.errors import GraceInputError
-from grace_hf.outputs import BENCHMARK, finish_output_dir, open_output_dir
+from grace_hf.outputs import BENCHMARK, OutputBuild, begin_output
 
 if TYPE_CHECKING:
     import torch
@@ -51,17 +50,16 @@ def free_port(host: str = "127.0.0.1") -> int:
         return probe.getsockname()[1]
 
 
-def open_work_dir(parser: argparse.ArgumentParser, path: str, reuse: bool) -> Path:
-    """The benchmark's `--work-dir`, opened under the output policy (never the working directory, home or a folder
-    this script did not write); a refusal ends the run as a usage error naming the flag."""
+def open_work_dir(parser: argparse.ArgumentParser, path: str, reuse: bool) -> OutputBuild:
+    """The benchmark's `--work-dir`, built beside it under the output policy (never the working directory, home or a
+    folder this script did not write; `.build` is where the run writes); a refusal ends the run as a usage error
+    naming the flag."""
     try:
-        return open_output_dir(
-            path, BENCHMARK, resume=reuse, command=shlex.join(sys.argv), flag="--work-dir"
-        ).resolve()
+        return begin_output(path, BENCHMARK, resume=reuse, command=shlex.join(sys.argv), flag="--work-dir")
     except GraceInputError as error:
         parser.error(str(error))
 
 
-def finish_work_dir(work: Path) -> None:
-    """Mark the work directory complete (the run's last write)."""
-    finish_output_dir(work, BENCHMARK, shlex.join(sys.argv))
+def finish_work_dir(output: OutputBuild) -> None:
+    """Swap the finished work directory into place (the run's last step)."""
+    output.commit()

@@ -126,14 +126,15 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--reuse", action="store_true", help="keep finished stages of an earlier run here")
     args = parser.parse_args(argv)
     torch.set_num_threads(1)
-    work = open_work_dir(parser, args.work_dir, args.reuse)
+    output = open_work_dir(parser, args.work_dir, args.reuse)
+    work = output.build.resolve()  # built beside --work-dir, which it becomes at the end
     results = [run_collection(name, work, args.methods, args.reuse) for name in args.collections]
     header = ["| collection | method | R@1 | R@5 | R@10 | train s |", "| --- | --- | --- | --- | --- | --- |"]
     table = "\n".join([*header, *(row for rows, _ in results for row in rows)])
     goals = "\n".join(f"- {verdict}" for _, verdict in results)
     (work / "generalization.md").write_text(f"{table}\n\n{goals}\n")
     print(f"\nTest captions ranking each collection's test images (one torch thread):\n\n{table}\n\nGoals:\n{goals}")
-    finish_work_dir(work)
+    finish_work_dir(output)
     return 0
 
 

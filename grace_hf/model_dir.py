@@ -241,9 +241,20 @@ def _load_processor(directory: Path, config: FlamingoConfig) -> FlamingoProcesso
 def _load_model(directory: Path, dtype: torch.dtype | str | None) -> FlamingoForConditionalGeneration:
     _check_weights(directory)
     try:
-        return FlamingoForConditionalGeneration.from_pretrained(directory, dtype=dtype).eval()
+        model, info = FlamingoForConditionalGeneration.from_pretrained(
+            directory, dtype=dtype, output_loading_info=True
+        )
     except (RuntimeError, ValueError, OSError, KeyError) as err:
         raise GraceInputError(f"{directory}: the weights do not match config.json ({err})") from None
+    for problem in ("missing_keys", "unexpected_keys", "mismatched_keys"):
+        keys = sorted(str(key[0] if isinstance(key, tuple) else key) for key in info.get(problem) or ())
+        if keys:  # loading would leave those weights randomly initialised, or drop what the file holds
+            weights = next(directory / name for name in WEIGHTS_FILES if (directory / name).is_file())
+            raise GraceInputError(
+                f"{weights}: the weights do not fit the model of config.json: {len(keys)} "
+                f"{problem.replace('_', ' ')}, e.g. {', '.join(keys[:3])}"
+            )
+    return model.eval()
 
 
 def _check_index(directory: Path, index: IdentifierIndex, processor: Any, config: GraceConfig) -> None:
@@ -307,8 +318,8 @@ def read_codebooks(directory: Path) -> Codebooks | None:
 
 
 def training_data_sources(directory: Path) -> list[str] | None:
-    """The prepared datasets a model was trained on, as its `training_args.json` records them (`./x`, a dataset
-    inside the model directory, made absolute), or None when it has no record."""
+    """The prepared datasets a model was trained on, as its `training_args.json` records them (a relative path,
+    `./x` inside the model directory or `../x` beside it, made absolute), or None when it has no record."""
     path = directory / TRAINING_ARGS_FILE
     if not path.is_file():
         return None
@@ -316,4 +327,4 @@ def training_data_sources(directory: Path) -> list[str] | None:
     sources = record.get("data") if isinstance(record, dict) else None
     if not isinstance(sources, list) or not all(isinstance(source, str) for source in sources):
         raise GraceInputError(f"{path}: 'data' must be a list of prepared datasets")
-    return [str(directory / source) if source.startswith("./") else source for source in sources]
+    return [str(directory / source) if source.startswith(("./", "../")) else source for source in sources]

@@ -258,7 +258,8 @@ def test_killed_add_resumes_to_the_same_weights(added, collections, tmp_path):
         [sys.executable, str(script), *argv], env=env, capture_output=True, text=True, timeout=300
     )
     assert process.returncode == -signal.SIGKILL, process.stderr[-2000:]
-    with pytest.raises(GraceInputError, match="holds an unfinished run; resume it"):
+    assert not (tmp_path / "out").exists()  # the output appears only when complete
+    with pytest.raises(GraceInputError, match="unfinished run left checkpoints in .*; resume it"):
         run_add(argv)
 
     run_add([*argv, "--resume-from-checkpoint", "latest"])

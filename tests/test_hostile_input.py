@@ -6,16 +6,22 @@ import json
 import os
 import re
 import shutil
+import struct
+import zlib
 from pathlib import Path
 
 import pytest
 import torch
 import yaml
+from safetensors.torch import load_file, save_file
 
 from grace_hf import cli
+from grace_hf.commands import demo as demo_module
 from grace_hf.dense.directory import FEATURES_FILE, save_image_features
 from grace_hf.dense.model import DualEncoder
 from grace_hf.errors import GraceInputError
+from grace_hf.outputs import DEMO, MARKER_FILE, begin_output, output_directory, read_marker
+from grace_hf.training import loop as train_module
 from tests.helpers import IMAGES, MICRO, QUERIES, reset_accelerate, write_prepared
 
 
@@ -102,6 +108,9 @@ def _broken_model(work: Path, damage: str) -> str:
         index = json.loads((model / "identifiers.json").read_text())
         index["images"].pop("images/000.png")
         (model / "identifiers.json").write_text(json.dumps(index))
+    elif damage == "foreign-weights":  # every key renamed: nothing would load, all weights random
+        weights = model / "model.safetensors"
+        save_file({f"foreign.{key}": value for key, value in load_file(weights).items()}, weights)
     elif damage == "unfinished":
         (model / ".grace_hf_output.json").write_text(json.dumps({"kind": "model", "complete": False}))
     else:
@@ -130,6 +139,71 @@ def _structured_without_codebooks(work: Path) -> str:
     (work / "model" / "identifiers.json").write_text(json.dumps(index))
     (work / "model" / "grace_config.json").write_text(json.dumps({"identifier_kind": "structured"}))
     return "model"
+
+
+def _marker_into_thesis(work: Path, how: str) -> str:
+    """The user's `thesis/` with the marker of a genuine grace_hf output copied, linked or nested into it."""
+    marker = work / "thesis" / MARKER_FILE
+    if how == "copied":
+        shutil.copy(work / "prepared" / MARKER_FILE, marker)
+    elif how == "linked":
+        os.symlink(work / "prepared" / MARKER_FILE, marker)
+    else:
+        marker.write_text("[" * 100_000 + "]" * 100_000)
+    return "thesis"
+
+
+def _with_user_file(work: Path, output: str) -> str:
+    """A grace_hf output with a file of the user's added to it."""
+    (work / output / "my-notes.txt").write_text("the user's notes on this output")
+    return output
+
+
+def _recipe_folder(work: Path) -> str:
+    """`recipes/recipe.yaml` with other files of the user's beside it."""
+    (work / "recipes").mkdir()
+    (work / "recipes" / "other.yaml").write_text("seed: 1")
+    _recipe(work)
+    shutil.move(work / "recipe.yaml", work / "recipes" / "recipe.yaml")
+    return "recipes/recipe.yaml"
+
+
+def _linked_image_root(work: Path) -> str:
+    """An image root that is a symbolic link to `data/` (its Karpathy JSON copied beside it)."""
+    os.symlink(work / "data", work / "imglink")
+    shutil.copy(work / "data" / "dataset_synthetic.json", work / "k.json")
+    return "imglink"
+
+
+def _leaking_image(work: Path) -> str:
+    """A Karpathy JSON whose image is a symbolic link inside the image root to the user's notes outside it."""
+    data = json.loads((work / "data" / "dataset_synthetic.json").read_text())
+    os.symlink(work / "notes.txt", work / "data" / "images" / "leak.png")
+    data["images"][2].update(filepath="images", filename="leak.png")
+    (work / "leaking.json").write_text(json.dumps(data))
+    return "leaking.json"
+
+
+def _checkpoint(work: Path, damage: str) -> str:
+    """A checkpoint directory that is truncated or was not written by grace_hf."""
+    checkpoint = work / "ckpt"
+    checkpoint.mkdir()
+    if damage == "foreign":
+        (checkpoint / "trainer_state.json").write_text(json.dumps({"global_step": 3}))
+    else:
+        (checkpoint / "trainer_state.json").write_text(json.dumps({"step": 3, "scheduler": {}, "train_seconds": 1}))
+        (checkpoint / "model.safetensors").write_bytes(b"\x00" * 100)
+    return "ckpt"
+
+
+def _micro_clip_config(work: Path) -> str:
+    (work / "micro.json").write_text(json.dumps(MICRO))
+    return "micro.json"
+
+
+def _corrupt(work: Path, name: str) -> str:
+    (work / name).write_bytes(b"not weights at all" * 10)
+    return name
 
 
 PREPARE = ["prepare", "--karpathy-json", "data/dataset_synthetic.json", "--image-root", "data"]
@@ -242,7 +316,7 @@ CASES = [
     (
         "prepare-rq-no-levels",
         lambda w: [*PREPARE_RQ, "--levels", "0", "--output-dir", "o"],
-        "rq identifiers need --levels >= 1 and --codebook-size >= 2, got levels 0",
+        "argument --levels: must be >= 1, got 0",
     ),
     (
         "prepare-rq-one-code",
@@ -366,7 +440,7 @@ CASES = [
     ),
     ("evaluate-rerank-fit-without-val", lambda w: [*RERANK, "dense"], "no 'val_queries' split"),
     ("evaluate-rerank-weight-range", lambda w: [*RERANK, "dense", "--rerank-weight", "1.5"], r"must be in \[0, 1\]"),
-    ("evaluate-rerank-no-beams", lambda w: [*RERANK, "dense", "--rerank-beams", "0"], "--rerank-beams must be >= 1"),
+    ("evaluate-rerank-no-beams", lambda w: [*RERANK, "dense", "--rerank-beams", "0"], "--rerank-beams: must be >= 1"),
     (
         "evaluate-rerank-weight-alone",
         lambda w: [*EVALUATE, "--model", "model", "--output-dir", "e", "--rerank-weight", "0.5"],
@@ -532,6 +606,256 @@ CASES = [
         lambda w: ["add-images", "--model", "model", "--output-dir", "a"],
         "needs karpathy_json",
     ),
+    # issue 20: data loss, inputs that are outputs, system paths, leaks, numbers and files that were tracebacks
+    (
+        "synthetic-forged-marker",
+        lambda w: ["synthetic", "--output-dir", _marker_into_thesis(w, "copied"), "--overwrite"],
+        "thesis: exists and is a grace_hf prepared-dataset output whose files are not those its marker lists",
+    ),
+    (
+        "synthetic-linked-marker",
+        lambda w: ["synthetic", "--output-dir", _marker_into_thesis(w, "linked"), "--overwrite"],
+        "thesis: exists and is not a grace_hf output; nothing was deleted",
+    ),
+    (
+        "synthetic-nested-marker",
+        lambda w: ["synthetic", "--output-dir", _marker_into_thesis(w, "nested"), "--overwrite"],
+        "thesis: exists and is not a grace_hf output; nothing was deleted",
+    ),
+    (
+        "synthetic-rerun-keeps-user-files",
+        lambda w: ["synthetic", "--output-dir", _with_user_file(w, "data"), "--num-images", "12"],
+        "data: exists and is a grace_hf synthetic-data output that also holds files grace_hf did not write: "
+        "my-notes.txt; nothing was deleted",
+    ),
+    (
+        "prepare-rerun-keeps-user-files-with-overwrite",
+        lambda w: [*PREPARE_NUMERIC, "--output-dir", _with_user_file(w, "prepared"), "--overwrite"],
+        "prepared: exists and is a grace_hf prepared-dataset output that also holds files grace_hf did not write",
+    ),
+    (
+        "prepare-inside-image-root",
+        lambda w: [*PREPARE_NUMERIC, "--output-dir", "data/prepared"],
+        "--output-dir data/prepared: is inside the input data",
+    ),
+    (
+        "prepare-into-linked-image-root",
+        lambda w: [
+            "prepare",
+            "--karpathy-json",
+            "k.json",
+            "--image-root",
+            _linked_image_root(w),
+            "--identifier-kind",
+            "numeric",
+            "--output-dir",
+            "data",
+            "--overwrite",
+        ],
+        "--output-dir data: holds the input imglink",
+    ),
+    (
+        "prepare-image-links-outside-root",
+        lambda w: [
+            "prepare",
+            "--karpathy-json",
+            _leaking_image(w),
+            "--image-root",
+            "data",
+            "--identifier-kind",
+            "numeric",
+            "--output-dir",
+            "p",
+        ],
+        r"leaking.json: images\[2\] \('leak.png'\): data/images/leak.png leads outside the image root data",
+    ),
+    (
+        "evaluate-rerank-is-the-output",
+        lambda w: [*EVALUATE, "--model", "model", "--rerank", "dense", "--output-dir", "dense", "--overwrite"],
+        "--output-dir dense: holds the input dense",
+    ),
+    (
+        "retrieve-rerank-is-the-output",
+        lambda w: [
+            "retrieve",
+            "--model",
+            "model",
+            "a dog",
+            "--rerank",
+            "dense",
+            "--output-dir",
+            "dense",
+            "--overwrite",
+        ],
+        "--output-dir dense: holds the input dense",
+    ),
+    (
+        "train-into-the-recipe-folder",
+        lambda w: ["train", "--config", _recipe_folder(w), "--output-dir", "recipes", "--overwrite"],
+        "--output-dir recipes: holds the input recipes/recipe.yaml",
+    ),
+    ("synthetic-etc", lambda w: ["synthetic", "--output-dir", "/etc", "--overwrite"], "/etc: is / or a directory"),
+    (
+        "synthetic-usr",
+        lambda w: ["synthetic", "--output-dir", "/usr/share/grace", "--overwrite"],
+        "/usr/share/grace: is a system directory",
+    ),
+    (
+        "synthetic-var-lib",
+        lambda w: ["synthetic", "--output-dir", "/var/lib/grace", "--overwrite"],
+        "/var/lib/grace: is a system directory",
+    ),
+    (
+        "synthetic-home-dot-folder",
+        lambda w: ["synthetic", "--output-dir", "~/.ssh", "--overwrite"],
+        "~/.ssh: is in the dot-folder .*/home/.ssh of the home directory",
+    ),
+    (
+        "synthetic-git-checkout",
+        lambda w: ["synthetic", "--output-dir", str(Path(__file__).resolve().parents[1]), "--overwrite"],
+        "is the root of a git checkout",
+    ),
+    (
+        "synthetic-name-too-long",
+        lambda w: ["synthetic", "--output-dir", "x" * 250],
+        "the name is too long to build the output beside it",
+    ),
+    (
+        "retrieve-query-too-long",
+        lambda w: ["retrieve", "--model", "model", "a" * 100_000],
+        r"queries\[0\]: the query is 100,000 characters long; at most 1,000 are accepted",
+    ),
+    (
+        "pseudo-queries-from-a-retriever",
+        lambda w: [
+            "pseudo-queries",
+            "--model",
+            "model",
+            "--karpathy-json",
+            "data/dataset_synthetic.json",
+            "--image-root",
+            "data",
+            "--output-dir",
+            "pq",
+            "--device",
+            "cpu",
+        ],
+        "--model model: a retrieval model .it has identifiers.json., not a captioner",
+    ),
+    (
+        "pseudo-queries-cuda-without-gpu",
+        lambda w: [
+            "pseudo-queries",
+            "--model",
+            "model",
+            "--karpathy-json",
+            "data/dataset_synthetic.json",
+            "--image-root",
+            "data",
+            "--output-dir",
+            "pq",
+            "--device",
+            "cuda" if not torch.cuda.is_available() else "cuda:99",
+        ],
+        "no CUDA GPU is available here" if not torch.cuda.is_available() else "cuda:99",
+    ),
+    (
+        "evaluate-no-beams",
+        lambda w: [*EVALUATE, "--model", "model", "--output-dir", "e", "--num-beams", "0"],
+        "--num-beams: must be >= 1",
+    ),
+    ("retrieve-no-batch", lambda w: ["retrieve", "--model", "model", "a", "--batch-size", "0"], "--batch-size: must"),
+    (
+        "serve-negative-port",
+        lambda w: ["serve", "--model", "model", "--port", "-1"],
+        r"--port: must be in \[1, 65535\]",
+    ),
+    ("serve-port-too-large", lambda w: ["serve", "--model", "model", "--port", "70000"], "--port: must be in"),
+    (
+        "serve-deep-queries",
+        lambda w: ["serve", "--model", "model", "--queries", _deep_json(w)],
+        "deep.json: line 1: not JSON .nested too deeply.",
+    ),
+    (
+        "baseline-nan-lr",
+        lambda w: ["baseline-clip", *PREPARE[1:5], "--output-dir", "b", "--lr", "nan"],
+        "--lr: must be a finite number, got nan",
+    ),
+    (
+        "synthetic-negative-workers",
+        lambda w: ["synthetic", "--output-dir", "s", "--num-workers", "-1"],
+        "--num-workers: must be >= 0",
+    ),
+    (
+        "prepare-negative-workers",
+        lambda w: [*PREPARE_NUMERIC, "--output-dir", "o", "--num-workers", "-2"],
+        "--num-workers: must be >= 0",
+    ),
+    (
+        "train-nan-learning-rate",
+        lambda w: ["train", "--config", _recipe(w), "--learning-rate", "nan"],
+        "learning_rate must be a finite number >= 0, got nan",
+    ),
+    (
+        "train-negative-learning-rate",
+        lambda w: ["train", "--config", _recipe(w), "--learning-rate", "-1"],
+        "learning_rate must be a finite number >= 0, got -1",
+    ),
+    (
+        "train-negative-workers",
+        lambda w: ["train", "--config", _recipe(w), "--dataloader-num-workers", "-1"],
+        "dataloader_num_workers must be >= 0, got -1",
+    ),
+    (
+        "add-images-nan-replay-ratio",
+        lambda w: [*ADD, "--model", "model", "--replay-ratio", "nan", "--output-dir", "a"],
+        "replay_ratio must be a finite number >= 0, got nan",
+    ),
+    (
+        "train-resume-foreign-checkpoint",
+        lambda w: ["train", "--config", _recipe(w), "--resume-from-checkpoint", _checkpoint(w, "foreign")],
+        "ckpt/trainer_state.json: not a grace_hf trainer state",
+    ),
+    (
+        "train-resume-truncated-checkpoint",
+        lambda w: ["train", "--config", _recipe(w), "--resume-from-checkpoint", _checkpoint(w, "truncated")],
+        "ckpt: cannot resume from this checkpoint",
+    ),
+    (
+        "convert-corrupt-safetensors",
+        lambda w: [
+            "convert-openflamingo",
+            "--openflamingo-checkpoint",
+            _corrupt(w, "bad.safetensors"),
+            "--mpt-weights",
+            "m",
+            "--clip-weights",
+            "c.pt",
+            "--output-dir",
+            "converted",
+        ],
+        "bad.safetensors: not a readable safetensors file",
+    ),
+    (
+        "prepare-corrupt-clip-weights",
+        lambda w: [
+            *PREPARE,
+            "--identifier-kind",
+            "rq",
+            "--clip-model",
+            _micro_clip_config(w),
+            "--clip-pretrained",
+            _corrupt(w, "clip.safetensors"),
+            "--output-dir",
+            "o",
+        ],
+        "--clip-pretrained clip.safetensors: cannot load: ",
+    ),
+    (
+        "retrieve-foreign-weights",
+        lambda w: ["retrieve", "--model", _broken_model(w, "foreign-weights"), "a dog"],
+        r"model/model.safetensors: the weights do not fit the model of config.json: \d+ missing keys, e.g. ",
+    ),
     ("demo-cwd", lambda w: ["demo", "--output-dir", "."], "working directory"),
     ("demo-too-few-images", lambda w: ["demo", "--output-dir", "d", "--num-images", "2"], "between 3 and"),
     (
@@ -562,3 +886,86 @@ def test_debug_raises_instead_of_a_message(work, monkeypatch):
     monkeypatch.setenv("GRACE_HF_DEBUG", "1")
     with pytest.raises(GraceInputError, match="working directory"):
         cli.main(["synthetic", "--output-dir", "."])
+
+
+def test_a_failed_or_interrupted_rerun_keeps_the_finished_model(work, capsys, monkeypatch):
+    code, err = _run(["train", "--config", _recipe(work, batch_size_t2id=100_000)], capsys)
+    assert code == 0, err[-2000:]
+    assert re.search(r"note: t2id batch size 100000 clamped to the \d+ rows there are", err)
+    before = _tree(work.parent)
+    assert _run(["train", "--config", "recipe.yaml", "--learning-rate", "-1"], capsys)[0] == 2
+    assert _tree(work.parent) == before
+    for failure, code in ((KeyboardInterrupt(), 130), (RuntimeError("the disk is full"), None)):
+
+        def fail(self, *args, failure=failure):
+            raise failure
+
+        with monkeypatch.context() as patch:
+            patch.setattr(train_module._Trainer, "_step", fail)
+            if code is None:
+                with pytest.raises(RuntimeError, match="the disk is full"):
+                    _run(["train", "--config", "recipe.yaml"], capsys)
+            else:
+                assert _run(["train", "--config", "recipe.yaml"], capsys)[0] == code
+        assert _tree(work.parent) == before  # the finished model, byte for byte; no build directory or lock left
+
+    def offline(*args, **kwargs):
+        raise ConnectionError("offline mode is enabled")
+
+    monkeypatch.setattr("huggingface_hub.HfApi.create_repo", offline)
+    code, err = _run(["train", "--config", "recipe.yaml", "--push-to-hub", "me/grace"], capsys)
+    assert code == 2 and "Traceback" not in err
+    assert "--push-to-hub me/grace: the model is saved in runs/new, but pushing it failed: ConnectionError" in err
+    assert read_marker(work / "runs" / "new")["complete"] is True
+
+
+def test_an_interrupted_demo_keeps_the_previous_one(work, capsys, monkeypatch):
+    with output_directory("demo-out", DEMO) as tmp:
+        (tmp / "metrics.json").write_text("{}")
+    before = _tree(work.parent)
+
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(demo_module, "run_baseline", interrupted)
+    code, err = _run(["demo", "--output-dir", "demo-out", "--num-images", "12"], capsys)
+    assert code == 130, err[-2000:]
+    assert _tree(work.parent) == before
+
+
+def test_a_second_run_into_the_same_output_names_the_first(work, capsys):
+    first = begin_output("runs/new", "model")
+    try:
+        code, err = _run(["train", "--config", _recipe(work)], capsys)
+    finally:
+        first.abandon()
+    assert code == 2 and f"another grace_hf run (process {os.getpid()}) is writing it" in err
+    assert not (work / "runs").exists()
+
+
+def _bomb_png(path: Path) -> None:
+    """A PNG whose header claims 20000 x 20000 pixels: Pillow's bomb guard refuses to decode it."""
+
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+    header = chunk(b"IHDR", struct.pack(">IIBBBBB", 20000, 20000, 8, 2, 0, 0, 0))
+    path.write_bytes(b"\x89PNG\r\n\x1a\n" + header + chunk(b"IDAT", zlib.compress(b"\0" * 64)) + chunk(b"IEND", b""))
+
+
+def test_the_gallery_keeps_pillows_bomb_guard(work, capsys):
+    for key in json.loads((work / "model" / "identifiers.json").read_text())["images"]:
+        (work / "bombs" / key).parent.mkdir(parents=True, exist_ok=True)
+        _bomb_png(work / "bombs" / key)
+    argv = ["retrieve", "--model", "model", "a red square", "--image-root", "bombs", "--output-dir", "g"]
+    code, err = _run(argv, capsys)
+    assert code == 0, err[-2000:]
+    assert "no image" in (work / "g" / "gallery.html").read_text()
+
+
+def test_pseudo_queries_given_as_the_folder_the_command_writes(work, capsys):
+    argv = [*PREPARE_NUMERIC, "--pseudo-queries", "data", "--output-dir", "p"]
+    code, err = _run(argv, capsys)
+    assert code == 0, err[-2000:]
+    record = json.loads((work / "p" / "prepare.json").read_text())
+    assert record["inputs"]["pseudo_queries"] == os.path.join("data", "pseudo_queries.json")

@@ -1,10 +1,14 @@
 """The output policy and careful JSON reading: no half-written results, nothing replaced that the tool did not make,
 errors that name the file."""
 
+import json
 import os
+import shutil
+import signal
 import stat
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
@@ -12,9 +16,9 @@ from grace_hf.errors import GraceInputError
 from grace_hf.io_utils import atomic_write_json, read_json
 from grace_hf.outputs import (
     MARKER_FILE,
+    begin_output,
+    build_path,
     check_output_dir,
-    finish_output_dir,
-    open_output_dir,
     output_directory,
     read_marker,
     remove_stale_temporaries,
@@ -71,7 +75,7 @@ def test_completed_output_replaces_its_own_kind_with_ordinary_permissions(tmp_pa
         ("file", "is a file, not a directory"),
         ("symlink", "is a symbolic link"),
         ("foreign", "exists and is not a grace_hf output"),
-        ("other-kind", "exists and is a grace_hf model output, not a evaluation output"),
+        ("other-kind", "exists and is a grace_hf model output, not a complete evaluation output"),
     ],
 )
 def test_refusals_name_the_reason_and_touch_nothing(case, message, tmp_path, monkeypatch):
@@ -101,19 +105,165 @@ def test_refusals_name_the_reason_and_touch_nothing(case, message, tmp_path, mon
         with output_directory(work / "model", "model") as tmp:
             (tmp / "model.safetensors").write_bytes(b"weights")
     before = _tree(tmp_path)
-    overwrite = case not in ("foreign", "other-kind")  # --overwrite lifts only the "not my output" refusal
+    overwrite = case != "other-kind"  # --overwrite lifts only the "another kind of output" refusal
     with pytest.raises(GraceInputError, match=message):
         with output_directory(target, "evaluation", inputs=["inputs/images.json"], overwrite=overwrite) as tmp:
             (tmp / "metrics.json").write_text("{}")
     assert _tree(tmp_path) == before
 
 
-def test_overwrite_replaces_a_foreign_directory(tmp_path):
-    (tmp_path / "theirs").mkdir()
-    (tmp_path / "theirs" / "old.txt").write_text("old")
-    with output_directory(tmp_path / "theirs", "evaluation", overwrite=True) as tmp:
-        (tmp / "new.txt").write_text("new")
-    assert sorted(p.name for p in (tmp_path / "theirs").iterdir()) == [MARKER_FILE, "new.txt"]
+def _evaluation(target, **files):
+    with output_directory(target, "evaluation") as tmp:
+        for name, text in files.items():
+            (tmp / name).parent.mkdir(parents=True, exist_ok=True)
+            (tmp / name).write_text(text)
+
+
+def _forged(target, source):
+    target.mkdir()
+    (target / "thesis.tex").write_text("years of work")
+    shutil.copy(source / MARKER_FILE, target / MARKER_FILE)
+
+
+def _linked(target, source):
+    target.mkdir()
+    (target / "thesis.tex").write_text("years of work")
+    os.symlink(source / MARKER_FILE, target / MARKER_FILE)
+
+
+def _extra_files(target, source):
+    _evaluation(target, **{"metrics.json": "{}"})
+    (target / "notes.txt").write_text("mine")
+    (target / "extra").mkdir()
+    (target / "extra" / "draft.md").write_text("mine too")
+
+
+def _changed(target, source):
+    _evaluation(target, **{"metrics.json": "{}"})
+    (target / "metrics.json").write_text('{"edited": "by the user"}')
+
+
+def _older(target, source):
+    target.mkdir()
+    (target / "metrics.json").write_text("{}")
+    (target / MARKER_FILE).write_text(json.dumps({"kind": "evaluation", "complete": True}))
+
+
+def _nested_marker(target, source):
+    target.mkdir()
+    (target / "thesis.tex").write_text("years of work")
+    (target / MARKER_FILE).write_text("[" * 100_000 + "]" * 100_000)
+
+
+@pytest.mark.parametrize(
+    "make, message",
+    [
+        (_forged, r"files are not those its marker lists \(metrics.json\)"),
+        (_linked, "is not a grace_hf output"),
+        (_extra_files, "also holds files grace_hf did not write: extra/draft.md, notes.txt"),
+        (_changed, r"files are not those its marker lists \(metrics.json\)"),
+        (_older, "whose marker lists no files"),
+        (_nested_marker, "is not a grace_hf output"),
+    ],
+    ids=["forged-marker", "linked-marker", "extra-files", "changed-file", "older-marker", "nested-marker"],
+)
+def test_only_what_grace_hf_wrote_is_replaced_even_with_overwrite(make, message, tmp_path):
+    _evaluation(tmp_path / "genuine", **{"metrics.json": "{}"})
+    make(tmp_path / "target", tmp_path / "genuine")
+    before = _tree(tmp_path)
+    for overwrite in (False, True):
+        with pytest.raises(GraceInputError, match=message + ".*nothing was deleted"):
+            _evaluation(tmp_path / "target", **{"new.txt": "new"}) if not overwrite else None
+            with output_directory(tmp_path / "target", "model", overwrite=True) as tmp:
+                (tmp / "new.txt").write_text("new")
+        assert _tree(tmp_path) == before
+
+
+def test_replacing_removes_exactly_the_listed_files(tmp_path):
+    _evaluation(tmp_path / "out", **{"metrics.json": "{}", "logs/a.txt": "a", "logs/deep/b.txt": "b"})
+    _evaluation(tmp_path / "out", **{"new.txt": "new"})
+    assert sorted(p.name for p in (tmp_path / "out").rglob("*")) == [MARKER_FILE, "new.txt"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]  # no build directory, no lock left beside it
+
+
+@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGKILL], ids=["SIGTERM", "SIGKILL"])
+def test_a_killed_rerun_leaves_the_old_output_byte_for_byte(signum, tmp_path):
+    _evaluation(tmp_path / "out", **{"metrics.json": "{}"})
+    before = _tree(tmp_path)
+    script = (
+        "import sys, time\n"
+        "from grace_hf.commands.cli import _sigterm_interrupts\n"
+        "from grace_hf.outputs import output_directory\n"
+        "with _sigterm_interrupts(), output_directory(sys.argv[1], 'evaluation') as tmp:\n"
+        "    (tmp / 'half.txt').write_text('half'); print('started', flush=True); time.sleep(60)\n"
+    )
+    process = subprocess.Popen([sys.executable, "-c", script, str(tmp_path / "out")], stdout=subprocess.PIPE)
+    assert process.stdout.readline() == b"started\n"
+    process.send_signal(signum)
+    process.wait(timeout=60)
+    after = _tree(tmp_path)
+    if signum == signal.SIGKILL:  # no clean-up: the build directory and the lock file stay, the next run removes them
+        assert {name for name in after.keys() - before.keys() if "/" not in name} == {
+            ".out.grace-partial",
+            ".out.grace-lock",
+        }
+        _evaluation(tmp_path / "out", **{"metrics.json": "{}"})
+        after = _tree(tmp_path)
+    assert after == before
+
+
+def test_one_writer_per_output_names_the_first_process(tmp_path):
+    first = begin_output(tmp_path / "out", "model")
+    with pytest.raises(GraceInputError, match=f"another grace_hf run \\(process {os.getpid()}\\) is writing it"):
+        begin_output(tmp_path / "out", "model")
+    first.abandon()
+    begin_output(tmp_path / "out", "model").abandon()  # released
+    assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize(
+    "path, message",
+    [
+        ("/", "is / or a directory directly under it"),
+        ("/etc", "is / or a directory directly under it"),
+        ("/etc/grace", "is a system directory"),
+        ("/usr/local/share/grace", "is a system directory"),
+        ("/var/lib/grace", "is a system directory"),
+        ("~/.ssh", "is in the dot-folder"),
+        ("~/.cache/grace", "is in the dot-folder"),
+        ("checkout", "is the root of a git checkout"),
+    ],
+)
+def test_system_home_and_checkout_paths_are_refused_whatever_the_flags(path, message, tmp_path, monkeypatch):
+    monkeypatch.setenv("HOME", str(tmp_path))
+    (tmp_path / "checkout" / ".git").mkdir(parents=True)
+    monkeypatch.chdir(tmp_path / "checkout")
+    with pytest.raises(GraceInputError, match=message):
+        check_output_dir(tmp_path / path if path == "checkout" else path, "evaluation", overwrite=True)
+    assert check_output_dir(tmp_path / "checkout" / "runs" / "x", "evaluation") == tmp_path / "checkout/runs/x"
+    assert check_output_dir("/var/tmp/grace-x", "evaluation") == Path("/var/tmp/grace-x")
+
+
+def test_no_input_is_an_output_by_real_path(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "imgstore" / "images").mkdir(parents=True)
+    os.symlink(tmp_path / "imgstore", tmp_path / "root")
+    (tmp_path / "recipes").mkdir()
+    (tmp_path / "recipes" / "r.yaml").write_text("seed: 0")
+    for output, inputs, message in (
+        ("imgstore", ["root"], "holds the input root"),  # the image root's symlink target
+        ("imgstore/prepared", ["root"], "is inside the input root"),
+        ("recipes", ["recipes/r.yaml"], "holds the input recipes/r.yaml"),
+        ("dense", ["dense"], "holds the input dense"),
+    ):
+        (tmp_path / output).mkdir(exist_ok=True)
+        with pytest.raises(GraceInputError, match=message):
+            check_output_dir(output, "evaluation", inputs, overwrite=True)
+
+
+def test_a_name_too_long_to_build_beside_is_refused(tmp_path):
+    with pytest.raises(GraceInputError, match="name is too long"):
+        check_output_dir(tmp_path / ("x" * 250), "evaluation")
 
 
 def test_killed_runs_leave_temporaries_that_the_next_run_removes_or_restores(tmp_path):
@@ -133,20 +283,24 @@ def test_killed_runs_leave_temporaries_that_the_next_run_removes_or_restores(tmp
     assert (tmp_path / "out" / "metrics.json").read_text() == "{}"  # the replaced output came back
 
 
-def test_long_jobs_open_in_place_and_keep_an_unfinished_run(tmp_path):
-    out = open_output_dir(tmp_path / "run", "model", resumable=True)
-    (out / "checkpoints").mkdir()
-    assert read_marker(out)["complete"] is False
-    with pytest.raises(GraceInputError, match="holds an unfinished run; resume it"):
-        open_output_dir(tmp_path / "run", "model", resumable=True)
-    assert open_output_dir(tmp_path / "run", "model", resumable=True, resume=True) == out
-    assert (out / "checkpoints").is_dir()  # resuming keeps what is there
-    finish_output_dir(out, "model")
-    assert read_marker(out)["complete"] is True
-    open_output_dir(tmp_path / "run", "model", resumable=True)  # a finished run of the same kind is replaced
-    assert not (out / "checkpoints").exists()
-    with pytest.raises(GraceInputError, match="no evaluation output to resume"):
-        open_output_dir(tmp_path / "nothing", "evaluation", resume=True)
+def test_long_jobs_keep_an_unfinished_run_beside_the_old_output(tmp_path):
+    _evaluation(tmp_path / "run", **{"old.txt": "old"})
+    run = begin_output(tmp_path / "run", "evaluation", resumable=True)
+    assert run.build == build_path(tmp_path / "run") and read_marker(run.build)["complete"] is False
+    (run.build / "checkpoints").mkdir()
+    (run.build / "checkpoints" / "step-1").write_text("state")
+    run.abandon(keep=True)  # killed
+    assert (tmp_path / "run" / "old.txt").read_text() == "old"
+    with pytest.raises(GraceInputError, match="unfinished run left checkpoints in .*; resume it"):
+        begin_output(tmp_path / "run", "evaluation", resumable=True)
+    run = begin_output(tmp_path / "run", "evaluation", resumable=True, resume=True)
+    assert (run.build / "checkpoints" / "step-1").is_file()  # resuming keeps what is there
+    run.commit()
+    assert sorted(p.name for p in (tmp_path / "run").rglob("*")) == [MARKER_FILE, "checkpoints", "step-1"]
+    assert read_marker(tmp_path / "run")["files"] == {"checkpoints/step-1": 5}
+    with pytest.raises(GraceInputError, match="no unfinished evaluation run to resume"):
+        begin_output(tmp_path / "nothing", "evaluation", resume=True)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["run"]
 
 
 def test_check_output_dir_accepts_new_and_empty_directories(tmp_path):
@@ -192,9 +346,9 @@ def test_benchmark_work_dirs_follow_the_output_policy(script, tmp_path, monkeypa
     monkeypatch.chdir(tmp_path)
     with pytest.raises(SystemExit):
         main(["--work-dir", str(foreign)])
-    assert "exists and is not a grace_hf output, not a benchmark output" in capsys.readouterr().err
+    assert "exists and is not a grace_hf output; nothing was deleted" in capsys.readouterr().err
     with pytest.raises(SystemExit):
         main(["--work-dir", str(tmp_path / "new"), "--reuse"])
-    assert "no benchmark output to resume" in capsys.readouterr().err
+    assert "no unfinished benchmark run to resume" in capsys.readouterr().err
     assert sorted(p.name for p in tmp_path.rglob("*")) == ["mine", "notes.txt"]
     assert (foreign / "notes.txt").read_text() == "keep"

@@ -18,6 +18,7 @@ from safetensors.torch import load_file
 
 from grace_hf.errors import GraceInputError
 from grace_hf.model_dir import read_model_dir
+from grace_hf.outputs import build_path
 from grace_hf.training import loop as train_module
 from grace_hf.training import parse_args
 from grace_hf.training.args import ADD_IMAGES_ARGUMENT_CLASSES, ARGUMENT_CLASSES
@@ -198,13 +199,14 @@ class _FakeAccelerator:
 
 
 def test_checkpoints_are_atomic_and_pruned(tmp_path):
+    build = build_path(tmp_path / "out")  # where a run into `out` keeps them until it is complete
     for step in (2, 4, 6):
-        save_checkpoint(_FakeAccelerator(), tmp_path, step, {"scheduler": {}}, total_limit=2)
-    assert [step for step, _ in list_checkpoints(tmp_path)] == [4, 6]
+        save_checkpoint(_FakeAccelerator(), build, step, {"scheduler": {}}, total_limit=2)
+    assert [step for step, _ in list_checkpoints(build)] == [4, 6]
     with pytest.raises(RuntimeError):
-        save_checkpoint(_FakeAccelerator(fail=True), tmp_path, 8, {"scheduler": {}}, total_limit=2)
-    assert resolve_checkpoint(tmp_path, "latest").name == "step-6"
-    assert json.loads((tmp_path / "checkpoints/step-6/trainer_state.json").read_text())["step"] == 6
+        save_checkpoint(_FakeAccelerator(fail=True), build, 8, {"scheduler": {}}, total_limit=2)
+    assert resolve_checkpoint(tmp_path / "out", "latest").name == "step-6"
+    assert json.loads((build / "checkpoints/step-6/trainer_state.json").read_text())["step"] == 6
     with pytest.raises(GraceInputError, match="no checkpoint to resume from"):
         resolve_checkpoint(tmp_path / "empty", "latest")
 
@@ -243,15 +245,14 @@ KILLER = textwrap.dedent(
             write(path, obj)
 
         checkpoints.atomic_write_json = write_then_die
-    elif where == "final":  # the first final file renamed into the output, the others not
-        replace = os.replace
+    elif where == "final":  # the model files written into the build directory, not yet swapped in
+        write = saving.write_model_dir
 
-        def replace_then_die(source, target):
-            replace(source, target)
-            if saving.STAGING_PREFIX in str(source):
-                die()
+        def write_then_die(*args, **kwargs):
+            write(*args, **kwargs)
+            die()
 
-        os.replace = replace_then_die
+        saving.write_model_dir = write_then_die
     from grace_hf.commands import train as train_command
     sys.exit(train_command.main(sys.argv[1:]))
     """
@@ -346,7 +347,7 @@ def _kill(recipe, tmp_path, kill_at):
         [sys.executable, str(script), "--config", recipe], cwd=ROOT, env=env, stderr=subprocess.PIPE, text=True
     )
     if kill_at.startswith("log:"):
-        history = tmp_path / "out" / train_module.LOG_HISTORY_FILE
+        history = build_path(tmp_path / "out") / train_module.LOG_HISTORY_FILE
         deadline = time.monotonic() + 240
         while process.poll() is None and time.monotonic() < deadline:
             if history.is_file() and len(history.read_text().splitlines()) >= int(kill_at[4:]):
@@ -369,10 +370,9 @@ def test_killed_at_any_moment_resumes_to_the_same_weights(kill_at, reference_run
     recipe = write_recipe(tmp_path / "recipe.yaml", tiny_recipe(prepared, tmp_path / "out"))
     _kill(recipe, tmp_path, kill_at)
     output = tmp_path / "out"
-    assert list_checkpoints(output), "a kill past the first checkpoint leaves one to resume from"
-    with pytest.raises(GraceInputError, match="has not finished"):
-        read_model_dir(output)
-    with pytest.raises(GraceInputError, match="holds an unfinished run; resume it"):
+    assert list_checkpoints(build_path(output)), "a kill past the first checkpoint leaves one to resume from"
+    assert not output.exists()  # the output appears only when complete
+    with pytest.raises(GraceInputError, match="unfinished run left checkpoints in .*; resume it"):
         run_training(["--config", recipe])
 
     run_training(["--config", recipe, "--resume-from-checkpoint", "latest"])
@@ -384,13 +384,14 @@ def test_killed_at_any_moment_resumes_to_the_same_weights(kill_at, reference_run
     assert [r["loss"] for r in _log(output)] == [r["loss"] for r in _log(reference_dir)]
     assert read_model_dir(output).index is not None
     assert sorted(p.name for p in output.iterdir() if p.name.startswith(".")) == [".grace_hf_output.json"]
+    assert sorted(p.name for p in tmp_path.iterdir() if p.name.startswith(".")) == []  # no build, no lock left
 
 
 def test_killed_before_the_first_checkpoint_starts_again(tmp_path, prepared):
     recipe = write_recipe(tmp_path / "recipe.yaml", tiny_recipe(prepared, tmp_path / "out"))
     _kill(recipe, tmp_path, "step:1")
-    assert (tmp_path / "out").is_dir() and not list_checkpoints(tmp_path / "out")
-    with pytest.raises(GraceInputError, match="no checkpoint to resume from .yet.; run again without"):
+    assert build_path(tmp_path / "out").is_dir() and not list_checkpoints(build_path(tmp_path / "out"))
+    with pytest.raises(GraceInputError, match="no checkpoint to resume from .no unfinished run.*; run again without"):
         run_training(["--config", recipe, "--resume-from-checkpoint", "latest"])
     run_training(["--config", recipe])
     assert [step for step, _ in list_checkpoints(tmp_path / "out")] == [2, 4, 6]

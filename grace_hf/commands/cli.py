@@ -6,9 +6,14 @@ or `GRACE_HF_DEBUG=1` shows the traceback instead.
 
 from __future__ import annotations
 
+import contextlib
 import importlib
 import os
+import signal
 import sys
+import threading
+from collections.abc import Iterator
+from typing import Any
 
 from grace_hf.errors import GraceInputError
 from grace_hf.runtime import configure_threads
@@ -41,6 +46,24 @@ def _usage() -> str:
     return "\n".join(lines)
 
 
+@contextlib.contextmanager
+def _sigterm_interrupts() -> Iterator[None]:
+    """SIGTERM interrupts the command like Ctrl-C (the output being built is cleaned up, the old one kept) instead of
+    ending the process on the spot."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def interrupt(signum: int, frame: Any) -> None:
+        raise KeyboardInterrupt
+
+    previous = signal.signal(signal.SIGTERM, interrupt)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
 def main(argv: list[str] | None = None) -> int:
     """Dispatch `grace-hf <command> ...` to the command's module."""
     argv = sys.argv[1:] if argv is None else list(argv)
@@ -56,7 +79,8 @@ def main(argv: list[str] | None = None) -> int:
     module = importlib.import_module(f"grace_hf.commands.{COMMANDS[command][0]}")
     configure_threads()  # a safe default for every command; `--num-threads` (train: `torch_num_threads`) overrides
     try:
-        return module.main(rest) or 0
+        with _sigterm_interrupts():
+            return module.main(rest) or 0
     except GraceInputError as err:
         if debug:
             raise

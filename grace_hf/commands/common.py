@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import math
 from collections.abc import Mapping, Sequence
 from typing import TYPE_CHECKING
 
@@ -37,11 +38,48 @@ class _Renamed(argparse.Action):
         parser.error(renamed_flag(option_string, self.new))
 
 
+# the least value of an integer flag: counts and sizes are >= 1 unless named here
+INT_MINIMUM = {"--seed": 0, "--num-workers": 0, "--subfolders": 0, "--port": 1}
+INT_MAXIMUM = {"--port": 65535}
+FLOAT_MINIMUM = {"--lr": 0.0, "--weight-decay": 0.0, "--val-fraction": 0.0, "--test-fraction": 0.0}
+
+
+def _bad_number(flag: str, value: float) -> str | None:
+    """Why `value` is no value for the numeric `flag`, or None."""
+    if isinstance(value, float):
+        if not math.isfinite(value):
+            return f"must be a finite number, got {value}"
+        least = FLOAT_MINIMUM.get(flag)
+        return f"must be >= {least}, got {value}" if least is not None and value < least else None
+    least, most = INT_MINIMUM.get(flag, 1), INT_MAXIMUM.get(flag)
+    if value < least or (most is not None and value > most):
+        return f"must be {f'in [{least}, {most}]' if most is not None else f'>= {least}'}, got {value}"
+    return None
+
+
+class _CheckedParser(argparse.ArgumentParser):
+    """Every numeric flag bounded: floats finite, integers >= 1 (`INT_MINIMUM`: the exceptions), ports in
+    [1, 65535]; another value is a usage error (exit status 2) that names the flag."""
+
+    def parse_known_args(self, args=None, namespace=None):  # noqa: ANN001, ANN201 (argparse's signature)
+        namespace, extras = super().parse_known_args(args, namespace)
+        for action in self._actions:
+            value = getattr(namespace, action.dest, None)
+            if action.type not in (int, float) or value is None or not action.option_strings:
+                continue
+            for item in value if isinstance(value, list) else [value]:
+                problem = _bad_number(action.option_strings[0], item)
+                if problem is not None:
+                    self.error(f"argument {action.option_strings[0]}: {problem}")
+        return namespace, extras
+
+
 def command_parser(
     command: str, description: str, renamed: Mapping[str, str] | None = None, epilog: str | None = None
 ) -> argparse.ArgumentParser:
-    """The parser of `grace-hf <command>`; `renamed` maps old flags to their new spelling (hidden from --help)."""
-    parser = argparse.ArgumentParser(
+    """The parser of `grace-hf <command>`; `renamed` maps old flags to their new spelling (hidden from --help);
+    numeric flags are bounded (`_CheckedParser`)."""
+    parser = _CheckedParser(
         prog=f"grace-hf {command}",
         description=description,
         epilog=epilog,

@@ -28,7 +28,7 @@ from grace_hf.evaluation.plots import RECALL_PLOT_FILE, RERANKED_SUFFIX, write_r
 from grace_hf.evaluation.queries import load_eval_queries
 from grace_hf.identifiers import IDENTIFIER_KINDS, get_identifier_kind
 from grace_hf.io_utils import atomic_write_json, atomic_write_text, read_json
-from grace_hf.outputs import DEMO, finish_output_dir, open_output_dir
+from grace_hf.outputs import DEMO, output_directory, record_written
 from grace_hf.retrieval.rerank import DEFAULT_RERANK_BEAMS, DenseScorer, fit_or_load
 from grace_hf.retrieval.retriever import GraceRetriever
 from grace_hf.serving.gallery import GALLERY_FILE, GalleryEntry, folder_image_loader, write_gallery
@@ -104,6 +104,7 @@ def evaluate_kind(model_dir: Path, prepared: Path, dense_dir: Path) -> tuple[dic
     metrics.update(identifier_kind=train_metrics.get("identifier_kind"), train_seconds=train_metrics["train_seconds"])
     metrics["recall_curve"] = curve
     atomic_write_json(model_dir / METRICS_FILE, train_metrics | metrics)
+    record_written(model_dir, METRICS_FILE)
     return metrics, records
 
 
@@ -125,11 +126,30 @@ def run_demo(
     max_steps: int | None = None,
     overwrite: bool = False,
 ) -> dict[str, Any]:
-    """Run every stage into `output_dir` (replacing an earlier demo there); return the first kind's metrics."""
+    """Run every stage into `output_dir` (built beside it, it replaces an earlier demo there once complete);
+    return the first kind's metrics."""
     check_synthetic_size(num_images)
     for kind in kinds:
         _recipe(kind)
-    out = open_output_dir(output_dir, DEMO, overwrite=overwrite, command="grace-hf demo")
+    final = Path(output_dir)
+    with output_directory(output_dir, DEMO, overwrite=overwrite, command="grace-hf demo") as out:
+        first, runs, table = _run_stages(out, kinds, num_images, seed, max_steps)
+    _log(f"done\n\n{table}")
+    for name in (METRICS_FILE, GALLERY_FILE, RECALL_PLOT_FILE, TABLE_FILE, QUERIES_FILE):
+        print(f"  {final / name}")
+    serve = (
+        f"grace-hf serve --model {final / runs[0].name} --rerank {final / 'dense-clip'} --image-root "
+        f"{final / 'data'} --queries {final / QUERIES_FILE}"
+    )
+    print(f"\nSearch the model in the browser (the `app` extra: pip install -e '.[app]'):\n  {serve}")
+    return first
+
+
+def _run_stages(
+    out: Path, kinds: list[str], num_images: int, seed: int, max_steps: int | None
+) -> tuple[dict[str, Any], list[Path], str]:
+    """The demo's stages, written into `out` (the build directory); return the first kind's metrics, the model
+    directories and the comparison table."""
     data = out / "data"
     _log(f"write {num_images} synthetic images with captions and pseudo-queries -> {data}")
     write_synthetic(data, num_images, seed)
@@ -158,13 +178,7 @@ def run_demo(
     write_recall_plot(out / RECALL_PLOT_FILE, curves, title=f"synthetic, {num_images} images")
     table = comparison_table([*runs, dense_dir])
     atomic_write_text(out / TABLE_FILE, table)
-    _log(f"done\n\n{table}")
-    for name in (METRICS_FILE, GALLERY_FILE, RECALL_PLOT_FILE, TABLE_FILE, QUERIES_FILE):
-        print(f"  {out / name}")
-    serve = f"grace-hf serve --model {runs[0]} --rerank {dense_dir} --image-root {data} --queries {out / QUERIES_FILE}"
-    print(f"\nSearch the model in the browser (the `app` extra: pip install -e '.[app]'):\n  {serve}")
-    finish_output_dir(out, DEMO)
-    return first
+    return first, runs, table
 
 
 def main(argv: list[str] | None = None) -> int:

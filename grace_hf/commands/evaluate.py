@@ -103,7 +103,8 @@ def main(argv: list[str] | None = None) -> int:
     check_rerank_args(args)
     if args.rerank_weight is not None and args.refit_rerank:
         raise GraceInputError("--rerank-weight and --refit-rerank: give a weight or fit one, not both")
-    check_output_dir(args.output_dir, EVALUATION, [args.model, args.data], args.overwrite)
+    inputs = [args.model, args.data, args.rerank]
+    check_output_dir(args.output_dir, EVALUATION, inputs, args.overwrite)
     accelerator = create_accelerator()
     queries, gold, candidates = load_eval_queries(args.data, args.limit, args.split)
     retriever = GraceRetriever.from_pretrained(
@@ -127,7 +128,6 @@ def main(argv: list[str] | None = None) -> int:
         distributed_type=str(state.distributed_type).split(".")[-1],
     )
     if state.is_main_process:
-        inputs = [args.model, args.data]
         with output_directory(args.output_dir, EVALUATION, inputs, args.overwrite, "grace-hf evaluate") as tmp:
             write_evaluation(tmp, metrics, records, curve, Path(args.model).name)
         summary = ", ".join(f"R@{k} {100 * metrics[f'recall@{k}']:.1f}" for k in KS)

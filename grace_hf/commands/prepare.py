@@ -15,6 +15,7 @@ from pathlib import Path
 
 from grace_hf.commands.common import add_num_threads, add_overwrite, command_parser, setup_threads
 from grace_hf.data.prepared import PREPARE_FILE, push_prepared_to_hub
+from grace_hf.errors import GraceInputError
 from grace_hf.identifiers import CODEBOOKS_FILE, IDENTIFIER_KINDS, IDENTIFIERS_FILE, get_identifier_kind
 from grace_hf.training.preparation import prepare
 
@@ -86,10 +87,16 @@ def main(argv: list[str] | None = None) -> int:
     )
     if args.push_to_hub:
         side_files = [IDENTIFIERS_FILE, PREPARE_FILE, CODEBOOKS_FILE]
-        push_prepared_to_hub(
-            args.output_dir,
-            args.push_to_hub,
-            [name for name in side_files if (Path(args.output_dir) / name).is_file()],
-        )
+        try:
+            push_prepared_to_hub(
+                args.output_dir,
+                args.push_to_hub,
+                [name for name in side_files if (Path(args.output_dir) / name).is_file()],
+            )
+        except Exception as err:  # offline, no token, no such namespace: the dataset is written all the same
+            raise GraceInputError(
+                f"--push-to-hub {args.push_to_hub}: the dataset is saved in {args.output_dir}, but pushing it "
+                f"failed: {type(err).__name__}: {err}"
+            ) from None
         print(f"pushed to https://huggingface.co/datasets/{args.push_to_hub}")
     return 0

@@ -18,7 +18,7 @@ from grace_hf.data.captioning import file_names, generate_pseudo_queries
 from grace_hf.data.karpathy import MEMORIZED_SPLITS, load_karpathy
 from grace_hf.data.pseudo_queries import PSEUDO_QUERIES_FILE, write_pseudo_queries
 from grace_hf.errors import GraceInputError
-from grace_hf.model_dir import read_model_dir
+from grace_hf.model_dir import IDENTIFIERS_FILE, read_model_dir
 from grace_hf.outputs import PSEUDO_QUERIES, check_output_dir, output_directory
 
 
@@ -47,7 +47,14 @@ def main(argv: list[str] | None = None) -> int:
     images = [image for image in corpus.images if image.split in args.splits]
     if not images:
         raise GraceInputError(f"{args.karpathy_json}: no images in split(s) {args.splits}")
+    if args.device.startswith("cuda") and not torch.cuda.is_available():
+        raise GraceInputError(f"--device {args.device}: no CUDA GPU is available here; pass --device cpu")
     captioner = read_model_dir(args.model, retriever=False)
+    if (captioner.path / IDENTIFIERS_FILE).is_file():
+        raise GraceInputError(
+            f"--model {args.model}: a retrieval model (it has {IDENTIFIERS_FILE}), not a captioner; train one with "
+            "`task: captioner`"
+        )
     queries = generate_pseudo_queries(
         captioner.model.to(args.device),
         captioner.processor,

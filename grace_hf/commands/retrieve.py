@@ -75,7 +75,7 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     check_rerank_args(args)
     setup_threads(args)
-    inputs = [args.model, args.data, args.image_root]
+    inputs = [args.model, args.data, args.image_root, args.rerank]
     if args.output_dir:
         check_output_dir(args.output_dir, RETRIEVAL, inputs, args.overwrite)
     queries: list[str] = list(args.queries)

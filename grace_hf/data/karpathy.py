@@ -25,6 +25,7 @@ __all__ = [
     "MEMORIZED_SPLITS",
     "KarpathyImage",
     "KarpathyCorpus",
+    "check_inside_root",
     "image_file",
     "load_karpathy",
     "normalize_key",
@@ -106,7 +107,18 @@ def image_file(image_root: str | os.PathLike, key: str) -> Path:
     normal = normalize_key(key)
     if normal is None:
         raise GraceInputError(f"image key {key!r} is not a path inside the image root {image_root}")
-    return Path(image_root) / normal
+    return check_inside_root(Path(image_root), Path(image_root) / normal, f"image {key!r}")
+
+
+def check_inside_root(image_root: Path, path: Path, item: str) -> Path:
+    """`path`, when it stays inside `image_root` with every symbolic link followed; else a `GraceInputError` naming
+    `item` and where the link leads (a file outside the root must not end up in an output)."""
+    real = path.resolve()
+    if image_root.resolve() not in real.parents:
+        raise GraceInputError(
+            f"{item}: {path} leads outside the image root {image_root} (to {real}); links out of the root are refused"
+        )
+    return path
 
 
 def _item(json_path: Path, index: int, entry: dict) -> str:
@@ -145,7 +157,8 @@ def _parse_image(json_path: Path, image_root: Path, index: int, entry: object) -
     key = normalize_key(f"{filepath}/{filename}" if filepath else filename)
     if key is None:
         raise GraceInputError(f"{item}: 'filepath' {filepath!r} leaves the image root {image_root}")
-    return KarpathyImage(key=key, path=image_root / key, split=entry["split"], captions=captions, imgid=imgid)
+    path = check_inside_root(image_root, image_root / key, item)
+    return KarpathyImage(key=key, path=path, split=entry["split"], captions=captions, imgid=imgid)
 
 
 def _check_one(image: KarpathyImage) -> str | None:

@@ -24,6 +24,7 @@ from datasets import Dataset, DatasetDict, Features, Image, Value, load_dataset,
 from huggingface_hub import CommitOperationAdd, HfApi, hf_hub_download
 
 from grace_hf.data.karpathy import KarpathyCorpus, KarpathyImage, teaching_texts
+from grace_hf.data.pseudo_queries import pseudo_queries_file
 from grace_hf.errors import GraceInputError
 from grace_hf.io_utils import sha256_file
 
@@ -157,8 +158,8 @@ def inputs_record(
         "image_root": str(image_root),
         "identifier_kind": kind,
         "identifier_options": {k: os.fspath(v) if isinstance(v, os.PathLike) else v for k, v in options.items()},
-        "pseudo_queries": None if pseudo_queries is None else str(pseudo_queries),
-        "pseudo_queries_sha256": None if pseudo_queries is None else sha256_file(pseudo_queries),
+        "pseudo_queries": None if pseudo_queries is None else pseudo_queries_file(pseudo_queries),
+        "pseudo_queries_sha256": None if pseudo_queries is None else sha256_file(pseudo_queries_file(pseudo_queries)),
     }
 
 

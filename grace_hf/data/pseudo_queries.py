@@ -14,9 +14,15 @@ from grace_hf.data.karpathy import KarpathyCorpus
 from grace_hf.errors import GraceInputError
 from grace_hf.io_utils import atomic_write_json, read_json
 
-__all__ = ["PSEUDO_QUERIES_FILE", "load_pseudo_queries", "write_pseudo_queries"]
+__all__ = ["PSEUDO_QUERIES_FILE", "load_pseudo_queries", "pseudo_queries_file", "write_pseudo_queries"]
 
 PSEUDO_QUERIES_FILE = "pseudo_queries.json"
+
+
+def pseudo_queries_file(path: str | os.PathLike) -> str:
+    """The pseudo-query file `path` names: a directory (what `grace-hf pseudo-queries` writes) stands for its
+    `pseudo_queries.json`."""
+    return os.path.join(path, PSEUDO_QUERIES_FILE) if os.path.isdir(path) else os.fspath(path)
 
 
 def load_pseudo_queries(path: str | os.PathLike, corpus: KarpathyCorpus) -> dict[str, list[str]]:
@@ -25,8 +31,7 @@ def load_pseudo_queries(path: str | os.PathLike, corpus: KarpathyCorpus) -> dict
     A name in the file is an image's file name (as in the original) or its full image key.
     Unknown or ambiguous names, non-string or empty queries are a `GraceInputError`.
     """
-    if os.path.isdir(path):
-        path = os.path.join(path, PSEUDO_QUERIES_FILE)
+    path = pseudo_queries_file(path)
     data = read_json(path, "pseudo-query file")
     if not isinstance(data, dict):
         raise GraceInputError(f"{path}: expected an object mapping image file names to lists of queries")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import pickle
 import tempfile
 from collections.abc import Callable
 from pathlib import Path
@@ -10,6 +11,7 @@ from typing import Any
 
 import open_clip
 import torch
+from safetensors import SafetensorError
 
 from grace_hf.dense.directory import read_open_clip_config
 from grace_hf.errors import GraceInputError
@@ -43,6 +45,18 @@ def open_clip_image_encoder(clip_model: str, clip_pretrained: str | None) -> tup
             raise GraceInputError(f"{clip_pretrained}: CLIP weights file not found")
     try:
         model, _, preprocess = open_clip.create_model_and_transforms(name, pretrained=clip_pretrained, **overrides)
-    except (RuntimeError, ValueError, OSError, KeyError) as err:
-        raise GraceInputError(f"--clip-model {clip_model} --clip-pretrained {clip_pretrained}: {err}") from None
+    except (
+        RuntimeError,
+        ValueError,
+        OSError,
+        KeyError,
+        TypeError,
+        EOFError,
+        pickle.UnpicklingError,
+        SafetensorError,
+    ) as err:
+        # a corrupt or foreign weights file
+        raise GraceInputError(
+            f"--clip-model {clip_model} --clip-pretrained {clip_pretrained}: cannot load: {type(err).__name__}: {err}"
+        ) from None
     return model.eval(), preprocess

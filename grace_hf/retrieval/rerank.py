@@ -37,6 +37,7 @@ from grace_hf.evaluation.metrics import recall_at_k
 from grace_hf.evaluation.queries import load_eval_queries
 from grace_hf.io_utils import atomic_write_json, read_json, sha256_file
 from grace_hf.model_dir import RERANK_FILE, resolve_model_dir
+from grace_hf.outputs import record_written
 from grace_hf.retrieval.results import RetrievedImage
 
 __all__ = [
@@ -110,9 +111,11 @@ def read_rerank_config(directory: Path) -> RerankConfig | None:
 
 
 def write_rerank_config(directory: Path, config: RerankConfig) -> Path:
-    """Write `rerank.json` into a model directory through a temporary file and a rename; returns its path."""
+    """Write `rerank.json` into a model directory through a temporary file and a rename (recorded in its marker as
+    grace_hf's); returns its path."""
     path = directory / RERANK_FILE
     atomic_write_json(path, dataclasses.asdict(config))
+    record_written(directory, RERANK_FILE)
     return path
 
 

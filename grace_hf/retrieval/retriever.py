@@ -45,6 +45,9 @@ def _model_limit(processor: Any) -> int | None:
     return int(limit) if limit and limit < _UNLIMITED else None
 
 
+MAX_QUERY_CHARS = 1000  # as `grace-hf serve`'s default
+
+
 class GraceRetriever:
     """Rank images for text queries with a GRACE model: the prompt `caption:<query><image>` is continued by beam
     search that may only write identifiers of the candidate images; the beams, best first, are the ranking.
@@ -74,6 +77,8 @@ class GraceRetriever:
         reranker: a second stage (`grace_hf.retrieval.rerank.Reranker`): the search then runs its `num_beams`
             beams (instead of `num_beams`) and their images are re-ranked by the fused beam score and dense cosine.
     """
+
+    max_query_chars: int = MAX_QUERY_CHARS  # longer queries are refused (`serve --max-query-chars` sets it)
 
     def __init__(
         self,
@@ -229,6 +234,11 @@ class GraceRetriever:
                 raise GraceInputError(f"queries[{position}]: expected a string, got {type(query).__name__}")
             if not query.strip():
                 raise GraceInputError(f"queries[{position}]: empty query")
+            if len(query) > self.max_query_chars:
+                raise GraceInputError(
+                    f"queries[{position}]: the query is {len(query):,} characters long; at most "
+                    f"{self.max_query_chars:,} are accepted (memory and time grow with the length)"
+                )
             checked.append(query)
         return checked
 

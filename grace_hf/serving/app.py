@@ -49,13 +49,19 @@ def read_test_captions(path: str | os.PathLike) -> list[tuple[str, str]]:
     if not Path(path).is_file():
         raise GraceInputError(f"{path}: no such file of test captions")
     pairs = []
-    for number, line in enumerate(Path(path).read_text(encoding="utf-8").splitlines(), start=1):
+    try:
+        text = Path(path).read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as err:
+        raise GraceInputError(f"{path}: cannot read the test captions: {err}") from None
+    for number, line in enumerate(text.splitlines(), start=1):
         if not line.strip():
             continue
         try:
             record = json.loads(line)
         except json.JSONDecodeError as err:
             raise GraceInputError(f"{path}: line {number}: not JSON ({err.msg})") from None
+        except RecursionError:
+            raise GraceInputError(f"{path}: line {number}: not JSON (nested too deeply)") from None
         gold = record.get("gold", record.get("image_key")) if isinstance(record, dict) else None
         if not isinstance(gold, str) or not isinstance(record.get("query"), str):
             raise GraceInputError(f"{path}: line {number}: expected an object with 'query' and 'gold' strings")
@@ -122,6 +128,7 @@ class SearchService:
         if max_query_chars < 1:
             raise GraceInputError(f"the query length limit must be >= 1 character, got {max_query_chars}")
         self.default_top_k, self.max_query_chars = default_top_k, max_query_chars
+        retriever.max_query_chars = max_query_chars
         self.rank: Rank = rank or (lambda queries, top_k: retriever.retrieve(queries, top_k=top_k))
         self.thumbnails = _Thumbnails(load_image, thumbnail_size) if load_image is not None else None
         self.gold_of: dict[str, str] = {}

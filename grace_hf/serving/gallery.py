@@ -118,7 +118,7 @@ def folder_image_loader(image_root: str | os.PathLike) -> ImageLoader:
         path = image_file(image_root, key)
         try:
             return read_rgb(path) if path.is_file() else None
-        except (OSError, ValueError):  # PIL's errors for an undecodable file
+        except (OSError, ValueError, Image.DecompressionBombError):  # undecodable, or too large to decode safely
             return None
 
     return load

@@ -9,12 +9,13 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import sys
 import types
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, ClassVar, Literal
 
 import torch
 import yaml
@@ -155,8 +156,8 @@ class AddImagesArguments(DataArguments):
             raise GraceInputError(f"add-images trains retrieval, not task {self.task!r}")
         if self.karpathy_json is None or self.image_root is None:
             raise GraceInputError("add-images needs karpathy_json and image_root (the new images)")
-        if self.replay_ratio is not None and self.replay_ratio < 0:
-            raise GraceInputError(f"replay_ratio must be >= 0, got {self.replay_ratio}")
+        if self.replay_ratio is not None and not (math.isfinite(self.replay_ratio) and self.replay_ratio >= 0):
+            raise GraceInputError(f"replay_ratio must be a finite number >= 0, got {self.replay_ratio}")
         if self.eval_split != "test":
             raise GraceInputError(f"add-images evaluates on the test captions, not eval_split {self.eval_split!r}")
         self._check_values()
@@ -212,6 +213,7 @@ class GraceTrainingArguments:
         },
     )
     push_to_hub: str | None = field(default=None, metadata={"help": "Push the final directory to this Hub repo."})
+    recipe: ClassVar[str | None] = None  # the `--config` file the run read (an input; set by `parse_args`)
 
     def __post_init__(self) -> None:
         if isinstance(self.report_to, str):
@@ -219,6 +221,12 @@ class GraceTrainingArguments:
         unknown = sorted(set(self.report_to) - set(REPORT_TO_CHOICES))
         if unknown:
             raise GraceInputError(f"report_to: unknown tracker(s) {unknown}; choose from {list(REPORT_TO_CHOICES)}")
+        for name in ("num_epochs", "loss_weight_i2id", "loss_weight_t2id", "learning_rate", "weight_decay"):
+            value = getattr(self, name)
+            if not math.isfinite(value) or value < 0:
+                raise GraceInputError(f"{name} must be a finite number >= 0, got {value}")
+        if not math.isfinite(self.max_grad_norm) or self.max_grad_norm < 0:
+            raise GraceInputError(f"max_grad_norm must be a finite number >= 0 (0 = off), got {self.max_grad_norm}")
         if self.max_steps <= 0 and self.num_epochs <= 0:
             raise GraceInputError("set max_steps > 0 or num_epochs > 0")
         if min(self.loss_weight_i2id, self.loss_weight_t2id) < 0:
@@ -235,6 +243,7 @@ class GraceTrainingArguments:
             "save_steps",
             "save_total_limit",
             "torch_num_threads",
+            "dataloader_num_workers",
         ):
             if getattr(self, name) < 0:
                 raise GraceInputError(f"{name} must be >= 0, got {getattr(self, name)}")
@@ -387,4 +396,5 @@ def parse_args(
     if remaining:
         raise GraceInputError(f"unknown argument(s): {' '.join(remaining)}")
     model_args, data_args, training_args = (obj for obj in parsed if not isinstance(obj, argparse.Namespace))
+    training_args.recipe = known.config
     return model_args, data_args, training_args

@@ -1,4 +1,8 @@
-"""Resumable checkpoints: `<output_dir>/checkpoints/step-<N>/`, each written whole or not at all.
+"""Resumable checkpoints: `<build>/checkpoints/step-<N>/`, each written whole or not at all.
+
+`<build>` is the directory the run builds its output in (`grace_hf.outputs.build_path`: `.NAME.grace-partial`
+beside the output `NAME`), so a killed run's checkpoints are there for `--resume-from-checkpoint latest` while the
+previous output stays untouched; the completed output holds them too.
 
 A checkpoint is `accelerator.save_state` (model, optimizer, RNG states; DeepSpeed shards under DeepSpeed) plus
 `trainer_state.json` (step, scheduler state). It is written into `.step-<N>.tmp` and renamed into place once
@@ -14,8 +18,9 @@ from pathlib import Path
 from typing import Any
 
 from grace_hf.errors import GraceInputError
-from grace_hf.io_utils import atomic_write_json
+from grace_hf.io_utils import atomic_write_json, read_json
 from grace_hf.model_dir import CHECKPOINTS_DIR
+from grace_hf.outputs import build_path
 
 __all__ = ["TRAINER_STATE_FILE", "list_checkpoints", "resolve_checkpoint", "save_checkpoint"]
 
@@ -23,9 +28,9 @@ TRAINER_STATE_FILE = "trainer_state.json"
 _STEP_DIR = re.compile(r"^step-(\d+)$")
 
 
-def list_checkpoints(output_dir: str | os.PathLike) -> list[tuple[int, Path]]:
-    """The complete checkpoints of a run as (step, path), oldest first."""
-    root = Path(output_dir) / CHECKPOINTS_DIR
+def list_checkpoints(directory: str | os.PathLike) -> list[tuple[int, Path]]:
+    """The complete checkpoints in a run's (build or output) directory as (step, path), oldest first."""
+    root = Path(directory) / CHECKPOINTS_DIR
     found = []
     for path in root.iterdir() if root.is_dir() else ():
         match = _STEP_DIR.match(path.name)
@@ -35,25 +40,32 @@ def list_checkpoints(output_dir: str | os.PathLike) -> list[tuple[int, Path]]:
 
 
 def resolve_checkpoint(output_dir: str | os.PathLike, spec: str) -> Path:
-    """`"latest"` -> the highest complete checkpoint of `output_dir`; anything else is a checkpoint directory."""
+    """`"latest"` -> the highest complete checkpoint of the unfinished run into `output_dir` (in its build
+    directory); anything else is a checkpoint directory."""
     if spec == "latest":
-        checkpoints = list_checkpoints(output_dir)
+        checkpoints = list_checkpoints(build_path(output_dir))
         if not checkpoints:
             raise GraceInputError(
-                f"{output_dir}: no checkpoint to resume from (yet); run again without --resume-from-checkpoint"
+                f"{output_dir}: no checkpoint to resume from (no unfinished run left one in "
+                f"{build_path(output_dir)}); run again without --resume-from-checkpoint"
             )
         return checkpoints[-1][1]
     path = Path(spec)
-    if not (path / TRAINER_STATE_FILE).is_file():
+    state = path / TRAINER_STATE_FILE
+    if not state.is_file():
         raise GraceInputError(f"{path}: not a complete checkpoint (no {TRAINER_STATE_FILE})")
+    record = read_json(state, "trainer state")
+    if not isinstance(record, dict) or not isinstance(record.get("step"), int) or "scheduler" not in record:
+        raise GraceInputError(f"{state}: not a grace_hf trainer state (no step and scheduler)")
     return path
 
 
 def save_checkpoint(
-    accelerator: Any, output_dir: str | os.PathLike, step: int, trainer_state: dict, total_limit: int
+    accelerator: Any, directory: str | os.PathLike, step: int, trainer_state: dict, total_limit: int
 ) -> Path:
-    """Save the training state at `step` on every process, rename it into place, keep the last `total_limit`."""
-    root = Path(output_dir) / CHECKPOINTS_DIR
+    """Save the training state at `step` into `directory` (the run's build directory) on every process, rename it
+    into place, keep the last `total_limit`."""
+    root = Path(directory) / CHECKPOINTS_DIR
     tmp, final = root / f".step-{step}.tmp", root / f"step-{step}"
     if accelerator.is_main_process:
         shutil.rmtree(tmp, ignore_errors=True)
@@ -67,7 +79,7 @@ def save_checkpoint(
             shutil.rmtree(final)
         os.replace(tmp, final)
         if total_limit > 0:
-            for _, old in list_checkpoints(output_dir)[:-total_limit]:
+            for _, old in list_checkpoints(directory)[:-total_limit]:
                 shutil.rmtree(old)
     accelerator.wait_for_everyone()
     return final

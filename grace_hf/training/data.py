@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import sys
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -42,6 +43,15 @@ class TaskStream:
     weight: float
     replay_rows: Any = None  # a datasets.Dataset with the columns of `rows`
     replay_batch_size: int = 0
+
+    def __post_init__(self) -> None:
+        """A batch larger than the rows is clamped to them (with a note): it would only repeat rows in memory."""
+        for attribute, rows in (("batch_size", self.rows), ("replay_batch_size", self.replay_rows)):
+            size = getattr(self, attribute)
+            if rows is not None and size > len(rows) > 0:
+                what = self.name if attribute == "batch_size" else f"{self.name} replayed"
+                print(f"note: {what} batch size {size} clamped to the {len(rows)} rows there are", file=sys.stderr)
+                setattr(self, attribute, len(rows))
 
     @property
     def step_batch_size(self) -> int:

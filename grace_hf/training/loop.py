@@ -21,12 +21,14 @@ from typing import Any
 import torch
 from accelerate import Accelerator
 from accelerate.utils import set_seed
+from safetensors import SafetensorError
 from transformers import get_scheduler
 
 from grace_hf.distributed import create_accelerator
-from grace_hf.io_utils import atomic_write_text
+from grace_hf.errors import GraceInputError
+from grace_hf.io_utils import atomic_write_text, read_json
 from grace_hf.model_dir import LOGS_DIR, GraceConfig
-from grace_hf.outputs import MODEL, check_output_dir, open_output_dir
+from grace_hf.outputs import MODEL, OutputBuild, begin_output, build_path, check_output_dir, portable_path
 from grace_hf.runtime import configure_threads, progress_bar
 from grace_hf.training.args import DataArguments, GraceTrainingArguments, ModelArguments
 from grace_hf.training.checkpoints import TRAINER_STATE_FILE, list_checkpoints, resolve_checkpoint, save_checkpoint
@@ -121,13 +123,23 @@ class _Trainer:
         self.model_args, self.data_args, self.args, self.command = model_args, data_args, args, command
         self.started = time.monotonic()
         configure_threads(args.torch_num_threads)
+        self.build = build_path(args.output_dir)  # everything is written here; it becomes the output when complete
+        self.output: OutputBuild | None = None
         self.checkpoint = self._check_output()  # before any work
         self.data = data if data is not None else load_training_data(data_args, args)
         # t2id without an image and no i2id leaves the perceiver and cross-attention without gradients
         uses_images = any(s.name != "t2id" for s in self.data.streams) or data_args.t2id_image == "blank"
-        self.accelerator = create_accelerator(args.report_to, args.output_dir, find_unused_parameters=not uses_images)
+        self.accelerator = create_accelerator(args.report_to, self.build, find_unused_parameters=not uses_images)
         if self.accelerator.is_main_process:
             self._open_output()
+        try:
+            self._set_up()
+        except BaseException:
+            self.abandon()
+            raise
+
+    def _set_up(self) -> None:
+        args, model_args = self.args, self.model_args
         self.accelerator.wait_for_everyone()
         set_seed(args.seed)
         new_tokens = self.data.index.new_tokens if self.data.index is not None else []
@@ -147,13 +159,12 @@ class _Trainer:
 
     # output and resume
     def _inputs(self) -> list:
-        inputs = [*self.data_args.input_paths(), self.model_args.model]
+        inputs = [*self.data_args.input_paths(), self.model_args.model, self.args.recipe]
         return inputs + ([self.checkpoint] if self.checkpoint is not None and not self._continues() else [])
 
     def _continues(self) -> bool:
-        """Whether the run resumes from one of its own output directory's checkpoints."""
-        output = Path(self.args.output_dir).resolve()
-        return self.checkpoint is not None and output in self.checkpoint.resolve().parents
+        """Whether the run resumes from a checkpoint of its own unfinished run (in the build directory)."""
+        return self.checkpoint is not None and self.build.resolve() in self.checkpoint.resolve().parents
 
     def _check_output(self) -> Path | None:
         """The checkpoint to resume from (None: a fresh run), after checking that the output may be written."""
@@ -163,24 +174,41 @@ class _Trainer:
         return self.checkpoint
 
     def _open_output(self) -> None:
-        """Open the output directory in place (main process): a run with checkpoints there is kept for resuming."""
-        has_checkpoints = bool(list_checkpoints(self.args.output_dir))
-        output = self.args.output_dir
-        open_output_dir(
-            output, MODEL, self._inputs(), self.args.overwrite, has_checkpoints, self._continues(), self.command
+        """Lock the output and open its build directory (main process); the old output stays as it is until the
+        run is complete."""
+        self.output = begin_output(
+            self.args.output_dir,
+            MODEL,
+            self._inputs(),
+            self.args.overwrite,
+            self.command,
+            resumable=True,
+            resume=self._continues(),
         )
-        history = Path(output) / LOG_HISTORY_FILE
+        history = self.build / LOG_HISTORY_FILE
         if self._continues() and history.is_file():  # the steps after the checkpoint will be logged again
             step = json.loads((self.checkpoint / TRAINER_STATE_FILE).read_text(encoding="utf-8"))["step"]
             lines = history.read_text(encoding="utf-8").splitlines(keepends=True)
             atomic_write_text(history, "".join(line for line in lines if json.loads(line)["step"] <= step))
 
+    def abandon(self) -> None:
+        """Leave the old output as it was (main process); the build directory is kept when it holds checkpoints."""
+        if self.output is not None:
+            self.output.abandon(keep=bool(list_checkpoints(self.build)))
+            self.output = None
+
     def resume(self) -> None:
         path = self.checkpoint
-        self.accelerator.load_state(str(path))
-        state = json.loads((path / TRAINER_STATE_FILE).read_text(encoding="utf-8"))
-        self.scheduler.load_state_dict(state["scheduler"])
-        self.step, self.previous_seconds = state["step"], state["train_seconds"]
+        state = read_json(path / TRAINER_STATE_FILE, "trainer state")
+        try:
+            self.accelerator.load_state(str(path))
+            self.scheduler.load_state_dict(state["scheduler"])
+            self.step, self.previous_seconds = int(state["step"]), float(state["train_seconds"])
+        except (RuntimeError, OSError, ValueError, KeyError, TypeError, SafetensorError) as err:
+            raise GraceInputError(
+                f"{path}: cannot resume from this checkpoint (truncated, or written by another model or recipe): "
+                f"{type(err).__name__}: {str(err)[:300]}"
+            ) from None
         if state["world_size"] != self.accelerator.num_processes:
             self.accelerator.print(
                 f"warning: {path} was written by {state['world_size']} processes, resuming with "
@@ -253,7 +281,7 @@ class _Trainer:
             logs["grad_norm"] = float(grad_norm)
         self.accelerator.log(logs, step=self.step)
         if self.accelerator.is_main_process:
-            path = Path(self.args.output_dir) / LOG_HISTORY_FILE
+            path = self.build / LOG_HISTORY_FILE
             path.parent.mkdir(parents=True, exist_ok=True)
             with path.open("a", encoding="utf-8") as f:
                 f.write(json.dumps({"step": self.step, **logs}) + "\n")
@@ -271,7 +299,7 @@ class _Trainer:
             "world_size": self.accelerator.num_processes,
             "train_seconds": self._train_seconds(),
         }
-        save_checkpoint(self.accelerator, self.args.output_dir, self.step, trainer_state, self.args.save_total_limit)
+        save_checkpoint(self.accelerator, self.build, self.step, trainer_state, self.args.save_total_limit)
 
     def train(self) -> dict[str, float]:
         """Run the remaining steps; return the mean losses of the last logging window."""
@@ -334,15 +362,23 @@ class _Trainer:
             self.accelerator,
             self.model,
             self.processor,
-            self.args.output_dir,
+            self.build,
             index=index,
             grace_config=grace_config,
             metrics=metrics,
             model_card=card,
             codebooks=self.data.codebooks,
-            training_args={"command": self.command, "data": self.data.sources, "arguments": arguments},
+            training_args={"command": self.command, "data": self._recorded_sources(), "arguments": arguments},
             write_files=self.data.write_files,
         )
+
+    def _recorded_sources(self) -> list[str]:
+        """The training data as `training_args.json` names it: a local dataset that lies in the same build directory
+        as the output (the demo's) relative to the output, so that the name holds once the build is renamed."""
+        return [
+            portable_path(source, self.args.output_dir) if Path(source).is_absolute() else source
+            for source in self.data.sources
+        ]
 
     def _final_metrics(self, last_logs: dict[str, float]) -> dict[str, Any]:
         metrics: dict[str, Any] = {f"train_{key}": value for key, value in last_logs.items()}
@@ -370,13 +406,26 @@ class _Trainer:
             f"{self.data_args.task}: {self.num_steps} steps x {accelerator.num_processes} processes; streams "
             f"{streams}; {sizes['trainable']:,} of {sizes['total']:,} parameters trained"
         )
-        if self.checkpoint is not None:
-            self.resume()
-        metrics = self._final_metrics(self.train())
-        self.save(metrics)
+        try:
+            if self.checkpoint is not None:
+                self.resume()
+            metrics = self._final_metrics(self.train())
+            self.save(metrics)
+            if self.output is not None:
+                self.output.commit()
+        except BaseException:
+            self.abandon()
+            raise
+        accelerator.wait_for_everyone()
         accelerator.print(f"saved {args.output_dir}: {json.dumps(metrics)}")
         if args.push_to_hub and accelerator.is_main_process:
-            accelerator.print(f"pushed: {push_directory(args.output_dir, args.push_to_hub)}")
+            try:
+                accelerator.print(f"pushed: {push_directory(args.output_dir, args.push_to_hub)}")
+            except Exception as err:  # offline, no token, no such namespace: the model is saved all the same
+                raise GraceInputError(
+                    f"--push-to-hub {args.push_to_hub}: the model is saved in {args.output_dir}, but pushing it "
+                    f"failed: {type(err).__name__}: {err}"
+                ) from None
         accelerator.wait_for_everyone()
         accelerator.end_training()
         return metrics

@@ -17,6 +17,7 @@ from collections.abc import Iterable
 from pathlib import Path
 
 import torch
+from safetensors import SafetensorError
 from safetensors.torch import load_file
 from transformers import AutoTokenizer, CLIPImageProcessor
 
@@ -170,7 +171,10 @@ def load_state_dict_file(path: Path) -> dict[str, torch.Tensor]:
     if not path.is_file():
         raise GraceInputError(f"{path}: no such weights file")
     if path.suffix == ".safetensors":
-        return load_file(path)
+        try:
+            return load_file(path)
+        except (SafetensorError, OSError) as err:  # truncated or not safetensors at all
+            raise GraceInputError(f"{path}: not a readable safetensors file ({err})") from None
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as err:  # a pickle with non-tensor objects, or a corrupt file
