@@ -90,14 +90,19 @@ def evaluate_split(
     return metrics | {"candidates_without_text": sum(not document.strip() for document in documents)}, index_seconds
 
 
-def _check_test_texts(corpus: KarpathyCorpus, pseudo_queries: Mapping[str, list[str]] | None, source: str) -> None:
-    """Refuse a collection whose test images cannot be ranked by text: none, uncaptioned, or none with texts."""
+def _check_test_texts(
+    corpus: KarpathyCorpus, pseudo_queries: Mapping[str, list[str]] | None, source: str | os.PathLike | None
+) -> None:
+    """Refuse a collection whose test images cannot be ranked by text: none, uncaptioned, or none with texts to index
+    (`source`: the pseudo-query file, None when none was given)."""
     if not corpus.caption_queries("test"):
-        raise GraceInputError(f"{source}: no test images with captions to evaluate on")
+        raise GraceInputError(f"{corpus.json_path}: no test images with captions to evaluate on")
     if not any(document.strip() for document in candidate_documents(corpus, "test", pseudo_queries)[1]):
+        if source:
+            raise GraceInputError(f"{os.fspath(source)}: names no test image, so no test image has a text to index")
         raise GraceInputError(
-            f"{source}: no test image has a text to index (test images are known by their pseudo-queries; "
-            "give --pseudo-queries)"
+            f"{corpus.json_path}: no --pseudo-queries given, so no test image has a text to index (test images are "
+            "known by their pseudo-queries)"
         )
 
 
@@ -114,7 +119,7 @@ def run_text_baseline(
     check_output_dir(output_dir, TEXT_BASELINE, inputs, overwrite)
     corpus = load_karpathy(karpathy_json, image_root)
     pseudo = load_pseudo_queries(pseudo_queries, corpus) if pseudo_queries else None
-    _check_test_texts(corpus, pseudo, os.fspath(pseudo_queries or karpathy_json))
+    _check_test_texts(corpus, pseudo, pseudo_queries)
     test, index_seconds = evaluate_split(corpus, "test", pseudo)
     val = evaluate_split(corpus, "val", pseudo)
     metrics = {"method": METHOD, **test, "val": None if val is None else val[0], "train_seconds": index_seconds}
