@@ -441,6 +441,19 @@ CASES = [
         ],
         "holds the input",
     ),
+    (
+        "baseline-bm25-into-image-root",
+        lambda w: [
+            "baseline-bm25",
+            "--karpathy-json",
+            "data/dataset_synthetic.json",
+            "--image-root",
+            "data",
+            "--output-dir",
+            "data",
+        ],
+        "holds the input",
+    ),
     ("compare-cwd", lambda w: ["compare", "model", "--output-dir", "."], "working directory"),
     ("compare-no-metrics", lambda w: ["compare", "thesis"], "thesis: no metrics.json"),
     (
