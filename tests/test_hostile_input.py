@@ -16,7 +16,7 @@ from test_dense import MICRO
 from test_evaluate_cli import write_prepared
 from test_retriever import IMAGES, QUERIES, build_tiny_model_dir
 
-from grace_hf import cli
+from grace_hf.commands import cli
 from grace_hf.data.synthetic import write_synthetic
 from grace_hf.dense.directory import FEATURES_FILE, save_image_features
 from grace_hf.dense.model import DualEncoder
