@@ -7,7 +7,7 @@ import pytest
 from grace_hf.commands.compare import main
 from grace_hf.data.synthetic import write_synthetic
 from grace_hf.errors import GraceInputError
-from grace_hf.evaluation.compare import COLUMNS, comparison_table
+from grace_hf.evaluation.comparison import COLUMNS, comparison_table
 from grace_hf.evaluation.text_baseline import run_text_baseline
 
 
