@@ -36,7 +36,7 @@ from grace_hf.training.args import parse_args
 from grace_hf.training.loop import train
 from grace_hf.training.preparation import prepare
 
-__all__ = ["DEFAULT_KIND", "PREPARE_OPTIONS", "RECIPES", "evaluate_kind", "run_demo", "train_kind"]
+__all__ = ["DEFAULT_KIND", "PREPARE_OPTIONS", "RECIPES", "evaluate_kind", "main", "run_demo", "train_kind"]
 
 RECIPES = Path(__file__).resolve().parents[1] / "recipes" / "synthetic"  # shipped inside the package
 DEFAULT_KIND = "rq"
