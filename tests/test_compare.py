@@ -5,8 +5,10 @@ import json
 import pytest
 
 from grace_hf.commands.compare import main
+from grace_hf.data.synthetic import write_synthetic
 from grace_hf.errors import GraceInputError
 from grace_hf.evaluation.comparison import COLUMNS, comparison_table
+from grace_hf.evaluation.text_baseline import run_text_baseline
 
 
 def _run_dir(root, name, metrics):
@@ -62,6 +64,18 @@ def test_table_has_one_row_per_run(runs):
     # a run without the optional keys shows "-"
     assert _cells(lines[3]) == ["numeric", "-", "10.0", "20.0", "30.0", "-", "-", "-"]
     assert _cells(lines[4]) == ["dense", "dense-clip", "50.0", "75.0", "87.5", "200", "61.2", "0.50"]
+
+
+def test_the_text_baseline_is_a_row_beside_the_others(runs, tmp_path):
+    data = write_synthetic(tmp_path / "data", 20, seed=0, num_workers=1)
+    bm25 = tmp_path / "bm25"
+    metrics = run_text_baseline(data / "dataset_synthetic.json", data, bm25, data / "pseudo_queries.json")
+    lines = comparison_table([*runs, bm25]).splitlines()
+    assert len(lines) == 2 + len(runs) + 1
+    row = _cells(lines[-1])
+    assert row[:2] == ["bm25", "bm25"]
+    assert row[2] == f"{100 * metrics['recall@1']:.1f}" and row[5] == str(metrics["num_queries"])
+    assert row[6] == f"{metrics['train_seconds']:.1f}" and row[7] == f"{metrics['query_latency_ms']:.2f}"
 
 
 def test_metrics_file_path_and_output(runs, tmp_path, capsys):

@@ -11,8 +11,9 @@ from grace_hf.data.karpathy import load_karpathy
 from grace_hf.data.pseudo_queries import load_pseudo_queries
 from grace_hf.dense import DualEncoder, load_dual_encoder, resolve_model_config
 from grace_hf.dense.directory import FEATURES_FILE, load_image_features, save_image_features
-from grace_hf.dense.training import DenseTrainingArgs, training_texts
+from grace_hf.dense.training import DenseTrainingArgs, EarlyStopping, train_dual_encoder, training_texts
 from grace_hf.errors import GraceInputError
+from grace_hf.evaluation.text_baseline import run_text_baseline
 from tests.helpers import MICRO
 
 
@@ -22,12 +23,12 @@ def synthetic(synthetic, micro_config):
     return synthetic(40), micro_config
 
 
-def _run(synthetic, output_dir, epochs=25):
+def _run(synthetic, output_dir, epochs=25, patience=5, karpathy_json="dataset_synthetic.json"):
     root, config = synthetic
-    argv = ["--karpathy-json", str(root / "dataset_synthetic.json"), "--image-root", str(root)]
+    argv = ["--karpathy-json", str(root / karpathy_json), "--image-root", str(root)]
     argv += ["--pseudo-queries", str(root / "pseudo_queries.json"), "--output-dir", str(output_dir)]
     argv += ["--model-config", str(config), "--epochs", str(epochs), "--batch-size", "20", "--lr", "5e-3"]
-    assert main(argv) == 0
+    assert main([*argv, "--patience", str(patience)]) == 0
     return output_dir
 
 
@@ -73,9 +74,85 @@ def test_run_writes_model_features_and_metrics(synthetic, run_dir):
     assert metrics["num_candidates"] == num_test
     assert metrics["num_queries"] == sum(len(image.captions) for image in corpus.split("test"))
     assert metrics["train_seconds"] > 0 and metrics["query_latency_ms"] > 0
-    assert metrics["train_images"] == 40 and metrics["train_steps"] == 25 * 2  # batches of 20
+    epochs_run = metrics["epochs_run"]
+    assert metrics["train_images"] == 40 and metrics["train_steps"] == epochs_run * 2  # batches of 20
     losses = metrics["epoch_losses"]
-    assert len(losses) == 25 and losses[-1] < 0.8 * losses[0]
+    assert len(losses) == epochs_run and losses[-1] < 0.8 * losses[0]
+
+
+def test_run_stops_on_val_and_keeps_the_best_epoch(synthetic, run_dir):
+    root, _ = synthetic
+    metrics = json.loads((run_dir / "metrics.json").read_text())
+    per_epoch, best = metrics["val_recall@1_per_epoch"], metrics["best_epoch"]
+    assert metrics["stopping"] == "early stopping on val R@1, patience 5, at most 25 epochs"
+    assert len(per_epoch) == metrics["epochs_run"] and per_epoch[best - 1] == max(per_epoch)
+    assert metrics["epochs_run"] == best + 5 < 25  # it stopped early (seeded: the same epochs on every run)
+    # the saved model is the best epoch's: its val figure is that epoch's
+    assert metrics["val"]["recall@1"] == per_epoch[best - 1]
+    corpus = load_karpathy(root / "dataset_synthetic.json", root)
+    assert metrics["val"]["num_queries"] == len(corpus.caption_queries("val"))
+
+
+def test_early_stopping_counts_epochs_without_gain():
+    model = torch.nn.Linear(2, 1)
+    stopping = EarlyStopping(patience=2)
+    assert [stopping.update(model, score, epoch) for epoch, score in enumerate([0.1, 0.3, 0.3, 0.2], 1)] == [
+        False,
+        False,
+        False,
+        True,  # equal is no gain
+    ]
+    assert stopping.best_epoch == 2 and stopping.best_score == 0.3
+
+
+def test_training_stops_early_and_keeps_the_best_weights(synthetic):
+    """A scripted validation: the score peaks after epoch 2, so with patience 2 training stops after epoch 4 and the
+    encoder ends with epoch 2's weights."""
+    root, config = synthetic
+    corpus = load_karpathy(root / "dataset_synthetic.json", root)
+    texts = training_texts(corpus, load_pseudo_queries(root / "pseudo_queries.json", corpus))
+    torch.manual_seed(0)
+    encoder = DualEncoder.from_config(config)
+    scores, snapshots = iter([0.1, 0.5, 0.4, 0.3, 0.9, 0.9]), []
+
+    def validate(encoder):
+        snapshots.append({name: value.clone() for name, value in encoder.model.state_dict().items()})
+        return next(scores)
+
+    args = DenseTrainingArgs(epochs=10, patience=2, batch_size=20, lr=5e-3)
+    result = train_dual_encoder(
+        encoder, {image.key: image.path for image in corpus.memorized()}, texts, args, validate
+    )
+    assert (result.epochs_run, result.best_epoch, result.val_scores) == (4, 2, [0.1, 0.5, 0.4, 0.3])
+    assert result.steps == 4 * 2 and len(snapshots) == 4
+    final = encoder.model.state_dict()
+    assert all(torch.equal(final[name], value) for name, value in snapshots[1].items())
+    assert not all(torch.equal(final[name], value) for name, value in snapshots[3].items())
+
+
+def test_without_val_images_training_runs_every_epoch(synthetic, tmp_path):
+    root, _ = synthetic
+    data = json.loads((root / "dataset_synthetic.json").read_text())
+    for image in data["images"]:
+        image["split"] = "train" if image["split"] == "val" else image["split"]
+    (root / "no_val.json").write_text(json.dumps(data))
+    metrics = json.loads(
+        (_run(synthetic, tmp_path / "dense", epochs=3, karpathy_json="no_val.json") / "metrics.json").read_text()
+    )
+    assert metrics["stopping"] == "fixed 3 epochs: no val images with captions to stop on"
+    assert metrics["epochs_run"] == 3 and metrics["best_epoch"] is None and metrics["val"] is None
+
+
+def test_bm25_metrics_have_the_dense_format(synthetic, run_dir, tmp_path):
+    root, _ = synthetic
+    dense = json.loads((run_dir / "metrics.json").read_text())
+    bm25 = run_text_baseline(root / "dataset_synthetic.json", root, tmp_path / "bm25", root / "pseudo_queries.json")
+    shared = {"method", "recall@1", "recall@5", "recall@10", "recall_curve", "num_queries", "num_candidates"}
+    shared |= {"query_latency_ms", "queries_per_second", "train_seconds", "val"}
+    assert shared <= set(dense) and shared <= set(bm25)
+    assert set(bm25) - shared == {"candidates_without_text"}
+    assert set(bm25["val"]) - {"candidates_without_text"} == set(dense["val"]) - {"eval_batch_size"}
+    assert (bm25["num_queries"], bm25["num_candidates"]) == (dense["num_queries"], dense["num_candidates"])
 
 
 def test_saved_encoder_reproduces_the_features(synthetic, run_dir):
@@ -89,8 +166,8 @@ def test_saved_encoder_reproduces_the_features(synthetic, run_dir):
 
 
 def test_same_seed_same_features(synthetic, tmp_path):
-    first, _ = load_image_features(_run(synthetic, tmp_path / "first", epochs=3))
-    again, _ = load_image_features(_run(synthetic, tmp_path / "again", epochs=3))
+    first, _ = load_image_features(_run(synthetic, tmp_path / "first", epochs=4, patience=1))
+    again, _ = load_image_features(_run(synthetic, tmp_path / "again", epochs=4, patience=1))
     assert torch.equal(again, first)
 
 
@@ -107,6 +184,8 @@ def test_config_presets_and_errors(tmp_path):
         load_image_features(tmp_path / "missing.safetensors")
     with pytest.raises(GraceInputError, match="batch-size"):
         DenseTrainingArgs(batch_size=1)
+    with pytest.raises(GraceInputError, match="--patience >= 0"):
+        DenseTrainingArgs(patience=-1)
     with pytest.raises(ValueError, match="3 feature rows for 2 image keys"):
         save_image_features(tmp_path / "f.safetensors", torch.zeros(3, 4), ["a", "b"])
 

@@ -15,7 +15,7 @@ import torch
 import yaml
 from safetensors.torch import load_file, save_file
 
-from grace_hf import cli
+from grace_hf.commands import cli
 from grace_hf.commands import demo as demo_module
 from grace_hf.dense.directory import FEATURES_FILE, save_image_features
 from grace_hf.dense.model import DualEncoder
@@ -490,6 +490,19 @@ CASES = [
         "baseline-into-image-root",
         lambda w: [
             "baseline-clip",
+            "--karpathy-json",
+            "data/dataset_synthetic.json",
+            "--image-root",
+            "data",
+            "--output-dir",
+            "data",
+        ],
+        "holds the input",
+    ),
+    (
+        "baseline-bm25-into-image-root",
+        lambda w: [
+            "baseline-bm25",
             "--karpathy-json",
             "data/dataset_synthetic.json",
             "--image-root",

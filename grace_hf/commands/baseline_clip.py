@@ -20,7 +20,14 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--pseudo-queries", default=None, help="pseudo-queries JSON ({file_name: [query, ...]})")
     parser.add_argument("--output-dir", required=True, help="where the model, features and metrics go")
     parser.add_argument("--model-config", default="tiny", help=f"a preset ({', '.join(PRESETS)}) or an open_clip JSON")
-    parser.add_argument("--epochs", type=int, default=defaults.epochs, help="passes over the training images")
+    parser.add_argument("--epochs", type=int, default=defaults.epochs, help="the most passes over the training images")
+    parser.add_argument(
+        "--patience",
+        type=int,
+        default=defaults.patience,
+        help="stop after this many epochs without a better val R@1 (val captions ranking the val images) and keep "
+        "the best epoch; 0: always run --epochs",
+    )
     parser.add_argument("--batch-size", type=int, default=defaults.batch_size, help="images (with one text each)")
     parser.add_argument("--lr", type=float, default=defaults.lr, help="peak AdamW learning rate (warmup + cosine)")
     parser.add_argument("--weight-decay", type=float, default=defaults.weight_decay)
@@ -33,6 +40,7 @@ def main(argv: list[str] | None = None) -> int:
     setup_threads(args)
     training = DenseTrainingArgs(
         epochs=args.epochs,
+        patience=args.patience,
         batch_size=args.batch_size,
         lr=args.lr,
         weight_decay=args.weight_decay,
@@ -51,5 +59,6 @@ def main(argv: list[str] | None = None) -> int:
     )
     recalls = ", ".join(f"R@{k} {100 * metrics[f'recall@{k}']:.1f}" for k in (1, 5, 10))
     print(f"dense-clip: {recalls} on {metrics['num_queries']} queries; trained in {metrics['train_seconds']:.0f} s")
+    print(f"training: {metrics['stopping']}; {metrics['epochs_run']} epochs run, best epoch {metrics['best_epoch']}")
     print(f"wrote {args.output_dir}")
     return 0

@@ -31,6 +31,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "retrieve": ("retrieve", "retrieve images for text queries"),
     "pseudo-queries": ("pseudo_queries", "write pseudo-queries with a trained captioner"),
     "baseline-clip": ("baseline_clip", "train and evaluate a dense open_clip dual encoder"),
+    "baseline-bm25": ("baseline_bm25", "the text-only baseline: BM25 over each image's training texts"),
     "compare": ("compare", "one table: identifier kinds beside the dense baseline"),
     "serve": ("serve", "a trained retriever in the browser and behind an HTTP API (Gradio)"),
     "demo": ("demo", "the end-to-end demo on built-in synthetic data"),

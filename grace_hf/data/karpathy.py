@@ -77,6 +77,10 @@ class KarpathyCorpus:
         """The images that get identifiers: train, val and test (not restval), in file order."""
         return [image for image in self.images if image.split in MEMORIZED_SPLITS]
 
+    def caption_queries(self, split: str) -> list[tuple[str, str]]:
+        """`(caption, image key)` for every human caption of the images of `split`: the queries that rank them."""
+        return [(caption, image.key) for image in self.split(split) for caption in image.captions]
+
     def split_counts(self) -> dict[str, int]:
         """Number of images per split, every split listed."""
         return {name: sum(image.split == name for image in self.images) for name in SPLITS}

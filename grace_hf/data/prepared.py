@@ -105,12 +105,9 @@ def build_dataset_dict(
 
 def _captions(split: str, corpus: KarpathyCorpus) -> Dataset:
     """(query, image_key): the human captions of the images of `split`, the queries that rank them."""
-    images = corpus.split(split)
+    pairs = corpus.caption_queries(split)
     return Dataset.from_dict(
-        {
-            "query": [caption for image in images for caption in image.captions],
-            "image_key": [image.key for image in images for _ in image.captions],
-        },
+        {"query": [query for query, _ in pairs], "image_key": [key for _, key in pairs]},
         features=Features({"query": TEXT, "image_key": TEXT}),
     )
 

@@ -3,7 +3,9 @@
 Same data as the generative model: the training pairs are GRACE's query -> identifier pairs with
 the image in place of the identifier (human captions of train images, pseudo-queries of the other
 memorized images); the evaluation queries are the human captions of the test images and the
-candidates are the test images. Stages: seed -> data -> model -> train -> save -> evaluate.
+candidates are the test images. Trained to convergence: after each epoch the human captions of the val images
+rank the val images (those captions never teach), and training stops when val Recall@1 has not improved for
+`patience` epochs, keeping the best epoch's weights. Stages: seed -> data -> model -> train -> save -> evaluate.
 """
 
 from __future__ import annotations
@@ -12,7 +14,7 @@ import math
 import os
 import time
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -26,7 +28,7 @@ from grace_hf.data.pseudo_queries import load_pseudo_queries
 from grace_hf.dense.directory import FEATURES_FILE, save_image_features
 from grace_hf.dense.model import DualEncoder, resolve_model_config
 from grace_hf.errors import GraceInputError
-from grace_hf.evaluation.metrics import METRICS_FILE, recall_at_k, recall_curve
+from grace_hf.evaluation.metrics import METRICS_FILE, retrieval_metrics
 from grace_hf.io_utils import atomic_write_json
 from grace_hf.outputs import DENSE_BASELINE, check_output_dir, output_directory
 from grace_hf.runtime import progress_bar
@@ -37,10 +39,13 @@ class DenseTrainingArgs:
     """Optimisation settings of the dual encoder.
 
     An epoch shows every training image once, with one of its texts drawn at random, so a batch
-    never holds the same image twice (InfoNCE would count the copy as a negative).
+    never holds the same image twice (InfoNCE would count the copy as a negative). `epochs` is the most
+    epochs run: training stops earlier once val Recall@1 has not improved for `patience` epochs
+    (`patience` 0: always run `epochs`; the learning rate decays over `epochs` either way).
     """
 
-    epochs: int = 50
+    epochs: int = 100
+    patience: int = 5
     batch_size: int = 32
     lr: float = 1e-3
     weight_decay: float = 0.1
@@ -49,8 +54,8 @@ class DenseTrainingArgs:
     num_workers: int = 0
 
     def __post_init__(self) -> None:
-        if self.epochs < 1 or self.batch_size < 2 or self.lr <= 0:
-            raise GraceInputError("--epochs must be >= 1, --batch-size >= 2 and --lr > 0")
+        if self.epochs < 1 or self.batch_size < 2 or self.lr <= 0 or self.patience < 0:
+            raise GraceInputError("--epochs must be >= 1, --batch-size >= 2, --lr > 0 and --patience >= 0")
 
 
 def training_texts(corpus: KarpathyCorpus, pseudo_queries: Mapping[str, list[str]] | None) -> dict[str, list[str]]:
@@ -95,11 +100,40 @@ def _warmup_cosine(total_steps: int, warmup_steps: int) -> Callable[[int], float
 
 @dataclass
 class TrainingResult:
-    """What a training run did: the mean loss of each epoch, the optimizer steps and the wall time."""
+    """What a training run did: the mean loss of each epoch run, the optimizer steps taken, the wall time (validation
+    included), the validation score after each epoch and the (1-based) epoch whose weights were kept."""
 
     epoch_losses: list[float]
     steps: int
     seconds: float
+    val_scores: list[float] = field(default_factory=list)
+    best_epoch: int | None = None
+
+    @property
+    def epochs_run(self) -> int:
+        return len(self.epoch_losses)
+
+
+class EarlyStopping:
+    """Keeps the weights of the best-scoring epoch (in memory) and says when `patience` epochs brought no gain."""
+
+    def __init__(self, patience: int) -> None:
+        self.patience = patience
+        self.best_score = -math.inf
+        self.best_epoch: int | None = None
+        self.best_state: dict[str, torch.Tensor] | None = None
+
+    def update(self, model: torch.nn.Module, score: float, epoch: int) -> bool:
+        """Record `epoch`'s score (keeping its weights when it is the best so far); True when training should stop."""
+        if score > self.best_score:
+            self.best_score, self.best_epoch = score, epoch
+            self.best_state = {name: value.detach().clone() for name, value in model.state_dict().items()}
+        return epoch - self.best_epoch >= self.patience
+
+    def restore(self, model: torch.nn.Module) -> None:
+        """Load the best epoch's weights into `model` (nothing to do before any update)."""
+        if self.best_state is not None:
+            model.load_state_dict(self.best_state)
 
 
 def _epoch_pairs(
@@ -113,16 +147,51 @@ def _epoch_pairs(
     return pairs
 
 
+def _train_epoch(
+    encoder: DualEncoder,
+    pairs: list[tuple[Path, str]],
+    args: DenseTrainingArgs,
+    drop_last: bool,
+    optimizer: torch.optim.Optimizer,
+    schedule: torch.optim.lr_scheduler.LRScheduler,
+    progress: Any,
+) -> tuple[float, int]:
+    """One pass over `pairs`; returns the mean loss and the number of optimizer steps."""
+    loader = DataLoader(
+        _PairDataset(pairs, encoder), batch_size=args.batch_size, num_workers=args.num_workers, drop_last=drop_last
+    )
+    loss_fn = open_clip.ClipLoss()
+    encoder.model.train()
+    losses = []
+    for pixel_values, input_ids in loader:
+        image_features, text_features, logit_scale = encoder.model(pixel_values, input_ids)  # (B, D), (B, D), ()
+        loss = loss_fn(image_features, text_features, logit_scale)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(encoder.model.parameters(), 1.0)
+        optimizer.step()
+        schedule.step()
+        with torch.no_grad():  # CLIP's clamp: a temperature below 1/100 destabilises training
+            encoder.model.logit_scale.clamp_(0, math.log(100))
+        losses.append(loss.item())
+        progress.update()
+        progress.set_postfix(loss=f"{loss.item():.3f}")
+    return sum(losses) / len(losses), len(losses)
+
+
 def train_dual_encoder(
     encoder: DualEncoder,
     image_paths: Mapping[str, Path],
     texts: Mapping[str, list[str]],
     args: DenseTrainingArgs,
+    validate: Callable[[DualEncoder], float] | None = None,
 ) -> TrainingResult:
     """Train `encoder` in place with open_clip's `ClipLoss` (symmetric InfoNCE) and AdamW.
 
-    Warmup then cosine decay of the learning rate, gradient clipping at 1.0. Deterministic for
-    `args.seed` (data order and text choice come from one seeded generator; seed torch before
+    Warmup then cosine decay of the learning rate over `args.epochs`, gradient clipping at 1.0. With `validate`
+    (the encoder -> a score, higher is better) and `args.patience` > 0, each epoch ends with a validation; training
+    stops after `patience` epochs without a better score and the encoder is left with the best epoch's weights.
+    Deterministic for `args.seed` (data order and text choice come from one seeded generator; seed torch before
     building the encoder for a reproducible initialisation).
     """
     keys = sorted(texts)
@@ -135,32 +204,26 @@ def train_dual_encoder(
     schedule = torch.optim.lr_scheduler.LambdaLR(
         optimizer, _warmup_cosine(total_steps, max(1, round(args.warmup_fraction * total_steps)))
     )
-    loss_fn = open_clip.ClipLoss()
-    epoch_losses: list[float] = []
+    stopping = EarlyStopping(args.patience) if validate is not None and args.patience > 0 else None
+    result = TrainingResult(epoch_losses=[], steps=0, seconds=0.0)
     start = time.perf_counter()
-    encoder.model.train()
     progress = progress_bar(total=total_steps, desc="baseline-clip", unit="step")
-    for _ in range(args.epochs):
-        pairs = _PairDataset(_epoch_pairs(keys, image_paths, texts, generator), encoder)
-        loader = DataLoader(pairs, batch_size=args.batch_size, num_workers=args.num_workers, drop_last=drop_last)
-        losses = []
-        for pixel_values, input_ids in loader:
-            image_features, text_features, logit_scale = encoder.model(pixel_values, input_ids)  # (B, D), (B, D), ()
-            loss = loss_fn(image_features, text_features, logit_scale)
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            torch.nn.utils.clip_grad_norm_(encoder.model.parameters(), 1.0)
-            optimizer.step()
-            schedule.step()
-            with torch.no_grad():  # CLIP's clamp: a temperature below 1/100 destabilises training
-                encoder.model.logit_scale.clamp_(0, math.log(100))
-            losses.append(loss.item())
-            progress.update()
-            progress.set_postfix(loss=f"{loss.item():.3f}")
-        epoch_losses.append(sum(losses) / len(losses))
+    for epoch in range(1, args.epochs + 1):
+        pairs = _epoch_pairs(keys, image_paths, texts, generator)
+        loss, steps = _train_epoch(encoder, pairs, args, drop_last, optimizer, schedule, progress)
+        result.epoch_losses.append(loss)
+        result.steps += steps
+        if stopping is not None:
+            result.val_scores.append(validate(encoder))
+            if stopping.update(encoder.model, result.val_scores[-1], epoch):
+                break
     progress.close()
+    if stopping is not None:
+        stopping.restore(encoder.model)
+        result.best_epoch = stopping.best_epoch
     encoder.model.eval()
-    return TrainingResult(epoch_losses=epoch_losses, steps=total_steps, seconds=time.perf_counter() - start)
+    result.seconds = time.perf_counter() - start
+    return result
 
 
 def evaluate_dual_encoder(
@@ -186,17 +249,59 @@ def evaluate_dual_encoder(
         scores = query_features @ candidate_features.T  # (B, M)
         top = scores.topk(top_k, dim=-1).indices  # (B, K)
         rankings.extend([candidate_keys[j] for j in row] for row in top.tolist())
-    elapsed = time.perf_counter() - start
-    metrics = recall_at_k(rankings, list(gold), ks)
-    metrics.update(
-        recall_curve=recall_curve(rankings, list(gold), max(ks)),
-        num_queries=len(queries),
-        num_candidates=len(candidate_keys),
-        query_latency_ms=1000.0 * elapsed / max(1, len(queries)),
-        queries_per_second=len(queries) / elapsed if elapsed > 0 else None,
-        eval_batch_size=batch_size,
+    metrics = retrieval_metrics(rankings, gold, len(candidate_keys), time.perf_counter() - start, ks)
+    return metrics | {"eval_batch_size": batch_size}
+
+
+def evaluate_on_split(
+    encoder: DualEncoder, corpus: KarpathyCorpus, split: str, batch_size: int = 32
+) -> dict[str, Any] | None:
+    """`evaluate_dual_encoder` with the human captions of a split's images ranking those images (features encoded
+    now); None when the split has no captioned image."""
+    pairs = corpus.caption_queries(split)
+    if not pairs:
+        return None
+    images = corpus.split(split)
+    features = encoder.encode_images([image.path for image in images])  # (M, D)
+    queries, gold = [query for query, _ in pairs], [key for _, key in pairs]
+    return evaluate_dual_encoder(
+        encoder, queries, gold, [image.key for image in images], features, batch_size=batch_size
     )
-    return metrics
+
+
+def _val_recall_at_1(corpus: KarpathyCorpus, batch_size: int) -> Callable[[DualEncoder], float] | None:
+    """The early-stopping score: Recall@1 of the val captions ranking the val images; None without val captions."""
+    if not corpus.caption_queries("val"):
+        return None
+    return lambda encoder: evaluate_on_split(encoder, corpus, "val", batch_size)["recall@1"]
+
+
+def stopping_rule(args: DenseTrainingArgs, has_val: bool) -> str:
+    """How training ends, in words (recorded in the metrics, printed by the command)."""
+    if args.patience == 0:
+        return f"fixed {args.epochs} epochs (--patience 0)"
+    if not has_val:
+        return f"fixed {args.epochs} epochs: no val images with captions to stop on"
+    return f"early stopping on val R@1, patience {args.patience}, at most {args.epochs} epochs"
+
+
+def _training_record(result: TrainingResult, texts: Mapping[str, list[str]], args: DenseTrainingArgs) -> dict:
+    """The training part of the metrics: time, steps, data, settings, and how it stopped."""
+    return {
+        "train_seconds": result.seconds,
+        "train_steps": result.steps,
+        "train_images": len(texts),
+        "train_pairs": sum(len(t) for t in texts.values()),
+        "epochs": args.epochs,
+        "patience": args.patience,
+        "epochs_run": result.epochs_run,
+        "best_epoch": result.best_epoch,
+        "val_recall@1_per_epoch": result.val_scores,
+        "batch_size": args.batch_size,
+        "lr": args.lr,
+        "seed": args.seed,
+        "epoch_losses": result.epoch_losses,
+    }
 
 
 def run_baseline(
@@ -209,7 +314,8 @@ def run_baseline(
     eval_batch_size: int = 32,
     overwrite: bool = False,
 ) -> dict[str, Any]:
-    """Train, save and evaluate the dense baseline; returns the metrics written to `metrics.json`."""
+    """Train (to convergence on val, see the module docstring), save and evaluate the dense baseline; returns the
+    metrics written to `metrics.json` (test figures at the top level, val figures under "val")."""
     args = args or DenseTrainingArgs()
     inputs = [karpathy_json, image_root, pseudo_queries, model_config if Path(str(model_config)).is_file() else None]
     check_output_dir(output_dir, DENSE_BASELINE, inputs, overwrite)
@@ -219,14 +325,15 @@ def run_baseline(
     corpus = load_karpathy(karpathy_json, image_root)
     memorized = corpus.memorized()  # restval images are not memorized, as in the original
     test_images = corpus.split("test")
-    if not test_images:
-        raise GraceInputError(f"{karpathy_json}: no test images to evaluate on")
+    if not corpus.caption_queries("test"):
+        raise GraceInputError(f"{karpathy_json}: no test images with captions to evaluate on")
     pseudo = load_pseudo_queries(pseudo_queries, corpus) if pseudo_queries else None
     texts = training_texts(corpus, pseudo)
     image_paths = {image.key: image.path for image in memorized}
 
     encoder = DualEncoder.from_config(model_config)
-    result = train_dual_encoder(encoder, image_paths, texts, args)
+    validate = _val_recall_at_1(corpus, eval_batch_size)
+    result = train_dual_encoder(encoder, image_paths, texts, args, validate)
 
     with output_directory(output_dir, DENSE_BASELINE, inputs, overwrite, "grace-hf baseline-clip") as out:
         encoder.save(out)
@@ -234,7 +341,7 @@ def run_baseline(
         save_image_features(out / FEATURES_FILE, features, [image.key for image in memorized])
         row = {image.key: i for i, image in enumerate(memorized)}
         candidate_keys = [image.key for image in test_images]
-        eval_queries = [(caption, image.key) for image in test_images for caption in image.captions]
+        eval_queries = corpus.caption_queries("test")
         metrics = {"method": "dense-clip"}
         metrics |= evaluate_dual_encoder(
             encoder,
@@ -244,16 +351,8 @@ def run_baseline(
             features[[row[key] for key in candidate_keys]],
             batch_size=eval_batch_size,
         )
-        metrics |= {
-            "train_seconds": result.seconds,
-            "train_steps": result.steps,
-            "train_images": len(texts),
-            "train_pairs": sum(len(t) for t in texts.values()),
-            "epochs": args.epochs,
-            "batch_size": args.batch_size,
-            "lr": args.lr,
-            "seed": args.seed,
-            "epoch_losses": result.epoch_losses,
-        }
+        metrics["val"] = evaluate_on_split(encoder, corpus, "val", eval_batch_size)
+        metrics["stopping"] = stopping_rule(args, validate is not None)
+        metrics |= _training_record(result, texts, args)
         atomic_write_json(out / METRICS_FILE, metrics)
     return metrics

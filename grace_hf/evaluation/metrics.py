@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
-__all__ = ["METRICS_FILE", "recall_at_k", "recall_curve"]
+__all__ = ["METRICS_FILE", "recall_at_k", "recall_curve", "retrieval_metrics"]
 
 METRICS_FILE = "metrics.json"  # the scores every run writes: a model, an evaluation, the dense baseline, the demo
 
@@ -43,3 +43,24 @@ def recall_at_k(rankings: Sequence[Sequence[str]], gold: Sequence[str], ks: Sequ
     """
     curve = recall_curve(rankings, gold, max(ks))
     return {f"recall@{k}": curve[k - 1] for k in ks}
+
+
+def retrieval_metrics(
+    rankings: Sequence[Sequence[str]],
+    gold: Sequence[str],
+    num_candidates: int,
+    seconds: float,
+    ks: Sequence[int] = (1, 5, 10),
+) -> dict:
+    """The scores of one ranked evaluation, as every baseline reports them: `recall@K` for each K in `ks`,
+    `recall_curve` (K = 1 .. max K), `num_queries`, `num_candidates`, and the query speed over `seconds` spent
+    answering all queries (`query_latency_ms`, `queries_per_second`)."""
+    curve = recall_curve(rankings, gold, max(ks))
+    return {
+        **{f"recall@{k}": curve[k - 1] for k in ks},
+        "recall_curve": curve,
+        "num_queries": len(gold),
+        "num_candidates": num_candidates,
+        "query_latency_ms": 1000.0 * seconds / max(1, len(gold)),
+        "queries_per_second": len(gold) / seconds if seconds > 0 else None,
+    }
