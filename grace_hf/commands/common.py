@@ -6,7 +6,7 @@ import argparse
 from collections.abc import Mapping, Sequence
 
 from grace_hf.dense.directory import check_dense_directory
-from grace_hf.errors import GraceInputError
+from grace_hf.errors import GraceInputError, renamed_flag
 from grace_hf.runtime import configure_threads
 
 __all__ = ["add_num_threads", "add_overwrite", "add_rerank", "check_rerank_args", "command_parser", "setup_threads"]
@@ -22,7 +22,7 @@ class _Renamed(argparse.Action):
         self.new = new
 
     def __call__(self, parser, namespace, values, option_string=None) -> None:
-        parser.error(f"{option_string} was renamed: use {self.new}")
+        parser.error(renamed_flag(option_string, self.new))
 
 
 def command_parser(

@@ -12,16 +12,11 @@ import torch.nn.functional as F
 from PIL import Image
 
 from grace_hf.errors import GraceInputError
-from grace_hf.runtime import progress_bar
+from grace_hf.runtime import default_io_workers, progress_bar
 
-__all__ = ["QueryImage", "default_workers", "encode_images", "read_query_image", "read_rgb"]
+__all__ = ["QueryImage", "encode_images", "read_query_image", "read_rgb"]
 
 QueryImage = Image.Image | str | os.PathLike  # a query image: a PIL image or an image file
-
-
-def default_workers() -> int:
-    """Threads that read image files (I/O and decoding release the GIL)."""
-    return min(8, (os.cpu_count() or 1) * 2)
 
 
 def read_rgb(path: str | os.PathLike) -> Image.Image:
@@ -57,7 +52,7 @@ def encode_images(
     """L2-normalised embeddings (N, d) of the images at `paths`, in order: files read by threads, `transform` per
     image, `encode` per batch of (B, C, H, W) pixels, with a progress bar."""
     chunks = []
-    with torch.inference_mode(), ThreadPoolExecutor(num_workers or default_workers()) as pool:
+    with torch.inference_mode(), ThreadPoolExecutor(num_workers or default_io_workers()) as pool:
         for start in progress_bar(range(0, len(paths), batch_size), desc=desc):
             batch = paths[start : start + batch_size]
             pixels = torch.stack(list(pool.map(lambda path: transform(read_rgb(path)), batch)))  # (B, C, H, W)
