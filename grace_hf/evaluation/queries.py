@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import os
 
-from grace_hf.data.prepared import EVAL_SPLITS, caption_queries, load_prepared, prepared_file
+from grace_hf.data.prepared import EVAL_SPLITS, caption_queries, load_prepared, prepared_file, val_candidates
 from grace_hf.errors import GraceInputError
 from grace_hf.identifiers import IDENTIFIERS_FILE, IdentifierIndex
 
@@ -24,7 +24,7 @@ def load_eval_queries(
     rows = caption_queries(load_prepared(data), data, split)
     name = EVAL_SPLITS[split]
     if split == "val":  # the images the val captions describe (every val image has captions)
-        candidates = list(dict.fromkeys(rows["image_key"]))
+        candidates = val_candidates(rows)
     if limit is not None:
         rows = rows.select(range(min(limit, rows.num_rows)))
     queries, gold = list(rows["query"]), list(rows["image_key"])
