@@ -242,3 +242,21 @@ def test_served_app_searches_by_uploaded_image_and_by_text(memorized, tmp_path):
         assert [r["image_key"] for r in text_answer["results"]] == [
             h.image_key for h in retriever.retrieve(["a red square"], top_k=2)[0]
         ]
+
+
+def test_benchmark_perturbs_with_a_fixed_seed_and_checks_its_arguments(capsys):
+    import image_query
+
+    original = Image.effect_noise((64, 48), 40).convert("RGB")
+    first, again = (image_query.perturb(original, random.Random(0)) for _ in range(2))
+    assert first.size == original.size and first.tobytes() == again.tobytes() != original.tobytes()
+    with pytest.raises(SystemExit) as exit_:
+        image_query.main(["--model", "m"])
+    assert exit_.value.code == 2 and "--model, --dense and --data go together" in capsys.readouterr().err
+    result = {
+        "queries": 4,
+        "candidates": 4,
+        "grace": {1: 0.5, 5: 1.0, "originals": 1.0, "seconds": 0.1},
+        "dense": {1: 0.25, 5: 0.5, "originals": 1.0, "seconds": 0.1},
+    }
+    assert "| GRACE (`<image>` under the trie) | 50.0 | 100.0 | 2.00x | 100.0 | 0.1 |" in image_query.table(result)
