@@ -199,7 +199,7 @@ def test_pipeline_takes_an_image_or_an_image_dict(memorized, tmp_path):
     assert mixed[0] == retrieve("a red square", top_k=2)
     with pytest.raises(GraceInputError, match="nope.png: no such image file"):
         retrieve({"image": str(tmp_path / "nope.png")})
-    with pytest.raises(GraceInputError, match="a non-empty string, a PIL image or"):
+    with pytest.raises(GraceInputError, match="an image query is a PIL image or"):
         retrieve({"picture": copy})
 
 

@@ -111,7 +111,8 @@ class TextToImageRetrievalPipeline(Pipeline):
             return {"query": inputs.convert("RGB")}
         if not isinstance(inputs, str) or not inputs.strip():
             raise GraceInputError(
-                f"{TASK}: each query must be a non-empty string, a PIL image or {{'image': ...}}, got {inputs!r}"
+                f"{TASK}: each query must be a non-empty string, got {inputs!r}; an image query is a PIL image or "
+                "{'image': PIL image or file path}"
             )
         return {"query": inputs}
 
