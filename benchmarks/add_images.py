@@ -31,7 +31,7 @@ from grace_hf.commands.demo import PREPARE_OPTIONS, RECIPES
 from grace_hf.data.karpathy import load_karpathy
 from grace_hf.data.synthetic import PSEUDO_QUERIES_JSON, SYNTHETIC_JSON, write_synthetic
 from grace_hf.errors import GraceInputError
-from grace_hf.evaluation.evaluate import evaluate_model
+from grace_hf.evaluation.model_recall import evaluate_model
 from grace_hf.outputs import BENCHMARK, finish_output_dir, is_complete_output, open_output_dir
 from grace_hf.retrieval.retriever import GraceRetriever
 from grace_hf.training.adding import add_images

@@ -21,7 +21,7 @@ from grace_hf.commands.cli import main as cli_main
 from grace_hf.data.prepared import load_prepared
 from grace_hf.dense.model import DualEncoder
 from grace_hf.errors import GraceInputError
-from grace_hf.evaluation.compare import comparison_table
+from grace_hf.evaluation.comparison import comparison_table
 from grace_hf.evaluation.queries import load_eval_queries
 from grace_hf.model_dir import RERANK_FILE
 from grace_hf.retrieval.rerank import (

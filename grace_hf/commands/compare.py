@@ -7,7 +7,7 @@ recall curves in one picture.
 from __future__ import annotations
 
 from grace_hf.commands.common import add_overwrite, command_parser
-from grace_hf.evaluation.compare import TABLE_FILE, comparison_rows, comparison_table
+from grace_hf.evaluation.comparison import TABLE_FILE, comparison_rows, comparison_table
 from grace_hf.evaluation.plots import RECALL_PLOT_FILE, write_recall_plot
 from grace_hf.io_utils import atomic_write_text
 from grace_hf.outputs import COMPARISON, check_output_dir, output_directory

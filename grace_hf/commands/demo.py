@@ -21,9 +21,9 @@ from grace_hf.commands.common import add_num_threads, add_overwrite, command_par
 from grace_hf.data.synthetic import PSEUDO_QUERIES_JSON, SYNTHETIC_JSON, check_synthetic_size, write_synthetic
 from grace_hf.dense.training import DenseTrainingArgs, run_baseline
 from grace_hf.errors import GraceInputError
-from grace_hf.evaluation.compare import TABLE_FILE, comparison_table
-from grace_hf.evaluation.evaluate import QUERIES_FILE, evaluate_model
+from grace_hf.evaluation.comparison import TABLE_FILE, comparison_table
 from grace_hf.evaluation.metrics import METRICS_FILE
+from grace_hf.evaluation.model_recall import QUERIES_FILE, evaluate_model
 from grace_hf.evaluation.plots import RECALL_PLOT_FILE, RERANKED_SUFFIX, write_recall_plot
 from grace_hf.evaluation.queries import load_eval_queries
 from grace_hf.identifiers import IDENTIFIER_KINDS, get_identifier_kind
@@ -36,7 +36,7 @@ from grace_hf.training.args import parse_args
 from grace_hf.training.loop import train
 from grace_hf.training.preparation import prepare
 
-__all__ = ["DEFAULT_KIND", "PREPARE_OPTIONS", "RECIPES", "evaluate_kind", "run_demo", "train_kind"]
+__all__ = ["DEFAULT_KIND", "PREPARE_OPTIONS", "RECIPES", "evaluate_kind", "main", "run_demo", "train_kind"]
 
 RECIPES = Path(__file__).resolve().parents[1] / "recipes" / "synthetic"  # shipped inside the package
 DEFAULT_KIND = "rq"

@@ -31,7 +31,7 @@ from grace_hf.commands.common import (
 from grace_hf.data.prepared import EVAL_SPLITS
 from grace_hf.distributed import create_accelerator
 from grace_hf.errors import GraceInputError
-from grace_hf.evaluation.evaluate import KS, evaluate_model, write_evaluation
+from grace_hf.evaluation.model_recall import KS, evaluate_model, write_evaluation
 from grace_hf.evaluation.queries import load_eval_queries
 from grace_hf.model_dir import RERANK_FILE, resolve_model_dir
 from grace_hf.outputs import EVALUATION, check_output_dir, output_directory

@@ -1,2 +1,3 @@
-"""Evaluation: Recall@K (`metrics`, below the dense baseline), evaluating a model on a prepared dataset
-(`evaluate`), recall plots (`plots`) and the comparison table (`compare`)."""
+"""Evaluation: Recall@K and the metrics file (`metrics`, below the dense baseline), the evaluation queries of a
+prepared dataset (`queries`, below the retriever), a model's Recall@K over them (`model_recall`), recall plots
+(`plots`) and the comparison table (`comparison`)."""

@@ -23,7 +23,7 @@ def load_eval_queries(
     """
     rows = caption_queries(load_prepared(data), data, split)
     name = EVAL_SPLITS[split]
-    if split == "val":  # the images the val captions describe (every val image has captions)
+    if split == "val":
         candidates = val_candidates(rows)
     if limit is not None:
         rows = rows.select(range(min(limit, rows.num_rows)))

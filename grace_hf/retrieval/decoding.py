@@ -94,7 +94,24 @@ class _Shape:
     graph: Any = None
 
 
-class TrieBeamSearch:
+class _TrieSearch:
+    """What both decoders search with: the model, the trie, the beams, the end and pad tokens, the length penalty."""
+
+    def __init__(
+        self,
+        model: Any,
+        trie: IdentifierTrie,
+        num_beams: int,
+        eos_token_id: int,
+        pad_token_id: int,
+        length_penalty: float = 0.0,
+    ):
+        self.model, self.trie = model, trie
+        self.num_beams, self.length_penalty = num_beams, length_penalty
+        self.eos_token_id, self.pad_token_id = eos_token_id, pad_token_id
+
+
+class TrieBeamSearch(_TrieSearch):
     """Beam search over `model` constrained to `trie`, with fixed shapes and no host sync inside the search.
 
     Args:
@@ -130,9 +147,7 @@ class TrieBeamSearch:
         prompt_multiple: int = 8,
         max_shapes: int = 4,
     ):
-        self.model, self.trie = model, trie
-        self.num_beams, self.length_penalty = num_beams, length_penalty
-        self.eos_token_id, self.pad_token_id = eos_token_id, pad_token_id
+        super().__init__(model, trie, num_beams, eos_token_id, pad_token_id, length_penalty)
         self.device = next(model.parameters()).device
         self.graph = self.device.type == "cuda" if graph is None else graph
         if self.graph and self.device.type != "cuda":
@@ -396,22 +411,9 @@ def choose_decoding(requested: str, model: Any, num_beams: int) -> tuple[str, st
     return "fast", "GPU: static cache, one CUDA graph per call"
 
 
-class GenerateSearch:
+class GenerateSearch(_TrieSearch):
     """The trie-constrained search through transformers' `generate` and the trie's `TrieLogitsProcessor`; the same
     arguments and output as `TrieBeamSearch` (one beam: greedy search, scored as beam search would)."""
-
-    def __init__(
-        self,
-        model: Any,
-        trie: IdentifierTrie,
-        num_beams: int,
-        eos_token_id: int,
-        pad_token_id: int,
-        length_penalty: float = 0.0,
-    ):
-        self.model, self.trie = model, trie
-        self.num_beams, self.length_penalty = num_beams, length_penalty
-        self.eos_token_id, self.pad_token_id = eos_token_id, pad_token_id
 
     @torch.no_grad()
     def __call__(

@@ -12,6 +12,10 @@ images (`logit_scale` is the dense model's learned temperature), and sorted by i
 are not ranked. The weight is fitted on the validation queries only (`fit_fusion_weight`: the val captions ranking
 the val images, never a test query) and saved with the model as `rerank.json`.
 
+Everything re-ranking lives here: the scorer, the fusion, the config and its file (`RerankConfig`, `rerank.json`),
+fitting (`fit_on_val`), the one fit-or-load of a model's weight (`fit_or_load`: `grace-hf evaluate`, the demo) and
+loading it (`load_reranker`: the retriever, the pipeline).
+
     scorer = DenseScorer.from_directory("runs/dense-clip")          # a `grace-hf baseline-clip` output
     retriever = GraceRetriever.from_pretrained("runs/model", reranker=scorer)   # the weight from rerank.json
 """

@@ -111,10 +111,3 @@ def write_evaluation(
     if "rerank" in metrics:
         curves[f"{name}{RERANKED_SUFFIX}"] = metrics["rerank"]["recall_curve"]
     write_recall_plot(directory / RECALL_PLOT_FILE, curves, "Recall@K")
-
-
-if __name__ == "__main__":  # the module was the command's entry point before `grace-hf evaluate`
-    print(
-        "`-m grace_hf.evaluation.evaluate` is now `-m grace_hf evaluate` (`accelerate launch -m grace_hf evaluate ...`)"
-    )
-    raise SystemExit(2)
