@@ -179,7 +179,8 @@ def test_cli_retrieve_by_image(memorized, tmp_path, capsys):
     assert f"query: image: {copy}" in out and f"1. {COLLECTION[3]}" in out
     (record,) = [json.loads(line) for line in (tmp_path / "out" / "results.jsonl").read_text().splitlines()]
     assert record["image"] == str(copy) and record["results"][0]["image_key"] == COLLECTION[3]
-    assert (tmp_path / "out" / "gallery.html").is_file()
+    page = (tmp_path / "out" / "gallery.html").read_text()
+    assert page.count("<figcaption>query</figcaption>") == 1 and page.count("data:image/png") == 1  # no image root
 
 
 def test_pipeline_takes_an_image_or_an_image_dict(memorized, tmp_path):

@@ -113,7 +113,8 @@ def main(argv: list[str] | None = None) -> int:
             loader = folder_image_loader(args.image_root)
         elif args.data:
             loader = dataset_image_loader(args.data)
-        entries = [GalleryEntry(q, hits, key) for q, key, hits in zip(queries, gold, results)]
+        shown = images or [None] * len(queries)
+        entries = [GalleryEntry(q, hits, key, image) for q, key, hits, image in zip(queries, gold, results, shown)]
         sources = args.image or [None] * len(queries)
         records = [
             {
