@@ -4,6 +4,7 @@
 - learning to retrieve (t2id): `caption:{query}<image>id {identifier}<|endofchunk|>`;
 - retrieval prompt: `caption:{query}<image>`; beam search continues it with `id {identifier}<|endofchunk|>`, the
   token sequence an identifier trie holds;
+- query by image: the memorization prompt `<image>` with the query image; continued the same way;
 - the pseudo-query captioner: `<image>caption:{caption}<|endofchunk|>`.
 """
 
@@ -18,6 +19,7 @@ __all__ = [
     "caption_text",
     "i2id_text",
     "identifier_text",
+    "image_query_prompt",
     "query_prompt",
     "t2id_text",
 ]
@@ -34,6 +36,11 @@ def identifier_text(identifier: str) -> str:
 def i2id_text(identifier: str) -> str:
     """Memorization sample: `<image>id {identifier}<|endofchunk|>`."""
     return f"{MEDIA_TOKEN}{identifier_text(identifier)}"
+
+
+def image_query_prompt() -> str:
+    """Query-by-image prompt: `<image>`, the beginning of the memorization sample, with the query image."""
+    return MEDIA_TOKEN
 
 
 def query_prompt(query: str) -> str:

@@ -126,6 +126,13 @@ def _new_images(work: Path, name: str, captions: list[str]) -> str:
     return f"{name}.json"
 
 
+def _truncated_image(work: Path) -> str:
+    """The first half of a synthetic image's PNG file."""
+    data = (work / "data" / "images" / "synthetic_000000.png").read_bytes()
+    (work / "truncated.png").write_bytes(data[: len(data) // 2])
+    return "truncated.png"
+
+
 def _with_rerank_json(work: Path, text: str) -> str:
     """The tiny model with this `rerank.json`."""
     (work / "model" / "rerank.json").write_text(text)
@@ -216,6 +223,7 @@ ADD = ["add-images", "--karpathy-json", "data/dataset_synthetic.json", "--image-
 OTHER_DENSE = {"weight": 0.5, "num_beams": 5, "dense": "runs/old-dense", "dense_fingerprint": "0" * 64}
 
 # (id, argv builder, message the error must contain as a regex)
+RETRIEVE_IMAGE = ["retrieve", "--model", "model", "--image"]
 CASES = [
     ("synthetic-cwd", lambda w: ["synthetic", "--output-dir", "."], "working directory"),
     ("synthetic-parent", lambda w: ["synthetic", "--output-dir", ".."], "working directory or one of its parents"),
@@ -481,6 +489,23 @@ CASES = [
         "working directory",
     ),
     ("retrieve-empty-query", lambda w: ["retrieve", "--model", "model", "  "], r"queries\[0\]: empty query"),
+    (
+        "retrieve-image-missing",
+        lambda w: ["retrieve", "--model", "model", "--image", "nope.png", "--output-dir", "out"],
+        "nope.png: no such image file",
+    ),
+    ("retrieve-image-not-an-image", lambda w: RETRIEVE_IMAGE + ["notes.txt"], "notes.txt: not a readable image"),
+    ("retrieve-image-folder", lambda w: RETRIEVE_IMAGE + ["thesis"], "thesis: not a readable image"),
+    (
+        "retrieve-image-truncated",
+        lambda w: RETRIEVE_IMAGE + ["data/images/synthetic_000001.png", _truncated_image(w)],
+        "truncated.png: not a readable image",
+    ),
+    (
+        "retrieve-image-and-text",
+        lambda w: ["retrieve", "--model", "model", "a dog", "--image", "data/images/synthetic_000000.png"],
+        "--image takes the place of text queries",
+    ),
     (
         "retrieve-old-flag",
         lambda w: ["retrieve", "--model", "model", "a dog", "--html", "g.html"],

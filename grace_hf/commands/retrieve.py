@@ -1,11 +1,13 @@
-"""`grace-hf retrieve`: ranked images for text queries, printed; with `--output-dir`, also a results file and an HTML
-page of thumbnails.
+"""`grace-hf retrieve`: ranked images for text queries (or query images), printed; with `--output-dir`, also a results
+file and an HTML page of thumbnails.
 
     grace-hf retrieve --model runs/synthetic-structured --top-k 5 "a red circle" "two green squares"
     grace-hf retrieve --model runs/synthetic-structured --data data/prepared/synthetic-structured --num-queries 8 \\
         --output-dir runs/gallery        # test captions with their gold image marked
     grace-hf retrieve --model runs/synthetic-structured --rerank runs/dense-clip "a red circle"
                                          # the beams' images re-ranked with the dense model (the model's rerank.json)
+    grace-hf retrieve --model runs/synthetic-structured --image photo.jpg crop.png
+                                         # query by image: the images the model memorized that these show
 """
 
 from __future__ import annotations
@@ -21,6 +23,7 @@ from grace_hf.commands.common import (
     load_retriever,
     setup_threads,
 )
+from grace_hf.data.images import read_query_image
 from grace_hf.errors import GraceInputError
 from grace_hf.evaluation.queries import load_eval_queries
 from grace_hf.io_utils import atomic_write_text
@@ -40,6 +43,13 @@ RESULTS_FILE = "results.jsonl"
 def build_parser():
     parser = command_parser("retrieve", __doc__.split("\n\n")[0], renamed={"--html": "--output-dir"})
     parser.add_argument("queries", nargs="*", help="text queries")
+    parser.add_argument(
+        "--image",
+        nargs="+",
+        default=None,
+        metavar="PATH",
+        help="query images instead of text queries: find the memorized images they show",
+    )
     parser.add_argument("--model", required=True, help="trained model directory or Hub id")
     parser.add_argument("--top-k", type=int, default=10, help="images per query (at most --num-beams)")
     parser.add_argument(
@@ -74,11 +84,14 @@ def _print(query: str, gold: str | None, hits: list[RetrievedImage]) -> None:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     check_rerank_args(args)
+    if args.image is not None and (args.queries or args.data is not None):
+        raise GraceInputError("--image takes the place of text queries: give query images or text queries (or --data)")
     setup_threads(args)
-    inputs = [args.model, args.data, args.image_root, args.rerank]
+    inputs = [args.model, args.data, args.image_root, args.rerank, *(args.image or [])]
     if args.output_dir:
         check_output_dir(args.output_dir, RETRIEVAL, inputs, args.overwrite)
-    queries: list[str] = list(args.queries)
+    images = [read_query_image(path, path) for path in args.image or []]  # a bad file fails before the model loads
+    queries: list[str] = list(args.queries) if args.image is None else [f"image: {path}" for path in args.image]
     gold: list[str | None] = [None] * len(queries)
     candidates = None
     if args.data is not None:
@@ -86,9 +99,12 @@ def main(argv: list[str] | None = None) -> int:
         queries += data_queries
         gold += data_gold
     if not queries:
-        raise GraceInputError("no queries: give some on the command line, or --data with --num-queries")
+        raise GraceInputError("no queries: give some on the command line, --image, or --data with --num-queries")
     retriever = load_retriever(args, candidates, args.batch_size)
-    results = retriever.retrieve(queries, top_k=args.top_k)
+    if images:
+        results = retriever.retrieve(images=images, top_k=args.top_k)
+    else:
+        results = retriever.retrieve(queries, top_k=args.top_k)
     for query, key, hits in zip(queries, gold, results):
         _print(query, key, hits)
     if args.output_dir:
@@ -97,10 +113,17 @@ def main(argv: list[str] | None = None) -> int:
             loader = folder_image_loader(args.image_root)
         elif args.data:
             loader = dataset_image_loader(args.data)
-        entries = [GalleryEntry(q, hits, key) for q, key, hits in zip(queries, gold, results)]
+        shown = images or [None] * len(queries)
+        entries = [GalleryEntry(q, hits, key, image) for q, key, hits, image in zip(queries, gold, results, shown)]
+        sources = args.image or [None] * len(queries)
         records = [
-            {"query": q, "gold": key, "results": [hit.__dict__ for hit in hits]}
-            for q, key, hits in zip(queries, gold, results)
+            {
+                "query": q,
+                **({"image": source} if source else {}),
+                "gold": key,
+                "results": [hit.__dict__ for hit in hits],
+            }
+            for q, source, key, hits in zip(queries, sources, gold, results)
         ]
         with output_directory(args.output_dir, RETRIEVAL, inputs, args.overwrite, "grace-hf retrieve") as tmp:
             atomic_write_text(tmp / RESULTS_FILE, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records))

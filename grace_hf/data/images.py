@@ -1,4 +1,5 @@
-"""Reading images: opening a file as RGB, and reading many in threads to encode them in batches."""
+"""Reading images: opening a file as RGB, a query image (a file or a PIL image) with a clear error, and reading many
+in threads to encode them in batches."""
 
 from __future__ import annotations
 
@@ -10,15 +11,33 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
+from grace_hf.errors import GraceInputError
 from grace_hf.runtime import default_io_workers, progress_bar
 
-__all__ = ["encode_images", "read_rgb"]
+__all__ = ["QueryImage", "encode_images", "read_query_image", "read_rgb"]
+
+QueryImage = Image.Image | str | os.PathLike  # a query image: a PIL image or an image file
 
 
 def read_rgb(path: str | os.PathLike) -> Image.Image:
     """The image at `path` as RGB (gray, palette and RGBA images converted)."""
     with Image.open(path) as image:
         return image.convert("RGB")
+
+
+def read_query_image(image: QueryImage, where: str) -> Image.Image:
+    """A query image as RGB: a PIL image converted, or the file read; anything else (a missing, corrupt or
+    truncated file, not an image) is a `GraceInputError` naming the file (or `where`, for a non-file)."""
+    if isinstance(image, Image.Image):
+        return image.convert("RGB")
+    if not isinstance(image, str | os.PathLike):
+        raise GraceInputError(f"{where}: expected a PIL image or an image file path, got {type(image).__name__}")
+    try:
+        return read_rgb(image)
+    except FileNotFoundError:
+        raise GraceInputError(f"{os.fspath(image)}: no such image file") from None
+    except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as err:
+        raise GraceInputError(f"{os.fspath(image)}: not a readable image ({err})") from None
 
 
 def encode_images(

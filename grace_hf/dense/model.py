@@ -106,6 +106,15 @@ class DualEncoder:
         return encode_images(paths, self.transform, self.model.encode_image, batch_size, desc="dense image features")
 
     @torch.no_grad()
+    def encode_pil_images(self, images: Sequence[Image.Image]) -> torch.Tensor:
+        """L2-normalised embeddings (N, D) of images already read, in order (e.g. query images)."""
+        self.model.eval()
+        if not images:
+            return torch.empty(0, self.embed_dim)
+        pixels = torch.stack([self.transform(image.convert("RGB")) for image in images])  # (N, C, H, W)
+        return self.model.encode_image(pixels, normalize=True).float()
+
+    @torch.no_grad()
     def encode_texts(self, texts: Sequence[str], batch_size: int = 1024) -> torch.Tensor:
         """L2-normalised text embeddings (N, D), in the order of `texts`."""
         self.model.eval()

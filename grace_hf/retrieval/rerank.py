@@ -1,5 +1,8 @@
 """Re-ranking the beams with a dense scorer: fuse the generative model's beam score with the query-image cosine.
 
+A query image (query by image) is compared with the images through the dense model's image tower (image-image
+cosine), with the same weight and temperature.
+
 The images of a query's beams (default 30 beams) are re-scored by
 
     fused = weight * log_softmax(beam scores over the beams) + (1 - weight) * logit_scale * cosine(query, image)
@@ -29,6 +32,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from PIL import Image
 
 from grace_hf.dense.directory import DENSE_FILES, FEATURES_FILE, check_dense_directory, load_image_features
 from grace_hf.dense.model import load_dual_encoder
@@ -121,7 +125,8 @@ def write_rerank_config(directory: Path, config: RerankConfig) -> Path:
 
 @dataclass
 class DenseScorer:
-    """Query-image cosines of a dense dual encoder: its text tower and the saved embeddings of the images.
+    """Query-image cosines of a dense dual encoder: its text tower (its image tower for query images) and the saved
+    embeddings of the images.
 
     Args:
         encoder: has `encode_texts(texts) -> (Q, D)` L2-normalised embeddings and `model.logit_scale` (a
@@ -163,15 +168,22 @@ class DenseScorer:
                 f"(e.g. {missing[0]!r}); use the `grace-hf baseline-clip` directory trained on this collection"
             )
 
-    def cosines(self, queries: Sequence[str], image_keys: Sequence[Sequence[str]]) -> list[list[float]]:
-        """The cosine of each query with each of its images."""
-        self.check_covers([key for keys in image_keys for key in keys], "the ranking")
+    def encode_queries(self, queries: Sequence[str | Image.Image]) -> torch.Tensor:
+        """L2-normalised embeddings (Q, D): text queries through the text tower, query images (all or none) through
+        the image tower."""
         with torch.no_grad():
-            text = self.encoder.encode_texts(list(queries)).float()  # (Q, D)
+            if queries and isinstance(queries[0], Image.Image):
+                return self.encoder.encode_pil_images(list(queries)).float()
+            return self.encoder.encode_texts(list(queries)).float()
+
+    def cosines(self, queries: Sequence[str | Image.Image], image_keys: Sequence[Sequence[str]]) -> list[list[float]]:
+        """The cosine of each query (a text or an image) with each of its images."""
+        self.check_covers([key for keys in image_keys for key in keys], "the ranking")
+        embedded = self.encode_queries(queries)  # (Q, D)
         out = []
         for q, keys in enumerate(image_keys):
             rows = self.features[[self._row[key] for key in keys]]  # (K, D)
-            out.append((rows @ text[q]).tolist())
+            out.append((rows @ embedded[q]).tolist())
         return out
 
 
@@ -208,7 +220,7 @@ class Reranker:
         check_rerank_settings(self.weight, self.num_beams, "re-ranking")
 
     def rerank(
-        self, queries: Sequence[str], results: Sequence[Sequence[RetrievedImage]]
+        self, queries: Sequence[str | Image.Image], results: Sequence[Sequence[RetrievedImage]]
     ) -> list[list[RetrievedImage]]:
         """The beam images of each query sorted by the fused score (the `score` of each returned hit)."""
         cosines = self.scorer.cosines(queries, [[hit.image_key for hit in hits] for hits in results])

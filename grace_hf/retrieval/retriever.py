@@ -1,8 +1,10 @@
-"""`GraceRetriever`: text queries -> ranked images, by beam search constrained to the collection's identifier trie.
+"""`GraceRetriever`: text queries (or query images) -> ranked images, by beam search constrained to the collection's
+identifier trie.
 
 >>> retriever = GraceRetriever.from_pretrained("runs/synthetic-structured")
 >>> hits = retriever.retrieve(["a red circle on a blue background"], top_k=5)[0]
 >>> [(hit.image_key, round(hit.score, 2)) for hit in hits]
+>>> retriever.retrieve(images=["photo.jpg"], top_k=5)  # query by image: the memorization prompt `<image>`
 """
 
 from __future__ import annotations
@@ -16,7 +18,9 @@ from typing import Any
 import torch
 from accelerate import PartialState
 from accelerate.utils import gather_object
+from PIL import Image
 
+from grace_hf.data.images import QueryImage, read_query_image
 from grace_hf.errors import GraceInputError
 from grace_hf.identifiers import IdentifierIndex
 from grace_hf.model_dir import (
@@ -26,7 +30,7 @@ from grace_hf.model_dir import (
     write_model_dir,
 )
 from grace_hf.outputs import MODEL, output_directory
-from grace_hf.prompts import query_prompt
+from grace_hf.prompts import image_query_prompt, query_prompt
 from grace_hf.retrieval.collection import Collection, load_saved_trie
 from grace_hf.retrieval.decoding import GenerateSearch, TrieBeamSearch, choose_decoding, make_decoder
 from grace_hf.retrieval.rerank import DenseScorer, Reranker, check_reranker_given, load_reranker
@@ -38,6 +42,7 @@ __all__ = ["GraceRetriever", "RetrievedImage"]
 logger = logging.getLogger(__name__)
 
 _UNLIMITED = 10**9  # tokenizers without a real limit report ~1e30
+Query = str | Image.Image  # a text query, or a query image (already read)
 
 
 def _model_limit(processor: Any) -> int | None:
@@ -51,6 +56,9 @@ MAX_QUERY_CHARS = 1000  # as `grace-hf serve`'s default
 class GraceRetriever:
     """Rank images for text queries with a GRACE model: the prompt `caption:<query><image>` is continued by beam
     search that may only write identifiers of the candidate images; the beams, best first, are the ranking.
+
+    An image can be the query too (`retrieve(images=...)`): the model memorized each image by writing its identifier
+    after `<image>` (the i2id task), so the prompt is `<image>` with the query image, decoded under the same trie.
 
     Args:
         model: a `FlamingoForConditionalGeneration` (or any generating model with the same inputs).
@@ -227,6 +235,10 @@ class GraceRetriever:
             )
 
     # queries -> model inputs
+    @staticmethod
+    def _check_images(images: Sequence[QueryImage]) -> list[Image.Image]:
+        return [read_query_image(image, f"images[{position}]") for position, image in enumerate(images)]
+
     def _check_queries(self, queries: Sequence[str]) -> list[str]:
         checked = []
         for position, query in enumerate(queries):
@@ -261,15 +273,28 @@ class GraceRetriever:
             fits, too_long = (middle, too_long) if self._prompt_length(query[:middle]) <= budget else (fits, middle)
         return query[:fits].rstrip()
 
-    def _inputs(self, queries: list[str]) -> dict[str, torch.Tensor]:
-        prompts = [query_prompt(query) for query in queries]
-        batch = self.processor(text=prompts, padding_side="left", return_tensors="pt")
+    def _inputs(self, queries: list[Query]) -> dict[str, torch.Tensor]:
+        """Left-padded prompts and their image features: `caption:{query}<image>` (with the blank image when the
+        model was trained so) for text queries, `<image>` with the image for query images (one kind per batch)."""
+        images = None if isinstance(queries[0], str) else queries
+        prompts = (
+            [query_prompt(query) for query in queries] if images is None else [image_query_prompt()] * len(images)
+        )
+        batch = self.processor(text=prompts, images=images, padding_side="left", return_tensors="pt")
         inputs = {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"]}
         device = next(self.model.parameters()).device
         inputs = {name: tensor.to(device) for name, tensor in inputs.items()}
-        if self.query_image == "blank":
+        if images is not None:
+            inputs["image_features"] = self._image_features(batch["pixel_values"])
+        elif self.query_image == "blank":
             inputs["image_features"] = self._blank_image_features().expand(len(queries), -1, -1, -1)
         return inputs
+
+    @torch.no_grad()
+    def _image_features(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        """(B, 1, 1, C, H, W) pixels -> (B, 1, num_latents, dim) features, on the model's device."""
+        parameter = next(self.model.parameters())
+        return self.model.get_image_features(pixel_values.to(device=parameter.device, dtype=parameter.dtype))
 
     def _blank_image_features(self) -> torch.Tensor:
         """Features of the constant gray image, encoded once: (1, 1, num_latents, dim)."""
@@ -277,11 +302,7 @@ class GraceRetriever:
             pixel_values = self.processor.image_processor([self.processor.blank_image()], return_tensors="pt")[
                 "pixel_values"
             ][:, None, None]  # (1, 1, 1, C, H, W)
-            parameter = next(self.model.parameters())
-            with torch.no_grad():
-                self._blank_features = self.model.get_image_features(
-                    pixel_values.to(device=parameter.device, dtype=parameter.dtype)
-                )
+            self._blank_features = self._image_features(pixel_values)
         return self._blank_features
 
     # search
@@ -302,7 +323,7 @@ class GraceRetriever:
         return self._decoder_cache[1]
 
     @torch.no_grad()
-    def _search(self, queries: list[str], top_k: int) -> list[list[RetrievedImage]]:
+    def _search(self, queries: list[Query], top_k: int) -> list[list[RetrievedImage]]:
         inputs = self._inputs(queries)
         output = self._decoder()(inputs["input_ids"], inputs["attention_mask"], inputs.get("image_features"))
         found = output.identifiers.tolist()  # identifier index per beam, best first
@@ -324,21 +345,34 @@ class GraceRetriever:
 
     def retrieve(
         self,
-        queries: Sequence[str] | str,
+        queries: Sequence[str] | str | None = None,
         top_k: int = 10,
         batch_size: int | None = None,
         distributed: bool = False,
         rerank: bool = True,
+        *,
+        images: Sequence[QueryImage] | QueryImage | None = None,
     ) -> list[list[RetrievedImage]]:
         """For each query, up to `min(top_k, num_beams)` distinct images, best first.
+
+        Give text `queries` or query `images` (PIL images or image files), not both: an image query is the
+        memorization prompt `<image>` with the image, decoded under the same trie (finds the images the model
+        memorized from their pixels, e.g. from an edited copy).
 
         `distributed=True` under `accelerate launch`: each process takes a shard of the queries and every process
         gets all results back, in query order; every process must call it (a collective). Under DeepSpeed ZeRO-3
         the shards are padded to equal length so that all processes run `generate` in lockstep.
         With a reranker (and `rerank`), the images of all beams are re-ranked and the best `top_k` returned, their
-        `score` the fused one; `rerank=False` gives the beams' own ranking.
+        `score` the fused one (for query images, with the dense image-image cosine); `rerank=False` gives the beams'
+        own ranking.
         """
-        queries = self._check_queries([queries] if isinstance(queries, str) else list(queries))
+        if (queries is None) == (images is None):
+            raise GraceInputError("retrieve: give either text queries or query images (images=...), exactly one")
+        if images is not None:
+            single = isinstance(images, str | os.PathLike | Image.Image)
+            queries = self._check_images([images] if single else list(images))
+        else:
+            queries = self._check_queries([queries] if isinstance(queries, str) else list(queries))
         if top_k < 1:
             raise GraceInputError(f"top_k must be >= 1, got {top_k}")
         if not rerank or self.reranker is None:
@@ -347,11 +381,11 @@ class GraceRetriever:
         return [hits[:top_k] for hits in self.reranker.rerank(queries, beams)]
 
     def _search_all(
-        self, queries: list[str], top_k: int, batch_size: int | None, distributed: bool
+        self, queries: list[Query], top_k: int, batch_size: int | None, distributed: bool
     ) -> list[list[RetrievedImage]]:
-        """The beams' ranking of every query (cut to fit the model's limit), sharded across processes if asked."""
-        fitted = [self._fit(query) for query in queries]
-        cut = sum(a != b for a, b in zip(queries, fitted))
+        """The beams' ranking of every query (text cut to fit the model's limit), sharded across processes if asked."""
+        fitted = [self._fit(query) if isinstance(query, str) else query for query in queries]
+        cut = sum(isinstance(a, str) and a != b for a, b in zip(queries, fitted))
         if cut:
             logger.warning(f"{cut} queries were cut to fit the model's limit of {self.max_length} tokens")
         if not distributed:
@@ -367,7 +401,7 @@ class GraceRetriever:
         gathered = dict(gather_object(rows))  # padding repeats the last query: the dict keeps one copy
         return [[RetrievedImage(*hit) for hit in gathered[i]] for i in range(len(fitted))]
 
-    def _retrieve_local(self, queries: list[str], top_k: int, batch_size: int | None) -> list[list[RetrievedImage]]:
+    def _retrieve_local(self, queries: list[Query], top_k: int, batch_size: int | None) -> list[list[RetrievedImage]]:
         size = batch_size or self.batch_size
         results: list[list[RetrievedImage]] = []
         for start in range(0, len(queries), size):

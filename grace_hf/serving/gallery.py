@@ -44,17 +44,19 @@ figure img, figure .missing { width: SIZEpx; height: SIZEpx; object-fit: cover; 
 figure.gold img, figure.gold .missing { border-color: #1a9c3b; }
 figure.gold figcaption { color: #1a9c3b; font-weight: bold; }
 figure.absent { opacity: 0.6; }
+figure.query img { border-color: #3b6fd1; }
 .missing { line-height: SIZEpx; color: #999; }
 """
 
 
 @dataclass
 class GalleryEntry:
-    """One query, its ranked results, and its gold image key if known."""
+    """One query, its ranked results, its gold image key if known, and the query image of a query by image."""
 
     query: str
     hits: Sequence[RetrievedImage]
     gold: str | None = None
+    query_image: Image.Image | None = None
 
 
 def _thumbnail(image: Image.Image | None, size: int) -> str:
@@ -85,6 +87,10 @@ def render_gallery(
     sections = []
     for entry in entries:
         figures = []
+        if entry.query_image is not None:
+            figures.append(
+                f'<figure class="query">{_thumbnail(entry.query_image, size)}<figcaption>query</figcaption></figure>'
+            )
         for rank, hit in enumerate(entry.hits, start=1):
             is_gold = hit.image_key == entry.gold
             caption = f"{rank}. {hit.image_key}" + (" (gold)" if is_gold else "") + f" · {hit.score:.2f}"

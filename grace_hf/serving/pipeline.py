@@ -6,6 +6,7 @@ standard pipeline call. Importing `grace_hf` registers the task.
 >>> retrieve("a small red star at the top left", top_k=3)  # one query -> its ranking, best first
 [{'image_key': 'images/synthetic_000123.png', 'identifier': '3_1-0_2', 'score': -0.12, 'image': <PIL.Image>}, ...]
 >>> retrieve(["a red circle", "two green squares"], batch_size=8)  # a list of queries -> a list of rankings
+>>> retrieve(Image.open("photo.jpg"), top_k=3)  # query by image (or {"image": PIL image or file path})
 >>> reranked = pipeline("text-to-image-retrieval", model="demo_output/model-structured", reranker="runs/dense-clip")
 """
 
@@ -15,8 +16,10 @@ import os
 from collections.abc import Sequence
 from typing import Any
 
+from PIL import Image
 from transformers.pipelines import PIPELINE_REGISTRY, Pipeline
 
+from grace_hf.data.images import read_query_image
 from grace_hf.errors import GraceInputError
 from grace_hf.identifiers import IDENTIFIERS_FILE
 from grace_hf.model_dir import read_retrieval_files, resolve_model_dir
@@ -33,6 +36,8 @@ TASK = "text-to-image-retrieval"
 
 class TextToImageRetrievalPipeline(Pipeline):
     """Text queries -> ranked images of the model's collection, by trie-constrained beam search (`GraceRetriever`).
+    A query may also be an image (a PIL image, or `{"image": PIL image or file path}`): the images the model memorized
+    that it shows, found from the memorization prompt `<image>` (`GraceRetriever.retrieve(images=...)`).
 
     Built by `pipeline("text-to-image-retrieval", model=DIR_or_hub_id, device=...)`; the model directory's
     `identifiers.json`, `grace_config.json` and cached trie come with the model.
@@ -99,17 +104,33 @@ class TextToImageRetrievalPipeline(Pipeline):
         postprocess_params = {} if image_root is None else {"image_root": image_root}
         return {}, forward_params, postprocess_params
 
-    def preprocess(self, inputs: str) -> dict[str, str]:
+    def preprocess(self, inputs: str | Image.Image | dict[str, Any]) -> dict[str, str | Image.Image]:
+        if isinstance(inputs, dict) and set(inputs) == {"image"}:
+            return {"query": read_query_image(inputs["image"], f"{TASK}: the query's 'image'")}
+        if isinstance(inputs, Image.Image):
+            return {"query": inputs.convert("RGB")}
         if not isinstance(inputs, str) or not inputs.strip():
-            raise GraceInputError(f"{TASK}: each query must be a non-empty string, got {inputs!r}")
+            raise GraceInputError(
+                f"{TASK}: each query must be a non-empty string, got {inputs!r}; an image query is a PIL image or "
+                "{'image': PIL image or file path}"
+            )
         return {"query": inputs}
 
     def _forward(self, model_inputs: dict[str, Any], top_k: int = 5) -> dict[str, list]:
-        # batch_size > 1: the pipeline's collate turns the strings of a batch into a list
+        # batch_size > 1: the pipeline's collate turns the queries of a batch into a list (texts and images mixed)
         query = model_inputs["query"]
-        queries = [query] if isinstance(query, str) else list(query)
-        results = self.retriever.retrieve(queries, top_k=top_k, batch_size=len(queries))
-        return {"hits": results[0] if isinstance(query, str) else results}
+        queries = query if isinstance(query, list) else [query]
+        results: list[list[RetrievedImage]] = [[] for _ in queries]
+        for is_text in (True, False):
+            positions = [i for i, q in enumerate(queries) if isinstance(q, str) == is_text]
+            if positions:
+                kind = "queries" if is_text else "images"
+                hits = self.retriever.retrieve(
+                    top_k=top_k, batch_size=len(positions), **{kind: [queries[i] for i in positions]}
+                )
+                for i, ranking in zip(positions, hits):
+                    results[i] = ranking
+        return {"hits": results if isinstance(query, list) else results[0]}
 
     def postprocess(self, model_outputs: dict[str, list[RetrievedImage]], image_root: str | None = None) -> list[dict]:
         load_image = folder_image_loader(image_root) if image_root is not None else None

@@ -1,0 +1,184 @@
+"""Query by image: top-1 of finding a memorized image from a perturbed copy, GRACE beside the dense baseline.
+
+    python benchmarks/image_query.py --work-dir runs/image-query                 # trains everything first
+    python benchmarks/image_query.py --work-dir runs/image-query \\
+        --model runs/model-numeric --dense runs/dense-clip --data runs/prepared-numeric
+
+The model memorized each image by writing its identifier after `<image>` (the i2id task), so an image can be the
+query: `GraceRetriever.retrieve(images=...)` decodes `<image>` with the copy's pixels under the identifier trie. Each
+memorized image of the prepared dataset's i2id split gets one perturbed copy (a random crop keeping 75-95% of each
+side, resized back to the original size, re-encoded as JPEG of quality 50-90; one fixed seed), and every copy ranks
+the same candidates (default: every memorized image; `--candidates test`: the model's collection, the test images):
+- GRACE: the trie-constrained beam search alone;
+- dense: the dense baseline's image tower, cosine between the copy and each candidate's saved embedding (its
+  `image_features.safetensors`).
+The table gives top-1 and top-5 (%) on the copies, GRACE's top-1 as a ratio of the dense one, and top-1 on the
+unperturbed images (what the model memorized; the dense cosine finds them by construction).
+
+Without `--model`, the script writes a synthetic collection, trains the dense baseline and then the tiny Flamingo with
+`recipes/synthetic/<kind>.yaml` (default numeric, whose recipe trains i2id; `--max-steps` shortens it) in the work
+directory, as the demo does. One torch thread.
+"""
+
+from __future__ import annotations
+
+import argparse
+import io
+import random
+import shlex
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+from PIL import Image
+
+
+def perturb(image: Image.Image, rng: random.Random) -> Image.Image:
+    """A random crop keeping 75-95% of each side, resized back to the image's size, re-encoded as JPEG (50-90)."""
+    image = image.convert("RGB")
+    width, height = image.size
+    crop_w, crop_h = round(width * rng.uniform(0.75, 0.95)), round(height * rng.uniform(0.75, 0.95))
+    left, top = rng.randint(0, width - crop_w), rng.randint(0, height - crop_h)
+    copy = image.crop((left, top, left + crop_w, top + crop_h)).resize((width, height), Image.Resampling.BICUBIC)
+    buffer = io.BytesIO()
+    copy.save(buffer, "JPEG", quality=rng.randint(50, 90))
+    return Image.open(io.BytesIO(buffer.getvalue())).convert("RGB")
+
+
+def memorized_images(data: Path, keys: set[str] | None) -> dict[str, Image.Image]:
+    """The images of the prepared dataset's i2id split (one per key; only `keys` when given), in split order."""
+    from grace_hf.data.prepared import load_prepared
+
+    split = load_prepared(data)["i2id"]
+    images: dict[str, Image.Image] = {}
+    for row, key in enumerate(split["image_key"]):
+        if key not in images and (keys is None or key in keys):
+            images[key] = split[row]["image"]
+    return images
+
+
+def top_k_hits(rankings: list[list[str]], gold: list[str], k: int) -> float:
+    """The share of queries whose gold image is among the first `k` of its ranking."""
+    return sum(g in ranking[:k] for ranking, g in zip(rankings, gold)) / len(gold)
+
+
+def dense_rankings(dense: Path, copies: list[Image.Image], candidates: list[str], k: int) -> list[list[str]]:
+    """The top `k` candidates of each copy by the dense image-image cosine."""
+    from grace_hf.retrieval.rerank import DenseScorer
+
+    scorer = DenseScorer.from_directory(dense)
+    scorer.check_covers(candidates, "the candidates")
+    rows = scorer.features[[scorer.image_keys.index(key) for key in candidates]]  # (N, D)
+    cosines = scorer.encode_queries(copies) @ rows.T  # (Q, N)
+    return [[candidates[i] for i in row] for row in cosines.topk(min(k, len(candidates)), dim=1).indices.tolist()]
+
+
+def train(work: Path, kind: str, num_images: int, seed: int, max_steps: int | None) -> tuple[Path, Path, Path]:
+    """Synthetic data, the dense baseline and the model, as the demo makes them: (model, dense, prepared)."""
+    from grace_hf.commands.demo import train_kind
+    from grace_hf.data.synthetic import PSEUDO_QUERIES_JSON, SYNTHETIC_JSON, write_synthetic
+    from grace_hf.dense.training import run_baseline
+
+    data, dense = work / "data", work / "dense-clip"
+    print(f"==> {num_images} synthetic images (seed {seed}) -> {data}", flush=True)
+    write_synthetic(data, num_images, seed, overwrite=True)
+    print(f"==> dense baseline -> {dense}", flush=True)
+    run_baseline(data / SYNTHETIC_JSON, data, dense, data / PSEUDO_QUERIES_JSON, overwrite=True)
+    model = train_kind(kind, work, data, max_steps=max_steps)
+    return model, dense, work / f"prepared-{kind}"
+
+
+def measure(model: Path, dense: Path, data: Path, candidates: str, seed: int, batch_size: int) -> dict[str, Any]:
+    """Top-1/top-5 of GRACE and of the dense cosine over the same perturbed copies and candidates."""
+    from grace_hf.errors import GraceInputError
+    from grace_hf.retrieval import GraceRetriever
+
+    retriever = GraceRetriever.from_pretrained(model, num_beams=10, batch_size=batch_size)
+    originals = memorized_images(data, None if candidates == "all" else set(retriever.candidates))
+    if candidates == "all":
+        retriever = retriever.for_candidates(list(originals))
+    elif len(originals) < len(retriever.candidates):
+        missing = sorted(set(retriever.candidates) - set(originals))
+        raise GraceInputError(f"{data}: its i2id split lacks {len(missing)} candidate images (e.g. {missing[0]!r})")
+    gold = list(originals)
+    rng = random.Random(seed)
+    copies = [perturb(originals[key], rng) for key in gold]
+    rank = {
+        "grace": lambda images: [
+            [hit.image_key for hit in hits] for hits in retriever.retrieve(images=images, top_k=5)
+        ],
+        "dense": lambda images: dense_rankings(dense, images, retriever.candidates, 5),
+    }
+    result: dict[str, Any] = {"queries": len(gold), "candidates": len(retriever.candidates)}
+    for name, ranking in rank.items():
+        start = time.perf_counter()
+        on_copies = ranking(copies)
+        seconds = time.perf_counter() - start
+        on_originals = ranking(list(originals.values()))
+        result[name] = {1: top_k_hits(on_copies, gold, 1), 5: top_k_hits(on_copies, gold, 5)}
+        result[name].update(originals=top_k_hits(on_originals, gold, 1), seconds=seconds)
+    return result
+
+
+def table(result: dict[str, Any]) -> str:
+    """The markdown table of `measure`'s result."""
+    dense_top1 = result["dense"][1]
+    rows = [
+        "| method | copies top-1 % | copies top-5 % | top-1 / dense | originals top-1 % | seconds (copies) |",
+        "| --- | --- | --- | --- | --- | --- |",
+    ]
+    for name, label in (("grace", "GRACE (`<image>` under the trie)"), ("dense", "dense image-image cosine")):
+        figures = result[name]
+        ratio = f"{figures[1] / dense_top1:.2f}x" if dense_top1 else "n/a"
+        rows.append(
+            f"| {label} | {100 * figures[1]:.1f} | {100 * figures[5]:.1f} | {ratio} | "
+            f"{100 * figures['originals']:.1f} | {figures['seconds']:.1f} |"
+        )
+    return "\n".join(rows)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--work-dir", default="runs/image-query", help="results (and what is trained) go here")
+    parser.add_argument("--model", type=Path, default=None, help="a trained model directory (else: train one)")
+    parser.add_argument("--dense", type=Path, default=None, help="with --model: its `baseline-clip` directory")
+    parser.add_argument("--data", type=Path, default=None, help="with --model: its prepared dataset")
+    parser.add_argument("--kind", default="numeric", help="training: identifier kind (recipe with i2id on)")
+    parser.add_argument("--num-images", type=int, default=500, help="training: synthetic images")
+    parser.add_argument("--max-steps", type=int, default=None, help="training: optimizer steps (default: recipe's)")
+    parser.add_argument("--candidates", choices=("all", "test"), default="all", help="every memorized image, or test")
+    parser.add_argument("--seed", type=int, default=0, help="seed of the synthetic data and of the perturbations")
+    parser.add_argument("--batch-size", type=int, default=32, help="image queries per search")
+    args = parser.parse_args(argv)
+    given = [args.model, args.dense, args.data]
+    if any(given) and not all(given):
+        parser.error("--model, --dense and --data go together (or none of them: train)")
+
+    import torch
+
+    from grace_hf.errors import GraceInputError
+    from grace_hf.outputs import BENCHMARK, finish_output_dir, open_output_dir
+
+    torch.set_num_threads(1)
+    command = shlex.join(sys.argv)
+    try:  # the output policy: never the working directory, home or a folder this script did not write
+        work = open_output_dir(args.work_dir, BENCHMARK, command=command, flag="--work-dir").resolve()
+        if args.model is None:
+            args.model, args.dense, args.data = train(work, args.kind, args.num_images, args.seed, args.max_steps)
+        result = measure(args.model, args.dense, args.data, args.candidates, args.seed, args.batch_size)
+    except GraceInputError as error:
+        parser.error(str(error))
+    text = table(result)
+    heading = (
+        f"Perturbed copies of {result['queries']} memorized images ranking {result['candidates']} candidates "
+        f"(seed {args.seed}; model {args.model}):"
+    )
+    (work / "image_query.md").write_text(f"{heading}\n\n{text}\n")
+    print(f"\n{heading}\n\n{text}")
+    finish_output_dir(work, BENCHMARK, command)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
