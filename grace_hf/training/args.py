@@ -46,6 +46,17 @@ class ModelArguments:
         default=2000,
         metadata={"help": "With `model_preset`: size of the BPE tokenizer trained on the dataset's texts."},
     )
+    vision_tower: str | None = field(
+        default=None,
+        metadata={
+            "help": "With `model_preset`: start the vision tower from an open_clip image encoder: a `baseline-clip` "
+            "output directory, or an open_clip config (a JSON file or a built-in name such as 'ViT-L-14') whose "
+            "weights file is `vision_tower_weights`. The tower's shape and image size come from that encoder."
+        },
+    )
+    vision_tower_weights: str | None = field(
+        default=None, metadata={"help": "With a config as `vision_tower`: its open_clip weights file."}
+    )
     freeze_vision: bool = field(default=True, metadata={"help": "Keep the vision tower frozen."})
     gradient_checkpointing: bool = field(default=False, metadata={"help": "Recompute activations in backward."})
 
@@ -63,6 +74,14 @@ class ModelArguments:
             raise GraceInputError("config_overrides only applies to a model_preset")
         if self.model_preset is not None:
             check_model_preset(self.model_preset, self.config_overrides or {})
+        if self.vision_tower is not None and self.model_preset is None:
+            raise GraceInputError("vision_tower starts a fresh model_preset; a pretrained model keeps its own tower")
+        if self.vision_tower_weights is not None and self.vision_tower is None:
+            raise GraceInputError("vision_tower_weights needs vision_tower (the open_clip config it belongs to)")
+
+    def input_paths(self) -> list[str | None]:
+        """The local files and folders the model is built from (an output may not hold them)."""
+        return [self.model, self.vision_tower, self.vision_tower_weights]
 
 
 @dataclass
