@@ -27,17 +27,17 @@ from typing import Any
 import torch
 from synthetic_split import write_part
 
-from grace_hf.add_images import add_images
+from grace_hf.commands.demo import PREPARE_OPTIONS, RECIPES
 from grace_hf.data.karpathy import load_karpathy
 from grace_hf.data.synthetic import PSEUDO_QUERIES_JSON, SYNTHETIC_JSON, write_synthetic
-from grace_hf.demo import PREPARE_OPTIONS, RECIPES
 from grace_hf.errors import GraceInputError
+from grace_hf.evaluation.evaluate import evaluate_model
 from grace_hf.outputs import BENCHMARK, finish_output_dir, is_complete_output, open_output_dir
-from grace_hf.prepare import prepare
-from grace_hf.retrieval.evaluate import evaluate_model
 from grace_hf.retrieval.retriever import GraceRetriever
+from grace_hf.training.adding import add_images
 from grace_hf.training.args import ADD_IMAGES_ARGUMENT_CLASSES, parse_args
-from grace_hf.training.train import train
+from grace_hf.training.loop import train
+from grace_hf.training.preparation import prepare
 
 KINDS = ("rq", "structured", "semantic", "atomic", "numeric", "string")
 COMMON = ["--eval-num-queries", "0", "--report-to", "none", "--save-steps", "0", "--torch-num-threads", "1"]

@@ -28,13 +28,13 @@ from typing import Any
 
 import torch
 
+from grace_hf.commands.demo import evaluate_kind, train_kind
 from grace_hf.data.synthetic import PSEUDO_QUERIES_JSON, SYNTHETIC_JSON, SyntheticStyle, write_synthetic
-from grace_hf.demo import evaluate_kind, train_kind
-from grace_hf.dense.train import run_baseline
+from grace_hf.dense.directory import FEATURES_FILE
+from grace_hf.dense.training import run_baseline
 from grace_hf.errors import GraceInputError
-from grace_hf.image_features import FEATURES_FILE
+from grace_hf.model_dir import METRICS_FILE
 from grace_hf.outputs import BENCHMARK, finish_output_dir, is_complete_output, open_output_dir
-from grace_hf.retrieval.model_dir import METRICS_FILE
 
 
 @dataclass

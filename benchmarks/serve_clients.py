@@ -22,7 +22,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from grace_hf.retrieval.app import API_NAME
+from grace_hf.serving.app import API_NAME
 
 __all__ = ["LoadRun", "free_port", "run_clients", "search_http", "serve_subprocess"]
 
@@ -41,7 +41,7 @@ def serve_subprocess(argv: Sequence[str], timeout: float = 180.0, env: dict[str,
     """Run `grace-hf serve <argv> --port <free port>` (on 127.0.0.1 unless argv says otherwise) until the block
     ends; yield its URL once it answers. Its output goes to a log whose end is quoted if it fails to start."""
     port = free_port()
-    command = [sys.executable, "-m", "grace_hf.cli", "serve", *argv, "--port", str(port)]
+    command = [sys.executable, "-m", "grace_hf.commands.cli", "serve", *argv, "--port", str(port)]
     url = f"http://127.0.0.1:{port}/"
     with tempfile.TemporaryFile("w+") as log:
         process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, env={**os.environ, **(env or {})})

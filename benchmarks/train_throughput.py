@@ -2,7 +2,7 @@
 
 Each cell launches `accelerate launch` on this file in worker mode: a randomly initialised Flamingo of the shape,
 random token batches of the paper's two tasks (i2id: 16 samples of 12 tokens with an image; t2id: 48 samples of
-40 tokens, text only), and the training step of `grace_hf.training.train` (both losses, one backward, AdamW).
+40 tokens, text only), and the training step of `grace_hf.training.loop` (both losses, one backward, AdamW).
 It reports (i2id + t2id samples of all processes) / s over the timed steps.
 
     python benchmarks/train_throughput.py                       # CPU: tiny and medium x DDP, ZeRO-2, ZeRO-3
@@ -137,7 +137,7 @@ def worker(shape: str, steps: int, warmup: int, result_path: str) -> None:
 
     from grace_hf.distributed import create_accelerator
     from grace_hf.models.flamingo import FlamingoConfig, FlamingoForConditionalGeneration
-    from grace_hf.training.train import batch_to_device, configure_deepspeed, create_optimizer, step_loss
+    from grace_hf.training.loop import batch_to_device, configure_deepspeed, create_optimizer, step_loss
 
     accelerator = create_accelerator(report_to=["none"])
     preset, overrides = SHAPES[shape]
@@ -199,7 +199,7 @@ def compare_worker(model_kind: str, shape: str, batch: int, length: int, steps: 
     from flamingo_speed import build_reference
 
     from grace_hf.models.flamingo import FlamingoConfig, FlamingoForConditionalGeneration
-    from grace_hf.training.train import batch_to_device, create_accelerator, create_optimizer, step_loss
+    from grace_hf.training.loop import batch_to_device, create_accelerator, create_optimizer, step_loss
 
     accelerator = create_accelerator(report_to=["none"])
     preset, overrides = SHAPES[shape]

@@ -13,7 +13,7 @@ Example:
 from grace_hf.identifiers import IdentifierIndex
 from grace_hf.models.flamingo import FlamingoConfig, FlamingoForConditionalGeneration, FlamingoProcessor
 from grace_hf.retrieval import GraceRetriever, IdentifierTrie, RetrievedImage
-from grace_hf.retrieval.pipeline import TextToImageRetrievalPipeline
+from grace_hf.serving.pipeline import TextToImageRetrievalPipeline
 
 __version__ = "0.1.0"
 

@@ -2,7 +2,7 @@
 
 import sys
 
-from grace_hf.cli import main
+from grace_hf.commands.cli import main
 
 if __name__ == "__main__":
     sys.exit(main())

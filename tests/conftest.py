@@ -22,7 +22,9 @@ def single_thread():
 def prepared(tmp_path_factory):
     """A prepared 24-image synthetic dataset with structured identifiers (for the training tests)."""
     from grace_hf.data.synthetic import write_synthetic
-    from grace_hf.prepare import prepare  # imported here: HF_HUB_OFFLINE must be set before huggingface_hub loads
+    from grace_hf.training.preparation import (
+        prepare,  # imported here: HF_HUB_OFFLINE must be set before huggingface_hub loads
+    )
 
     root = tmp_path_factory.mktemp("synthetic")
     write_synthetic(root / "raw", num_images=24, seed=0)
@@ -44,7 +46,7 @@ def trained_model(tmp_path_factory):
     from test_training import run_training, tiny_recipe, write_recipe
 
     from grace_hf.data.synthetic import write_synthetic
-    from grace_hf.prepare import prepare
+    from grace_hf.training.preparation import prepare
 
     root = tmp_path_factory.mktemp("trained")
     write_synthetic(root / "raw", num_images=60, seed=0)

@@ -17,25 +17,25 @@ from safetensors.torch import load_file
 from synthetic_split import write_part
 from test_training import reset_accelerate, run_training, tiny_recipe, write_recipe
 
-from grace_hf.add_images import added_training_data, split_batch
 from grace_hf.commands import add_images as add_images_command
 from grace_hf.data.karpathy import load_karpathy
 from grace_hf.data.prepared import load_prepared
 from grace_hf.data.pseudo_queries import load_pseudo_queries
 from grace_hf.data.synthetic import PSEUDO_QUERIES_JSON, SYNTHETIC_JSON, write_synthetic
+from grace_hf.dense.directory import FEATURES_FILE, save_image_features
 from grace_hf.errors import GraceInputError
 from grace_hf.identifiers import CODEBOOKS_FILE, Codebooks, IdentifierIndex, build_identifiers, extend_identifiers
 from grace_hf.identifiers.embeddings import EmbeddingOptions, embed
 from grace_hf.identifiers.semantic import normalize
 from grace_hf.identifiers.structured import KMeansTree, StructuredOptions, identifier_to_path, path_to_identifier
-from grace_hf.image_features import FEATURES_FILE, save_image_features
+from grace_hf.model_dir import read_model_dir
 from grace_hf.models.flamingo import FlamingoProcessor
-from grace_hf.prepare import prepare
 from grace_hf.retrieval import GraceRetriever, IdentifierTrie
 from grace_hf.retrieval.collection import identifier_token_ids
-from grace_hf.retrieval.model_dir import read_model_dir
+from grace_hf.training.adding import added_training_data, split_batch
 from grace_hf.training.args import ADD_IMAGES_ARGUMENT_CLASSES, parse_args
 from grace_hf.training.modeling import build_model_and_processor
+from grace_hf.training.preparation import prepare
 from grace_hf.training.sampling import ConcatBatchSampler, StepBatchSampler
 
 KINDS = ("numeric", "string", "semantic", "structured", "atomic", "rq")
@@ -249,7 +249,7 @@ def test_adding_twice_replays_every_earlier_dataset(added, collections, tmp_path
 KILLER = textwrap.dedent(
     """
     import os, signal, sys
-    import grace_hf.training.train as train
+    import grace_hf.training.loop as train
 
     step = train._Trainer._step
 

@@ -5,8 +5,8 @@ import json
 import pytest
 
 from grace_hf.commands.compare import main
-from grace_hf.compare import COLUMNS, comparison_table
 from grace_hf.errors import GraceInputError
+from grace_hf.evaluation.compare import COLUMNS, comparison_table
 
 
 def _run_dir(root, name, metrics):

@@ -6,7 +6,7 @@ from open_clip.model import CLIP
 from open_flamingo.src.helpers import GatedCrossAttentionBlock, PerceiverResampler
 from safetensors.torch import save_file
 
-from grace_hf.cli import main as cli_main
+from grace_hf.commands.cli import main as cli_main
 from grace_hf.commands.convert_openflamingo import main
 from grace_hf.errors import GraceInputError
 from grace_hf.models.flamingo import FlamingoConfig, FlamingoForConditionalGeneration, FlamingoProcessor

@@ -5,15 +5,15 @@ import json
 import pytest
 import torch
 
-from grace_hf.cli import main as cli_main
 from grace_hf.commands.baseline_clip import main
+from grace_hf.commands.cli import main as cli_main
 from grace_hf.data.karpathy import load_karpathy
 from grace_hf.data.pseudo_queries import load_pseudo_queries
 from grace_hf.data.synthetic import write_synthetic
 from grace_hf.dense import DualEncoder, load_dual_encoder, resolve_model_config
-from grace_hf.dense.train import DenseTrainingArgs, training_texts
+from grace_hf.dense.directory import FEATURES_FILE, load_image_features, save_image_features
+from grace_hf.dense.training import DenseTrainingArgs, training_texts
 from grace_hf.errors import GraceInputError
-from grace_hf.image_features import FEATURES_FILE, load_image_features, save_image_features
 
 # Smaller than the `tiny` preset: one layer per tower, so a run takes about a second.
 MICRO = {

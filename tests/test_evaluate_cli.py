@@ -11,11 +11,11 @@ from datasets import Dataset, DatasetDict, Features, Image, Value
 from PIL import Image as PILImage
 from test_retriever import IMAGES, QUERIES, build_tiny_model_dir
 
-from grace_hf.cli import main as cli_main
 from grace_hf.commands import evaluate, retrieve
+from grace_hf.commands.cli import main as cli_main
 from grace_hf.errors import GraceInputError
 from grace_hf.identifiers import IdentifierIndex
-from grace_hf.retrieval.gallery import folder_image_loader
+from grace_hf.serving.gallery import folder_image_loader
 
 TEST_IMAGES = IMAGES[4:]
 

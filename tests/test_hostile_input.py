@@ -18,10 +18,10 @@ from test_retriever import IMAGES, QUERIES, build_tiny_model_dir
 
 from grace_hf import cli
 from grace_hf.data.synthetic import write_synthetic
+from grace_hf.dense.directory import FEATURES_FILE, save_image_features
 from grace_hf.dense.model import DualEncoder
 from grace_hf.errors import GraceInputError
-from grace_hf.image_features import FEATURES_FILE, save_image_features
-from grace_hf.prepare import prepare
+from grace_hf.training.preparation import prepare
 
 
 @pytest.fixture(scope="module")

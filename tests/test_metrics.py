@@ -2,7 +2,7 @@
 
 import pytest
 
-from grace_hf.retrieval.metrics import recall_at_k, recall_curve
+from grace_hf.evaluation.metrics import recall_at_k, recall_curve
 
 RANKINGS = [
     ["a", "b", "c"],  # gold at rank 1

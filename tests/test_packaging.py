@@ -5,7 +5,7 @@ import sys
 import zipfile
 from pathlib import Path
 
-from grace_hf.demo import RECIPES
+from grace_hf.commands.demo import RECIPES
 
 ROOT = Path(__file__).resolve().parents[1]
 

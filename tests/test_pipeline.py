@@ -11,9 +11,9 @@ from transformers.pipelines import PIPELINE_REGISTRY
 
 import grace_hf  # noqa: F401  (registers the task)
 from grace_hf.errors import GraceInputError
+from grace_hf.evaluation.evaluate import load_eval_queries
 from grace_hf.retrieval import GraceRetriever
-from grace_hf.retrieval.evaluate import load_eval_queries
-from grace_hf.retrieval.pipeline import TASK
+from grace_hf.serving.pipeline import TASK
 
 QUERIES = ["a big red circle at the top", "two small green squares", "a hollow blue star on white", "a heart", "x"]
 

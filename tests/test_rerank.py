@@ -16,17 +16,17 @@ from test_dense import MICRO
 from transformers import pipeline
 
 import grace_hf  # noqa: F401  (registers the pipeline task)
-from grace_hf.cli import main as cli_main
 from grace_hf.commands.baseline_clip import main as baseline_clip
-from grace_hf.compare import comparison_table
+from grace_hf.commands.cli import main as cli_main
 from grace_hf.data.prepared import load_prepared
 from grace_hf.dense.model import DualEncoder
 from grace_hf.errors import GraceInputError
-from grace_hf.retrieval.evaluate import fit_rerank_on_val, load_eval_queries
-from grace_hf.retrieval.model_dir import RERANK_FILE, RerankConfig, read_rerank_config, write_rerank_config
-from grace_hf.retrieval.pipeline import TASK
+from grace_hf.evaluation.compare import comparison_table
+from grace_hf.evaluation.evaluate import fit_rerank_on_val, load_eval_queries
+from grace_hf.model_dir import RERANK_FILE, RerankConfig, read_rerank_config, write_rerank_config
 from grace_hf.retrieval.rerank import DenseScorer, Reranker, fit_fusion_weight, fuse, load_reranker
 from grace_hf.retrieval.retriever import GraceRetriever, RetrievedImage
+from grace_hf.serving.pipeline import TASK
 
 # the fusion and the fit, with a stand-in dense model
 
@@ -243,7 +243,7 @@ def _reference(model_dir, dense_dir, queries, candidates, top_k):
 
 
 def test_retrieve_pipeline_and_serve_rerank(trained_model, model_copy, dense_dir, capsys):
-    from grace_hf.retrieval.app import SearchService, build_app  # imports gradio (the optional `app` extra)
+    from grace_hf.serving.app import SearchService, build_app  # imports gradio (the optional `app` extra)
 
     _, data, _ = trained_model
     queries, gold, candidates = load_eval_queries(data, limit=3)

@@ -21,11 +21,11 @@ from serve_clients import run_clients, search_http, serve_subprocess
 
 from grace_hf.commands import serve
 from grace_hf.errors import GraceInputError
+from grace_hf.evaluation.evaluate import load_eval_queries
 from grace_hf.identifiers import IdentifierIndex
 from grace_hf.retrieval import GraceRetriever
-from grace_hf.retrieval.app import GOLD_COLOR, SearchService, read_test_captions
-from grace_hf.retrieval.evaluate import load_eval_queries
-from grace_hf.retrieval.gallery import folder_image_loader
+from grace_hf.serving.app import GOLD_COLOR, SearchService, read_test_captions
+from grace_hf.serving.gallery import folder_image_loader
 
 ROOT = Path(__file__).resolve().parents[1]
 CHROMIUM, CHROMEDRIVER = shutil.which("chromium"), shutil.which("chromedriver")

@@ -20,16 +20,16 @@ from safetensors.torch import load_file
 
 from grace_hf.commands import train as train_command
 from grace_hf.errors import GraceInputError
-from grace_hf.retrieval.model_dir import read_model_dir
+from grace_hf.model_dir import read_model_dir
+from grace_hf.training import loop as train_module
 from grace_hf.training import parse_args
-from grace_hf.training import train as train_module
 from grace_hf.training.args import ADD_IMAGES_ARGUMENT_CLASSES, ARGUMENT_CLASSES
 from grace_hf.training.checkpoints import list_checkpoints, resolve_checkpoint, save_checkpoint
 from grace_hf.training.collate import GraceCollator
 from grace_hf.training.data import load_training_data
+from grace_hf.training.loop import step_loss
 from grace_hf.training.modeling import build_model_and_processor, optimizer_parameter_groups
 from grace_hf.training.sampling import StepBatchSampler
-from grace_hf.training.train import step_loss
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -257,7 +257,7 @@ KILLER = textwrap.dedent(
     import os, signal, sys
     import grace_hf.training.checkpoints as checkpoints
     import grace_hf.training.saving as saving
-    import grace_hf.training.train as train
+    import grace_hf.training.loop as train
 
     where, _, at = os.environ["KILL_AT"].partition(":")
 

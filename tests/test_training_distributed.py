@@ -41,7 +41,7 @@ PROBE = textwrap.dedent(
     import json, os, sys
     from grace_hf.training.collate import GraceCollator
     from grace_hf.models.flamingo import FlamingoForConditionalGeneration
-    from grace_hf.training import train
+    from grace_hf.training import loop as train
 
     rank = os.environ.get("RANK", "0")
     probe = os.environ["GRACE_PROBE_DIR"]
@@ -127,7 +127,7 @@ def test_zero3_single_process_trains_saves_and_retrieves(prepared, tmp_path):
     config = tmp_path / "zero3_cpu.yaml"
     config.write_text(yaml.safe_dump(ZERO3_CPU))
     recipe = _recipe(tmp_path / "recipe.yaml", prepared, tmp_path / "out", max_steps=2, save_steps=2)
-    _launch(["--config_file", str(config), "-m", "grace_hf.train"], ["--config", recipe], tmp_path)
+    _launch(["--config_file", str(config), "-m", "grace_hf", "train"], ["--config", recipe], tmp_path)
 
     out = tmp_path / "out"
     assert (out / "checkpoints" / "step-2" / "trainer_state.json").is_file()

@@ -13,7 +13,7 @@ from __future__ import annotations
 import shlex
 import sys
 
-from grace_hf.add_images import add_images
+from grace_hf.training.adding import add_images
 from grace_hf.training.args import ADD_IMAGES_ARGUMENT_CLASSES, parse_args
 
 

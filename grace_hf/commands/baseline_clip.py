@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from grace_hf.commands.common import add_num_threads, add_overwrite, command_parser, setup_threads
 from grace_hf.dense.model import PRESETS
-from grace_hf.dense.train import DenseTrainingArgs, run_baseline
+from grace_hf.dense.training import DenseTrainingArgs, run_baseline
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -7,10 +7,10 @@ recall curves in one picture.
 from __future__ import annotations
 
 from grace_hf.commands.common import add_overwrite, command_parser
-from grace_hf.compare import comparison_rows, comparison_table
+from grace_hf.evaluation.compare import comparison_rows, comparison_table
+from grace_hf.evaluation.plots import write_recall_plot
 from grace_hf.io_utils import atomic_write_text
 from grace_hf.outputs import COMPARISON, check_output_dir, output_directory
-from grace_hf.retrieval.plots import write_recall_plot
 
 TABLE_FILE = "comparison.md"
 PLOT_FILE = "recall.png"

@@ -31,14 +31,14 @@ from grace_hf.commands.common import (
 from grace_hf.data.prepared import EVAL_SPLITS
 from grace_hf.distributed import create_accelerator
 from grace_hf.errors import GraceInputError
-from grace_hf.outputs import EVALUATION, check_output_dir, output_directory
-from grace_hf.retrieval.evaluate import KS, evaluate_model, fit_rerank_on_val, load_eval_queries, write_evaluation
-from grace_hf.retrieval.model_dir import (
+from grace_hf.evaluation.evaluate import KS, evaluate_model, fit_rerank_on_val, load_eval_queries, write_evaluation
+from grace_hf.model_dir import (
     RERANK_FILE,
     read_rerank_config,
     resolve_model_dir,
     write_rerank_config,
 )
+from grace_hf.outputs import EVALUATION, check_output_dir, output_directory
 from grace_hf.retrieval.rerank import DEFAULT_RERANK_BEAMS, DenseScorer, Reranker, load_reranker
 from grace_hf.retrieval.retriever import GraceRetriever
 

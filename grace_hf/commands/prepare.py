@@ -16,7 +16,7 @@ from pathlib import Path
 from grace_hf.commands.common import add_num_threads, add_overwrite, command_parser, setup_threads
 from grace_hf.data.prepared import PREPARE_FILE, push_prepared_to_hub
 from grace_hf.identifiers import CODEBOOKS_FILE, IDENTIFIER_KINDS, IDENTIFIERS_FILE, get_identifier_kind
-from grace_hf.prepare import prepare
+from grace_hf.training.preparation import prepare
 
 
 def add_identifier_options(parser: argparse.ArgumentParser) -> list[str]:

@@ -13,13 +13,13 @@ from pathlib import Path
 
 import torch
 
-from grace_hf.captioning import file_names, generate_pseudo_queries
 from grace_hf.commands.common import add_num_threads, add_overwrite, command_parser, setup_threads
+from grace_hf.data.captioning import file_names, generate_pseudo_queries
 from grace_hf.data.karpathy import MEMORIZED_SPLITS, load_karpathy
 from grace_hf.data.pseudo_queries import PSEUDO_QUERIES_FILE, write_pseudo_queries
 from grace_hf.errors import GraceInputError
+from grace_hf.model_dir import read_model_dir
 from grace_hf.outputs import PSEUDO_QUERIES, check_output_dir, output_directory
-from grace_hf.retrieval.model_dir import read_model_dir
 
 
 def main(argv: list[str] | None = None) -> int:

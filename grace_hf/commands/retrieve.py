@@ -21,11 +21,12 @@ from grace_hf.commands.common import (
     setup_threads,
 )
 from grace_hf.errors import GraceInputError
+from grace_hf.evaluation.evaluate import load_eval_queries
 from grace_hf.io_utils import atomic_write_text
 from grace_hf.outputs import RETRIEVAL, check_output_dir, output_directory
-from grace_hf.retrieval.evaluate import load_eval_queries
-from grace_hf.retrieval.gallery import GalleryEntry, dataset_image_loader, folder_image_loader, write_gallery
-from grace_hf.retrieval.retriever import GraceRetriever, RetrievedImage
+from grace_hf.retrieval.results import RetrievedImage
+from grace_hf.retrieval.retriever import GraceRetriever
+from grace_hf.serving.gallery import GalleryEntry, dataset_image_loader, folder_image_loader, write_gallery
 
 RESULTS_FILE = "results.jsonl"
 GALLERY_FILE = "gallery.html"

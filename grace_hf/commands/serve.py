@@ -16,9 +16,9 @@ from pathlib import Path
 
 from grace_hf.commands.common import add_num_threads, add_rerank, check_rerank_args, command_parser, setup_threads
 from grace_hf.errors import GraceInputError
-from grace_hf.retrieval.evaluate import load_eval_queries
-from grace_hf.retrieval.gallery import ImageLoader, dataset_image_loader, folder_image_loader
+from grace_hf.evaluation.evaluate import load_eval_queries
 from grace_hf.retrieval.retriever import GraceRetriever
+from grace_hf.serving.gallery import ImageLoader, dataset_image_loader, folder_image_loader
 
 __all__ = ["build_parser", "main"]
 
@@ -72,7 +72,7 @@ def main(argv: list[str] | None = None) -> int:
     check_rerank_args(args)
     if importlib.util.find_spec("gradio") is None:
         raise GraceInputError('serve needs Gradio: pip install "grace-hf[app]"')
-    from grace_hf.retrieval.app import SearchService, build_app, read_test_captions  # imports gradio (optional)
+    from grace_hf.serving.app import SearchService, build_app, read_test_captions  # imports gradio (optional)
 
     setup_threads(args)
     test_captions, candidates = [], None

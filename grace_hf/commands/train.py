@@ -11,7 +11,7 @@ import shlex
 import sys
 
 from grace_hf.training.args import parse_args
-from grace_hf.training.train import train
+from grace_hf.training.loop import train
 
 
 def main(argv: list[str] | None = None) -> int:

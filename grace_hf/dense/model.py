@@ -20,14 +20,9 @@ import torch
 from PIL import Image
 from safetensors.torch import load_model, save_model
 
+from grace_hf.data.images import encode_images, read_rgb
+from grace_hf.dense.directory import OPEN_CLIP_CONFIG_FILE, OPEN_CLIP_WEIGHTS_FILE, read_open_clip_config
 from grace_hf.errors import GraceInputError
-from grace_hf.image_features import (
-    OPEN_CLIP_CONFIG_FILE,
-    OPEN_CLIP_WEIGHTS_FILE,
-    encode_images,
-    read_open_clip_config,
-    read_rgb,
-)
 from grace_hf.io_utils import atomic_write_json
 
 CONFIG_NAME = OPEN_CLIP_CONFIG_FILE

@@ -10,27 +10,23 @@ from __future__ import annotations
 
 import dataclasses
 import os
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
+from PIL import Image
 
+from grace_hf.data.images import default_workers, encode_images, read_rgb
 from grace_hf.data.karpathy import KarpathyImage
+from grace_hf.dense.directory import FEATURES_FILE, OPEN_CLIP_CONFIG_FILE, OPEN_CLIP_WEIGHTS_FILE, load_image_features
+from grace_hf.dense.open_clip_loading import open_clip_image_encoder
 from grace_hf.errors import GraceInputError
-from grace_hf.image_features import (
-    FEATURES_FILE,
-    OPEN_CLIP_CONFIG_FILE,
-    OPEN_CLIP_WEIGHTS_FILE,
-    PIXEL_SIDE,
-    encode_images,
-    load_image_features,
-    open_clip_image_encoder,
-    pixel_embeddings,
-    pixel_thumbnails,
-)
+from grace_hf.runtime import progress_bar
 
 __all__ = [
+    "PIXEL_SIDE",
     "EmbeddingOptions",
     "Embeddings",
     "check_same_source",
@@ -38,10 +34,33 @@ __all__ = [
     "embed_images",
     "embed_new_images",
     "embedding_source",
+    "pixel_embeddings",
+    "pixel_thumbnails",
     "recorded_options",
 ]
 
 PIXEL_MEAN = "pixel_mean"
+PIXEL_SIDE = 16
+
+
+def pixel_thumbnails(
+    paths: Sequence[str | os.PathLike], num_workers: int | None = None, side: int = PIXEL_SIDE
+) -> np.ndarray:
+    """(N, 3 * side * side) RGB thumbnails in [0, 1] (16x16: 768 values): colour and layout without a model."""
+
+    def thumbnail(path: str | os.PathLike) -> np.ndarray:
+        small = read_rgb(path).resize((side, side), Image.Resampling.BOX)
+        return np.asarray(small, dtype=np.float32).reshape(-1) / 255.0
+
+    with ThreadPoolExecutor(num_workers or default_workers()) as pool:
+        rows = list(progress_bar(pool.map(thumbnail, paths), total=len(paths), desc="pixel features"))
+    return np.stack(rows)  # (N, 3 * side * side)
+
+
+def pixel_embeddings(thumbnails: np.ndarray, mean: np.ndarray | None = None) -> np.ndarray:
+    """(N, D) thumbnails centred on `mean` (1, D) (default: their own mean) and L2-normalised."""
+    features = thumbnails - (thumbnails.mean(axis=0, keepdims=True) if mean is None else mean)
+    return features / np.maximum(np.linalg.norm(features, axis=1, keepdims=True), 1e-8)
 
 
 @dataclass

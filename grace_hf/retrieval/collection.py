@@ -5,11 +5,14 @@ from __future__ import annotations
 import logging
 from collections.abc import Sequence
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
+from safetensors import SafetensorError
 
 from grace_hf.errors import GraceInputError
 from grace_hf.identifiers import IdentifierIndex
+from grace_hf.model_dir import TRIE_FILE
 from grace_hf.prompts import identifier_text
 from grace_hf.retrieval.trie import IdentifierTrie
 
@@ -77,3 +80,15 @@ class Collection:
         if saved_trie is not None and not _same_trie(saved_trie, trie):
             logger.warning("the saved identifier trie does not match the tokenized identifiers: rebuilt")
         return cls(keys, identifiers, [key for key in keys for _ in index.images[key]], trie)
+
+
+def load_saved_trie(directory: Path) -> IdentifierTrie | None:
+    """The trie a model directory saved for its default candidates, or None when it has none or it is corrupt (a
+    cache: `Collection.build` rebuilds the trie from the identifiers anyway)."""
+    path = directory / TRIE_FILE
+    if not path.is_file():
+        return None
+    try:
+        return IdentifierTrie.load(path)
+    except (SafetensorError, ValueError, KeyError, OSError):
+        return None

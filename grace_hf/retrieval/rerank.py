@@ -22,19 +22,17 @@ import os
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import torch
 
+from grace_hf.dense.directory import FEATURES_FILE, load_image_features
 from grace_hf.dense.model import CONFIG_NAME, WEIGHTS_NAME, load_dual_encoder
 from grace_hf.errors import GraceInputError
-from grace_hf.image_features import FEATURES_FILE, load_image_features
+from grace_hf.evaluation.metrics import recall_at_k
 from grace_hf.io_utils import sha256_file
-from grace_hf.retrieval.metrics import recall_at_k
-from grace_hf.retrieval.model_dir import RERANK_FILE, check_rerank_settings, read_rerank_config
-
-if TYPE_CHECKING:  # the retriever imports this module; hits are rebuilt with `dataclasses.replace`
-    from grace_hf.retrieval.retriever import RetrievedImage
+from grace_hf.model_dir import RERANK_FILE, check_rerank_settings, read_rerank_config
+from grace_hf.retrieval.results import RetrievedImage
 
 __all__ = [
     "DEFAULT_RERANK_BEAMS",

@@ -10,7 +10,6 @@ from __future__ import annotations
 import logging
 import os
 from collections.abc import Sequence
-from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -20,17 +19,18 @@ from transformers import GenerationConfig
 
 from grace_hf.errors import GraceInputError
 from grace_hf.identifiers import IdentifierIndex
-from grace_hf.outputs import MODEL, output_directory
-from grace_hf.prompts import query_prompt
-from grace_hf.retrieval.beam_search import TrieBeamSearch
-from grace_hf.retrieval.collection import Collection
-from grace_hf.retrieval.model_dir import (
+from grace_hf.model_dir import (
     QUERY_IMAGE_MODES,
     GraceConfig,
     read_model_dir,
     write_model_dir,
 )
+from grace_hf.outputs import MODEL, output_directory
+from grace_hf.prompts import query_prompt
+from grace_hf.retrieval.beam_search import TrieBeamSearch
+from grace_hf.retrieval.collection import Collection, load_saved_trie
 from grace_hf.retrieval.rerank import DenseScorer, Reranker, load_reranker
+from grace_hf.retrieval.results import RetrievedImage
 from grace_hf.retrieval.trie import IdentifierTrie, TrieLogitsProcessor
 
 __all__ = ["GraceRetriever", "RetrievedImage", "beam_generation_config"]
@@ -39,16 +39,6 @@ logger = logging.getLogger(__name__)
 
 DECODING_MODES = ("auto", "fast", "generate")
 _UNLIMITED = 10**9  # tokenizers without a real limit report ~1e30
-
-
-@dataclass(frozen=True)
-class RetrievedImage:
-    """One ranked result: the image, the identifier the model wrote for it, and that beam's score (the identifier's
-    log-probability divided by length ** length_penalty)."""
-
-    image_key: str
-    identifier: str
-    score: float
 
 
 def beam_generation_config(
@@ -202,7 +192,7 @@ class GraceRetriever:
             kwargs["reranker"] = load_reranker(loaded.path, reranker, rerank_weight, rerank_beams)
         kwargs.setdefault("query_image", loaded.grace_config.query_image)
         if kwargs.get("candidates") is None:
-            kwargs.setdefault("saved_trie", loaded.saved_trie)
+            kwargs.setdefault("saved_trie", load_saved_trie(loaded.path))
         model, engine = loaded.model, None
         if accelerator is not None and accelerator.distributed_type == "DEEPSPEED":
             engine, model = _prepare_for_deepspeed_inference(accelerator, model, kwargs.get("batch_size", 16))
@@ -244,6 +234,7 @@ class GraceRetriever:
                 self.processor,
                 index=self.index,
                 grace_config=GraceConfig.for_index(self.index, self.query_image),
+                trie=Collection.build(self.index, self.processor).trie,
             )
 
     # queries -> model inputs

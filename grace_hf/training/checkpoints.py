@@ -15,7 +15,7 @@ from typing import Any
 
 from grace_hf.errors import GraceInputError
 from grace_hf.io_utils import atomic_write_json
-from grace_hf.retrieval.model_dir import CHECKPOINTS_DIR
+from grace_hf.model_dir import CHECKPOINTS_DIR
 
 __all__ = ["TRAINER_STATE_FILE", "list_checkpoints", "resolve_checkpoint", "save_checkpoint"]
 

@@ -7,8 +7,8 @@ from typing import Any
 
 import torch
 
+from grace_hf.evaluation.metrics import recall_at_k
 from grace_hf.identifiers import IdentifierIndex
-from grace_hf.retrieval.metrics import recall_at_k
 from grace_hf.retrieval.retriever import GraceRetriever
 
 __all__ = ["evaluate_recall"]

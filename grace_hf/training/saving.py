@@ -3,7 +3,7 @@
 The run's output directory already holds its checkpoints and logs. The model files are written into a staging
 directory inside it, then each is renamed into place, and the output's marker says complete last: a kill at any
 moment leaves a directory that `--resume-from-checkpoint latest` resumes, and one that `read_model_dir` refuses
-until the run has finished. The layout is `grace_hf.retrieval.model_dir`'s.
+until the run has finished. The layout is `grace_hf.model_dir`'s.
 """
 
 from __future__ import annotations
@@ -17,8 +17,9 @@ from typing import Any
 from huggingface_hub import HfApi
 
 from grace_hf.identifiers import Codebooks, IdentifierIndex
+from grace_hf.model_dir import NOT_PUSHED, GraceConfig, write_model_dir
 from grace_hf.outputs import MODEL, finish_output_dir
-from grace_hf.retrieval.model_dir import NOT_PUSHED, GraceConfig, write_model_dir
+from grace_hf.retrieval.collection import Collection
 
 __all__ = ["STAGING_PREFIX", "push_directory", "save_model_directory"]
 
@@ -59,6 +60,7 @@ def save_model_directory(
             state_dict=state_dict,
             codebooks=codebooks,
             training_args=training_args,
+            trie=None if index is None else Collection.build(index, processor).trie,
         )
         if write_files is not None:
             write_files(staging)

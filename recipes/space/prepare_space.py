@@ -22,7 +22,7 @@ from grace_hf.data.karpathy import image_file
 from grace_hf.errors import GraceInputError
 from grace_hf.identifiers import IdentifierIndex
 from grace_hf.outputs import output_directory
-from grace_hf.retrieval.app import read_test_captions
+from grace_hf.serving.app import read_test_captions
 
 HERE = Path(__file__).resolve().parent
 LIBRARY = HERE.parents[1] / "grace_hf"

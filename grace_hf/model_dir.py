@@ -25,7 +25,7 @@ import json
 import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import torch
 from huggingface_hub import snapshot_download
@@ -36,8 +36,6 @@ from grace_hf.identifiers import CODEBOOKS_FILE, IDENTIFIERS_FILE, Codebooks, Id
 from grace_hf.io_utils import atomic_write_json, atomic_write_text, read_json
 from grace_hf.models.flamingo import FlamingoConfig, FlamingoForConditionalGeneration, FlamingoProcessor
 from grace_hf.outputs import MARKER_FILE, read_marker
-from grace_hf.retrieval.collection import Collection
-from grace_hf.retrieval.trie import IdentifierTrie
 
 __all__ = [
     "ADDED_IMAGES_DIR",
@@ -79,6 +77,12 @@ REQUIRED_FILES = ("config.json", "tokenizer.json", "tokenizer_config.json", "pro
 QUERY_IMAGE_MODES = ("none", "blank")
 
 
+class SavesToFile(Protocol):
+    """What writes itself to a file (the identifier trie)."""
+
+    def save(self, path: str | os.PathLike) -> None: ...
+
+
 @dataclass
 class GraceConfig:
     """How a trained model retrieves (`grace_config.json`).
@@ -114,14 +118,14 @@ class GraceConfig:
 @dataclass
 class ModelDirectory:
     """What a model directory holds, loaded: the model (eval mode, on CPU; None when read without weights), its
-    processor, and for a retriever the identifier index, the GRACE config and the saved trie."""
+    processor, and for a retriever the identifier index and the GRACE config (the saved trie is the retriever's to
+    read: `grace_hf.retrieval.collection.load_saved_trie`)."""
 
     path: Path
     model: FlamingoForConditionalGeneration | None
     processor: FlamingoProcessor
     index: IdentifierIndex | None
     grace_config: GraceConfig
-    saved_trie: IdentifierTrie | None
 
 
 def resolve_model_dir(model: str | os.PathLike) -> Path:
@@ -151,11 +155,12 @@ def write_model_dir(
     state_dict: dict[str, torch.Tensor] | None = None,
     codebooks: Codebooks | None = None,
     training_args: dict[str, Any] | None = None,
+    trie: SavesToFile | None = None,
 ) -> None:
     """Write the model directory's files into the existing directory `directory` (the caller makes it atomic).
 
     `state_dict`: the gathered weights when the model is sharded (ZeRO-3); a retriever's directory needs `index`
-    (and its `codebooks`, when its kind keeps them); `training_args`: what training ran on (`training_args.json`,
+    (and its `codebooks`, when its kind keeps them) and the `trie` of its default candidates; `training_args`: what training ran on (`training_args.json`,
     with `data`: the prepared datasets it trained on).
     """
     directory = Path(directory)
@@ -163,10 +168,11 @@ def write_model_dir(
     processor.save_pretrained(directory)
     if index is not None:
         index.save(directory / IDENTIFIERS_FILE)
-        Collection.build(index, processor).trie.save(directory / TRIE_FILE)
         atomic_write_json(
             directory / GRACE_CONFIG_FILE, dataclasses.asdict(grace_config or GraceConfig.for_index(index))
         )
+    if trie is not None:
+        trie.save(directory / TRIE_FILE)
     if codebooks is not None:
         codebooks.save(directory / CODEBOOKS_FILE)
     if training_args is not None:
@@ -265,27 +271,14 @@ def _check_index(directory: Path, index: IdentifierIndex, processor: Any, config
         raise GraceInputError(f"{path}: {index.kind} identifiers for a model trained on {config.identifier_kind} ones")
 
 
-def _load_saved_trie(directory: Path) -> IdentifierTrie | None:
-    path = directory / TRIE_FILE
-    if not path.is_file():
-        return None
-    try:
-        return IdentifierTrie.load(path)
-    except (SafetensorError, ValueError, KeyError, OSError):
-        return None  # a corrupt cache: the collection rebuilds the trie from the identifiers anyway
-
-
-def read_retrieval_files(
-    directory: Path, processor: Any
-) -> tuple[IdentifierIndex, GraceConfig, IdentifierTrie | None]:
-    """The identifier index (checked against the model's tokenizer), the GRACE config and the saved trie of a
-    model directory."""
+def read_retrieval_files(directory: Path, processor: Any) -> tuple[IdentifierIndex, GraceConfig]:
+    """The identifier index (checked against the model's tokenizer) and the GRACE config of a model directory."""
     grace_config = GraceConfig()
     if (directory / GRACE_CONFIG_FILE).is_file():
         grace_config = GraceConfig.load(directory / GRACE_CONFIG_FILE)
     index = IdentifierIndex.load(directory / IDENTIFIERS_FILE)
     _check_index(directory, index, processor, grace_config)
-    return index, grace_config, _load_saved_trie(directory)
+    return index, grace_config
 
 
 def read_model_dir(
@@ -300,15 +293,15 @@ def read_model_dir(
     _check_files(directory, retriever)
     config = _load_config(directory)
     processor = _load_processor(directory, config)
-    index, grace_config, saved_trie = None, GraceConfig(), None
+    index, grace_config = None, GraceConfig()
     if retriever:
-        index, grace_config, saved_trie = read_retrieval_files(directory, processor)
+        index, grace_config = read_retrieval_files(directory, processor)
     if weights:
         loaded = _load_model(directory, dtype)
     else:
         _check_weights(directory)
         loaded = None
-    return ModelDirectory(directory, loaded, processor, index, grace_config, saved_trie)
+    return ModelDirectory(directory, loaded, processor, index, grace_config)
 
 
 def read_codebooks(directory: Path) -> Codebooks | None:

@@ -19,11 +19,13 @@ from transformers.pipelines import PIPELINE_REGISTRY, Pipeline
 
 from grace_hf.errors import GraceInputError
 from grace_hf.identifiers import IDENTIFIERS_FILE
+from grace_hf.model_dir import read_retrieval_files, resolve_model_dir
 from grace_hf.models.flamingo import FlamingoForConditionalGeneration
-from grace_hf.retrieval.gallery import folder_image_loader
-from grace_hf.retrieval.model_dir import read_retrieval_files, resolve_model_dir
+from grace_hf.retrieval.collection import load_saved_trie
 from grace_hf.retrieval.rerank import DenseScorer, load_reranker
-from grace_hf.retrieval.retriever import GraceRetriever, RetrievedImage
+from grace_hf.retrieval.results import RetrievedImage
+from grace_hf.retrieval.retriever import GraceRetriever
+from grace_hf.serving.gallery import folder_image_loader
 
 __all__ = ["TASK", "TextToImageRetrievalPipeline"]
 
@@ -77,7 +79,7 @@ class TextToImageRetrievalPipeline(Pipeline):
                 f"{TASK}: the model must come from a GRACE model directory or Hub repo (with {IDENTIFIERS_FILE}); "
                 f"got {name_or_path!r}"
             )
-        index, grace_config, saved_trie = read_retrieval_files(directory, self.processor)
+        index, grace_config = read_retrieval_files(directory, self.processor)
         if reranker is None and (rerank_weight is not None or rerank_beams is not None):
             raise GraceInputError(
                 f"{TASK}: rerank_weight and rerank_beams need a reranker (a baseline-clip directory)"
@@ -90,7 +92,7 @@ class TextToImageRetrievalPipeline(Pipeline):
             length_penalty=length_penalty,
             query_image=grace_config.query_image,
             candidates=candidates,
-            saved_trie=saved_trie if candidates is None else None,
+            saved_trie=load_saved_trie(directory) if candidates is None else None,
             reranker=None if reranker is None else load_reranker(directory, reranker, rerank_weight, rerank_beams),
         )
 

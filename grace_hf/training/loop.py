@@ -25,8 +25,8 @@ from transformers import get_scheduler
 
 from grace_hf.distributed import create_accelerator
 from grace_hf.io_utils import atomic_write_text
+from grace_hf.model_dir import LOGS_DIR, GraceConfig
 from grace_hf.outputs import MODEL, check_output_dir, open_output_dir
-from grace_hf.retrieval.model_dir import LOGS_DIR, GraceConfig
 from grace_hf.runtime import configure_threads, progress_bar
 from grace_hf.training.args import DataArguments, GraceTrainingArguments, ModelArguments
 from grace_hf.training.checkpoints import TRAINER_STATE_FILE, list_checkpoints, resolve_checkpoint, save_checkpoint

@@ -20,14 +20,15 @@ import open_clip
 import torch
 from torch.utils.data import DataLoader, Dataset
 
+from grace_hf.data.images import read_rgb
 from grace_hf.data.karpathy import MEMORIZED_SPLITS, KarpathyCorpus, load_karpathy
 from grace_hf.data.pseudo_queries import load_pseudo_queries
+from grace_hf.dense.directory import FEATURES_FILE, save_image_features
 from grace_hf.dense.model import DualEncoder, resolve_model_config
 from grace_hf.errors import GraceInputError
-from grace_hf.image_features import FEATURES_FILE, read_rgb, save_image_features
+from grace_hf.evaluation.metrics import recall_at_k, recall_curve
 from grace_hf.io_utils import atomic_write_json
 from grace_hf.outputs import DENSE_BASELINE, check_output_dir, output_directory
-from grace_hf.retrieval.metrics import recall_at_k, recall_curve
 from grace_hf.runtime import progress_bar
 
 

@@ -13,8 +13,8 @@ from collections.abc import Sequence
 
 import torch
 
+from grace_hf.data.images import read_rgb
 from grace_hf.data.karpathy import KarpathyImage
-from grace_hf.image_features import read_rgb
 from grace_hf.models.flamingo import FlamingoForConditionalGeneration, FlamingoProcessor
 from grace_hf.prompts import caption_prompt
 from grace_hf.runtime import progress_bar

@@ -13,11 +13,11 @@ from pathlib import Path
 
 from PIL import Image
 
+from grace_hf.data.images import read_rgb
 from grace_hf.data.karpathy import image_file
 from grace_hf.data.prepared import load_prepared
-from grace_hf.image_features import read_rgb
 from grace_hf.io_utils import atomic_write_text
-from grace_hf.retrieval.retriever import RetrievedImage
+from grace_hf.retrieval.results import RetrievedImage
 
 __all__ = ["GalleryEntry", "dataset_image_loader", "folder_image_loader", "render_gallery", "write_gallery"]
 

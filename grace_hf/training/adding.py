@@ -31,9 +31,7 @@ from grace_hf.data.pseudo_queries import load_pseudo_queries
 from grace_hf.errors import GraceInputError
 from grace_hf.identifiers import IDENTIFIERS_FILE, IdentifierIndex, extend_identifiers
 from grace_hf.io_utils import atomic_write_json
-from grace_hf.outputs import MODEL, check_output_dir
-from grace_hf.prepare import build_dataset_dict, dataset_counts, inputs_record, training_queries
-from grace_hf.retrieval.model_dir import (
+from grace_hf.model_dir import (
     ADDED_IMAGES_DIR,
     GRACE_CONFIG_FILE,
     TRAINING_ARGS_FILE,
@@ -42,10 +40,12 @@ from grace_hf.retrieval.model_dir import (
     read_model_dir,
     training_data_sources,
 )
+from grace_hf.outputs import MODEL, check_output_dir
 from grace_hf.runtime import configure_threads
 from grace_hf.training.args import AddImagesArguments, GraceTrainingArguments, ModelArguments
 from grace_hf.training.data import TaskStream, TrainingData, data_source, spread
-from grace_hf.training.train import train
+from grace_hf.training.loop import train
+from grace_hf.training.preparation import build_dataset_dict, dataset_counts, inputs_record, training_queries
 
 __all__ = ["add_images", "added_training_data", "split_batch"]
 

@@ -28,8 +28,9 @@ from PIL import ImageOps
 
 from grace_hf.errors import GraceInputError
 from grace_hf.io_utils import atomic_write_bytes
-from grace_hf.retrieval.gallery import ImageLoader
-from grace_hf.retrieval.retriever import GraceRetriever, RetrievedImage
+from grace_hf.retrieval.results import RetrievedImage
+from grace_hf.retrieval.retriever import GraceRetriever
+from grace_hf.serving.gallery import ImageLoader
 
 __all__ = ["API_NAME", "SearchService", "build_app", "read_test_captions"]
 

@@ -16,13 +16,14 @@ from typing import Any
 
 from grace_hf.data.prepared import EVAL_SPLITS, caption_queries, load_prepared, prepared_file
 from grace_hf.errors import GraceInputError
+from grace_hf.evaluation.metrics import recall_at_k, recall_curve
+from grace_hf.evaluation.plots import RERANKED_SUFFIX, write_recall_plot
 from grace_hf.identifiers import IDENTIFIERS_FILE, IdentifierIndex
 from grace_hf.io_utils import atomic_write_json, atomic_write_text
-from grace_hf.retrieval.metrics import recall_at_k, recall_curve
-from grace_hf.retrieval.model_dir import RerankConfig
-from grace_hf.retrieval.plots import RERANKED_SUFFIX, write_recall_plot
+from grace_hf.model_dir import RerankConfig
 from grace_hf.retrieval.rerank import DEFAULT_RERANK_BEAMS, DenseScorer, fit_fusion_weight
-from grace_hf.retrieval.retriever import GraceRetriever, RetrievedImage
+from grace_hf.retrieval.results import RetrievedImage
+from grace_hf.retrieval.retriever import GraceRetriever
 
 __all__ = [
     "KS",
@@ -181,6 +182,6 @@ def write_evaluation(
 
 if __name__ == "__main__":  # the module was the command's entry point before `grace-hf evaluate`
     print(
-        "`-m grace_hf.retrieval.evaluate` is now `-m grace_hf evaluate` (`accelerate launch -m grace_hf evaluate ...`)"
+        "`-m grace_hf.evaluation.evaluate` is now `-m grace_hf evaluate` (`accelerate launch -m grace_hf evaluate ...`)"
     )
     raise SystemExit(2)

@@ -1,0 +1,46 @@
+"""Reading images: opening a file as RGB, and reading many in threads to encode them in batches."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
+
+import torch
+import torch.nn.functional as F
+from PIL import Image
+
+from grace_hf.runtime import progress_bar
+
+__all__ = ["default_workers", "encode_images", "read_rgb"]
+
+
+def default_workers() -> int:
+    """Threads that read image files (I/O and decoding release the GIL)."""
+    return min(8, (os.cpu_count() or 1) * 2)
+
+
+def read_rgb(path: str | os.PathLike) -> Image.Image:
+    """The image at `path` as RGB (gray, palette and RGBA images converted)."""
+    with Image.open(path) as image:
+        return image.convert("RGB")
+
+
+def encode_images(
+    paths: Sequence[str | os.PathLike],
+    transform: Callable[[Image.Image], torch.Tensor],
+    encode: Callable[[torch.Tensor], torch.Tensor],
+    batch_size: int = 64,
+    device: str | torch.device = "cpu",
+    num_workers: int | None = None,
+    desc: str = "image features",
+) -> torch.Tensor:
+    """L2-normalised embeddings (N, d) of the images at `paths`, in order: files read by threads, `transform` per
+    image, `encode` per batch of (B, C, H, W) pixels, with a progress bar."""
+    chunks = []
+    with torch.inference_mode(), ThreadPoolExecutor(num_workers or default_workers()) as pool:
+        for start in progress_bar(range(0, len(paths), batch_size), desc=desc):
+            batch = paths[start : start + batch_size]
+            pixels = torch.stack(list(pool.map(lambda path: transform(read_rgb(path)), batch)))  # (B, C, H, W)
+            chunks.append(F.normalize(encode(pixels.to(device)).float(), dim=-1).cpu())  # (B, d)
+    return torch.cat(chunks) if chunks else torch.empty(0, 0)
