@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 import posixpath
+from collections.abc import Mapping
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -27,6 +28,7 @@ __all__ = [
     "image_file",
     "load_karpathy",
     "normalize_key",
+    "teaching_texts",
     "verify_images",
 ]
 
@@ -77,6 +79,15 @@ class KarpathyCorpus:
     def split_counts(self) -> dict[str, int]:
         """Number of images per split, every split listed."""
         return {name: sum(image.split == name for image in self.images) for name in SPLITS}
+
+
+def teaching_texts(image: KarpathyImage, pseudo_queries: Mapping[str, list[str]] | None) -> tuple[list[str], str]:
+    """The texts that teach a memorized image (query -> image), and their source: a train image's human captions
+    ("human_caption"), else its pseudo-queries ("pseudo_query"; none when it has none). The human captions of val
+    and test images are evaluation queries: they never teach, so they cannot leak into training."""
+    if image.split == "train":
+        return list(image.captions), "human_caption"
+    return list((pseudo_queries or {}).get(image.key, [])), "pseudo_query"
 
 
 def normalize_key(key: str) -> str | None:

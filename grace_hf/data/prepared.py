@@ -1,5 +1,5 @@
-"""The prepared dataset that `grace-hf prepare` writes: its splits and its one reader (a local directory or a Hub
-dataset repo).
+"""The prepared dataset that `grace-hf prepare` writes: its splits, its writer and its one reader (a local directory
+or a Hub dataset repo), and the evaluation queries.
 
 A prepared directory is a `datasets.DatasetDict` saved with `save_to_disk`, with the splits
 - `i2id` (image, image_key, identifier): learning to memorize, one row per image and identifier, image bytes inside;
@@ -16,19 +16,27 @@ On the Hub each split is its own config (their columns differ) and the side file
 from __future__ import annotations
 
 import os
+from collections.abc import Iterator
 from pathlib import Path
+from typing import Any, Protocol
 
-from datasets import Dataset, DatasetDict, load_dataset, load_from_disk
+from datasets import Dataset, DatasetDict, Features, Image, Value, load_dataset, load_from_disk
 from huggingface_hub import CommitOperationAdd, HfApi, hf_hub_download
 
+from grace_hf.data.karpathy import KarpathyCorpus, KarpathyImage, teaching_texts
 from grace_hf.errors import GraceInputError
+from grace_hf.io_utils import sha256_file
 
 __all__ = [
     "EVAL_SPLITS",
     "PREPARE_FILE",
     "SPLITS",
+    "TEST_QUERIES",
     "VAL_QUERIES",
+    "build_dataset_dict",
     "caption_queries",
+    "dataset_counts",
+    "inputs_record",
     "load_prepared",
     "optional_prepared_file",
     "prepared_file",
@@ -36,9 +44,121 @@ __all__ = [
 ]
 
 PREPARE_FILE = "prepare.json"
-SPLITS = ("i2id", "t2id", "queries")  # every prepared dataset has these
+TEST_QUERIES = "queries"
+SPLITS = ("i2id", "t2id", TEST_QUERIES)  # every prepared dataset has these
 VAL_QUERIES = "val_queries"  # written by `prepare` since the val captions were kept; optional when reading
-EVAL_SPLITS = {"test": "queries", "val": VAL_QUERIES}  # evaluation split name -> the split of its captions
+EVAL_SPLITS = {"test": TEST_QUERIES, "val": VAL_QUERIES}  # evaluation split name -> the split of its captions
+TEXT = Value("string")
+
+
+class ImageIdentifiers(Protocol):
+    """What the writer reads of an identifier index (`grace_hf.identifiers.IdentifierIndex`)."""
+
+    images: dict[str, list[str]]  # image key -> its identifiers
+    collection: list[str]  # the images the evaluation queries rank
+    new_tokens: list[str]  # tokens the kind adds to the tokenizer
+
+
+def _t2id_rows(images: list[KarpathyImage], index: ImageIdentifiers, pseudo_queries: dict[str, list[str]]) -> dict:
+    """One row per query; with several identifiers, query j gets identifier (j + 1) mod n, so a semantic
+    identifier is rarely the query itself and the model learns to name the image, not to copy."""
+    rows: dict[str, list[str]] = {"query": [], "image_key": [], "identifier": []}
+    for image in images:
+        identifiers = index.images[image.key]
+        queries, _ = teaching_texts(image, pseudo_queries)
+        for j, query in enumerate(queries):
+            rows["query"].append(query)
+            rows["image_key"].append(image.key)
+            rows["identifier"].append(identifiers[(j + 1) % len(identifiers)])
+    return rows
+
+
+def _i2id_examples(pairs: list[tuple[str, str, str]]) -> Iterator[dict[str, Any]]:
+    """(image_key, path, identifier) -> rows whose image bytes are read now, so the dataset is self-contained."""
+    for key, path, identifier in pairs:
+        with open(path, "rb") as f:
+            yield {"image": {"bytes": f.read(), "path": key}, "image_key": key, "identifier": identifier}
+
+
+def build_dataset_dict(
+    corpus: KarpathyCorpus, index: ImageIdentifiers, pseudo_queries: dict[str, list[str]], cache_dir: str
+) -> DatasetDict:
+    """The splits of the prepared dataset; `cache_dir` holds the arrow cache `from_generator` writes first."""
+    images = corpus.memorized()
+    pairs = [(image.key, str(image.path), identifier) for image in images for identifier in index.images[image.key]]
+    i2id = Dataset.from_generator(
+        _i2id_examples,
+        gen_kwargs={"pairs": pairs},
+        features=Features({"image": Image(), "image_key": TEXT, "identifier": TEXT}),
+        cache_dir=cache_dir,
+    )
+    t2id = Dataset.from_dict(
+        _t2id_rows(images, index, pseudo_queries),
+        features=Features({"query": TEXT, "image_key": TEXT, "identifier": TEXT}),
+    )
+    return DatasetDict(
+        {"i2id": i2id, "t2id": t2id, TEST_QUERIES: _captions("test", corpus), VAL_QUERIES: _captions("val", corpus)}
+    )
+
+
+def _captions(split: str, corpus: KarpathyCorpus) -> Dataset:
+    """(query, image_key): the human captions of the images of `split`, the queries that rank them."""
+    images = corpus.split(split)
+    return Dataset.from_dict(
+        {
+            "query": [caption for image in images for caption in image.captions],
+            "image_key": [image.key for image in images for _ in image.captions],
+        },
+        features=Features({"query": TEXT, "image_key": TEXT}),
+    )
+
+
+def dataset_counts(
+    corpus: KarpathyCorpus, index: ImageIdentifiers, pseudo_queries: dict[str, list[str]], dataset: DatasetDict
+) -> dict[str, Any]:
+    """The numbers prepare.json reports."""
+    images = corpus.memorized()
+    sources = {"human_caption": 0, "pseudo_query": 0}
+    without_queries = 0
+    for image in images:
+        queries, source = teaching_texts(image, pseudo_queries)
+        sources[source] += len(queries)
+        without_queries += not queries
+    learns_from_pseudo = {image.key for image in images if image.split != "train"}
+    return {
+        "images_per_split": corpus.split_counts(),
+        "memorized_images": len(images),
+        "restval_not_memorized": corpus.split_counts()["restval"],
+        "collection_images": len(index.collection),
+        "i2id_rows": dataset["i2id"].num_rows,
+        "t2id_rows": dataset["t2id"].num_rows,
+        "t2id_human_captions": sources["human_caption"],
+        "t2id_pseudo_queries": sources["pseudo_query"],
+        "pseudo_queries_ignored": sum(len(q) for k, q in pseudo_queries.items() if k not in learns_from_pseudo),
+        "memorized_images_without_queries": without_queries,
+        "eval_queries": dataset[TEST_QUERIES].num_rows,
+        "val_queries": dataset[VAL_QUERIES].num_rows,
+        "new_tokens": len(index.new_tokens),
+    }
+
+
+def inputs_record(
+    karpathy_json: str | os.PathLike,
+    image_root: str | os.PathLike,
+    kind: str,
+    options: dict[str, Any],
+    pseudo_queries: str | os.PathLike | None,
+) -> dict[str, Any]:
+    """What the dataset was made from (paths, checksums, options), for prepare.json."""
+    return {
+        "karpathy_json": str(karpathy_json),
+        "karpathy_json_sha256": sha256_file(karpathy_json),
+        "image_root": str(image_root),
+        "identifier_kind": kind,
+        "identifier_options": {k: os.fspath(v) if isinstance(v, os.PathLike) else v for k, v in options.items()},
+        "pseudo_queries": None if pseudo_queries is None else str(pseudo_queries),
+        "pseudo_queries_sha256": None if pseudo_queries is None else sha256_file(pseudo_queries),
+    }
 
 
 def _is_local(source: str | os.PathLike) -> bool:

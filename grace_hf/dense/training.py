@@ -21,7 +21,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 
 from grace_hf.data.images import read_rgb
-from grace_hf.data.karpathy import MEMORIZED_SPLITS, KarpathyCorpus, load_karpathy
+from grace_hf.data.karpathy import KarpathyCorpus, load_karpathy, teaching_texts
 from grace_hf.data.pseudo_queries import load_pseudo_queries
 from grace_hf.dense.directory import FEATURES_FILE, save_image_features
 from grace_hf.dense.model import DualEncoder, resolve_model_config
@@ -54,17 +54,9 @@ class DenseTrainingArgs:
 
 
 def training_texts(corpus: KarpathyCorpus, pseudo_queries: Mapping[str, list[str]] | None) -> dict[str, list[str]]:
-    """Image key -> its training texts: human captions for train images, pseudo-queries for val/test.
-
-    Images without texts (val/test images when no pseudo-queries are given) are left out.
-    """
-    texts: dict[str, list[str]] = {}
-    for image in corpus.images:
-        if image.split == "train":
-            texts[image.key] = list(image.captions)
-        elif image.split in MEMORIZED_SPLITS and pseudo_queries and pseudo_queries.get(image.key):
-            texts[image.key] = list(pseudo_queries[image.key])
-    return texts
+    """Image key -> the texts that teach it (`teaching_texts`), for the memorized images that have some."""
+    texts = {image.key: teaching_texts(image, pseudo_queries)[0] for image in corpus.memorized()}
+    return {key: value for key, value in texts.items() if value}
 
 
 class _PairDataset(Dataset):

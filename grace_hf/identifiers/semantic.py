@@ -9,7 +9,7 @@ any text is an error. Images added to a trained model are named the same way, af
 
 from __future__ import annotations
 
-from grace_hf.data.karpathy import KarpathyImage
+from grace_hf.data.karpathy import KarpathyImage, teaching_texts
 from grace_hf.errors import GraceInputError
 from grace_hf.identifiers.base import IdentifierInputs, IdentifierKind, NoOptions
 from grace_hf.identifiers.codebooks import Codebooks
@@ -34,11 +34,8 @@ def _name_images(
     dropped: list[dict[str, str]] = []
     num_dropped = 0
     for image in images:
-        if image.split == "train":
-            texts = image.captions
-        elif image.key in pseudo_queries:
-            texts = pseudo_queries[image.key]
-        else:
+        texts, source = teaching_texts(image, pseudo_queries)
+        if source == "pseudo_query" and image.key not in pseudo_queries:
             raise GraceInputError(
                 f"semantic identifiers: {image.split} image {image.key!r} has no pseudo-queries (pass --pseudo-queries)"
             )

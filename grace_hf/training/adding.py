@@ -25,8 +25,16 @@ from typing import Any
 
 from datasets import Dataset, DatasetDict, concatenate_datasets
 
-from grace_hf.data.karpathy import KarpathyCorpus, load_karpathy
-from grace_hf.data.prepared import PREPARE_FILE, load_prepared, save_prepared
+from grace_hf.data.karpathy import KarpathyCorpus, load_karpathy, teaching_texts
+from grace_hf.data.prepared import (
+    PREPARE_FILE,
+    TEST_QUERIES,
+    build_dataset_dict,
+    dataset_counts,
+    inputs_record,
+    load_prepared,
+    save_prepared,
+)
 from grace_hf.data.pseudo_queries import load_pseudo_queries
 from grace_hf.errors import GraceInputError
 from grace_hf.identifiers import IDENTIFIERS_FILE, IdentifierIndex, extend_identifiers
@@ -45,7 +53,6 @@ from grace_hf.runtime import configure_threads
 from grace_hf.training.args import AddImagesArguments, GraceTrainingArguments, ModelArguments
 from grace_hf.training.data import TaskStream, TrainingData, data_source, spread
 from grace_hf.training.loop import train
-from grace_hf.training.preparation import build_dataset_dict, dataset_counts, inputs_record, training_queries
 
 __all__ = ["add_images", "added_training_data", "split_batch"]
 
@@ -100,11 +107,11 @@ def _replayed_rows(sources: list[str], index: IdentifierIndex) -> DatasetDict:
         dataset = load_prepared(source)
         for name in TASKS:
             _check_rows(source, name, dataset[name], owner)
-        unknown = [key for key in dataset["queries"]["image_key"] if key not in index.images]
+        unknown = [key for key in dataset[TEST_QUERIES]["image_key"] if key not in index.images]
         if unknown:
             raise GraceInputError(f"{source}: queries of image {unknown[0]!r}, which the model does not know")
         parts.append(dataset)
-    return DatasetDict({name: _concatenate([part[name] for part in parts]) for name in (*TASKS, "queries")})
+    return DatasetDict({name: _concatenate([part[name] for part in parts]) for name in (*TASKS, TEST_QUERIES)})
 
 
 def _token_texts(
@@ -114,7 +121,7 @@ def _token_texts(
     training queries (train captions; pseudo-queries of val and test images, whose captions are held out)."""
     added_tokens = set(new.new_tokens) - set(old.new_tokens)
     return {
-        identifier: training_queries(image, pseudo_queries)[0]
+        identifier: teaching_texts(image, pseudo_queries)[0]
         for image in corpus.memorized()
         for identifier in new.images[image.key]
         if identifier in added_tokens
@@ -183,7 +190,7 @@ def added_training_data(
             new = batch_size
         streams.append(TaskStream(name, added[name], new, weight, replay_rows, replay))
 
-    queries = _concatenate([replayed["queries"], added["queries"]])
+    queries = _concatenate([replayed[TEST_QUERIES], added[TEST_QUERIES]])
     chosen = queries.select(spread(len(queries), data_args.eval_num_queries))
     record = {
         "inputs": inputs_record(
