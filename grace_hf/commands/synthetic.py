@@ -51,7 +51,13 @@ def main(argv: list[str] | None = None) -> int:
         caption_style=args.caption_style,
     )
     out = write_synthetic(
-        args.output_dir, args.num_images, args.seed, args.num_workers, args.overwrite, chosen, args.oracle_pseudo_queries
+        args.output_dir,
+        args.num_images,
+        args.seed,
+        args.num_workers,
+        args.overwrite,
+        chosen,
+        args.oracle_pseudo_queries,
     )
     splits = [image["split"] for image in read_json(out / SYNTHETIC_JSON, "Karpathy JSON")["images"]]
     counts = ", ".join(f"{s} {splits.count(s)}" for s in ("train", "val", "test"))
