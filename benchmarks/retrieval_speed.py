@@ -33,7 +33,7 @@ from gpu_3b_smoke import build_model
 from transformers import PrefixConstrainedLogitsProcessor
 
 from grace_hf.retrieval import IdentifierTrie, TrieBeamSearch
-from grace_hf.retrieval.retriever import beam_generation_config
+from grace_hf.retrieval.decoding import beam_generation_config
 
 PRESETS = {  # name -> (model preset, identifiers)
     "tiny": ("tiny", 2_000),

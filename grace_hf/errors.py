@@ -1,4 +1,4 @@
-"""The one error type for bad user input."""
+"""The one error type for bad user input, and the message for a renamed flag."""
 
 
 class GraceInputError(ValueError):
@@ -6,3 +6,8 @@ class GraceInputError(ValueError):
 
     The command line prints the message and exits with status 2 instead of a traceback.
     """
+
+
+def renamed_flag(old: str, new: str) -> str:
+    """The message for a flag (or recipe key) that was renamed: every command says it the same way."""
+    return f"{old} was renamed: use {new}"

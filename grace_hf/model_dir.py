@@ -32,6 +32,7 @@ from huggingface_hub import snapshot_download
 from safetensors import SafetensorError, safe_open
 
 from grace_hf.errors import GraceInputError
+from grace_hf.evaluation.metrics import METRICS_FILE
 from grace_hf.identifiers import CODEBOOKS_FILE, IDENTIFIERS_FILE, Codebooks, IdentifierIndex
 from grace_hf.io_utils import atomic_write_json, atomic_write_text, read_json
 from grace_hf.models.flamingo import FlamingoConfig, FlamingoForConditionalGeneration, FlamingoProcessor
@@ -50,21 +51,16 @@ __all__ = [
     "TRIE_FILE",
     "GraceConfig",
     "ModelDirectory",
-    "RerankConfig",
-    "check_rerank_settings",
     "read_codebooks",
     "read_model_dir",
-    "read_rerank_config",
     "read_retrieval_files",
     "resolve_model_dir",
     "training_data_sources",
     "write_model_dir",
-    "write_rerank_config",
 ]
 
 GRACE_CONFIG_FILE = "grace_config.json"
 TRIE_FILE = "identifier_trie.safetensors"
-METRICS_FILE = "metrics.json"
 MODEL_CARD_FILE = "README.md"
 CHECKPOINTS_DIR = "checkpoints"
 LOGS_DIR = "logs"
@@ -321,57 +317,3 @@ def training_data_sources(directory: Path) -> list[str] | None:
     if not isinstance(sources, list) or not all(isinstance(source, str) for source in sources):
         raise GraceInputError(f"{path}: 'data' must be a list of prepared datasets")
     return [str(directory / source) if source.startswith("./") else source for source in sources]
-
-
-def check_rerank_settings(weight: float, num_beams: int, where: str) -> None:
-    """A fusion weight in [0, 1] and at least one beam, or a `GraceInputError` naming `where` they came from."""
-    if isinstance(weight, bool) or not isinstance(weight, int | float) or not 0.0 <= weight <= 1.0:
-        raise GraceInputError(f"{where}: the re-ranking weight must be a number in [0, 1], got {weight!r}")
-    if isinstance(num_beams, bool) or not isinstance(num_beams, int) or num_beams < 1:
-        raise GraceInputError(f"{where}: the re-ranking beams must be a whole number >= 1, got {num_beams!r}")
-
-
-@dataclass
-class RerankConfig:
-    """How the model re-ranks its beams with a dense scorer (`rerank.json`), fitted on the validation queries.
-
-    Args:
-        weight: fused score = weight * log_softmax(beam scores) + (1 - weight) * logit_scale * cosine.
-        num_beams: beams searched per query; their images are re-scored.
-        dense: the dense model directory the weight was fitted with.
-        dense_fingerprint: sha256 of that dense model's files: another dense model is refused.
-        fitted_on: what the weight was fitted on (the val captions of a prepared dataset).
-        val_grid: Recall@1/5/10 on val of every weight tried.
-    """
-
-    weight: float
-    num_beams: int
-    dense: str | None = None
-    dense_fingerprint: str | None = None
-    fitted_on: str | None = None
-    val_grid: list[dict[str, float]] = dataclasses.field(default_factory=list)
-
-
-def read_rerank_config(directory: Path) -> RerankConfig | None:
-    """The `rerank.json` of a model directory (checked), or None when the model has none."""
-    path = directory / RERANK_FILE
-    if not path.is_file():
-        return None
-    data = read_json(path, "re-ranking config")
-    if not isinstance(data, dict) or "weight" not in data or "num_beams" not in data:
-        raise GraceInputError(f"{path}: expected a JSON object with 'weight' and 'num_beams'")
-    check_rerank_settings(data["weight"], data["num_beams"], str(path))
-    for key in ("dense", "dense_fingerprint", "fitted_on"):
-        if data.get(key) is not None and not isinstance(data[key], str):
-            raise GraceInputError(f"{path}: {key!r} must be a string")
-    if not isinstance(data.get("val_grid", []), list):
-        raise GraceInputError(f"{path}: 'val_grid' must be a list")
-    known = {f.name for f in dataclasses.fields(RerankConfig)}
-    return RerankConfig(**{key: value for key, value in data.items() if key in known})
-
-
-def write_rerank_config(directory: Path, config: RerankConfig) -> Path:
-    """Write `rerank.json` into a model directory through a temporary file and a rename; returns its path."""
-    path = directory / RERANK_FILE
-    atomic_write_json(path, dataclasses.asdict(config))
-    return path

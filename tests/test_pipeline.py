@@ -11,7 +11,7 @@ from transformers.pipelines import PIPELINE_REGISTRY
 
 import grace_hf  # noqa: F401  (registers the task)
 from grace_hf.errors import GraceInputError
-from grace_hf.evaluation.evaluate import load_eval_queries
+from grace_hf.evaluation.queries import load_eval_queries
 from grace_hf.retrieval import GraceRetriever
 from grace_hf.serving.pipeline import TASK
 

@@ -22,9 +22,19 @@ from grace_hf.data.prepared import load_prepared
 from grace_hf.dense.model import DualEncoder
 from grace_hf.errors import GraceInputError
 from grace_hf.evaluation.compare import comparison_table
-from grace_hf.evaluation.evaluate import fit_rerank_on_val, load_eval_queries
-from grace_hf.model_dir import RERANK_FILE, RerankConfig, read_rerank_config, write_rerank_config
-from grace_hf.retrieval.rerank import DenseScorer, Reranker, fit_fusion_weight, fuse, load_reranker
+from grace_hf.evaluation.queries import load_eval_queries
+from grace_hf.model_dir import RERANK_FILE
+from grace_hf.retrieval.rerank import (
+    DenseScorer,
+    RerankConfig,
+    Reranker,
+    fit_fusion_weight,
+    fit_on_val,
+    fuse,
+    load_reranker,
+    read_rerank_config,
+    write_rerank_config,
+)
 from grace_hf.retrieval.retriever import GraceRetriever, RetrievedImage
 from grace_hf.serving.pipeline import TASK
 
@@ -172,7 +182,7 @@ def test_fit_on_val_never_reads_a_test_query(trained_model, model_copy, dense_di
     )
     monkeypatch.setattr(GraceRetriever, "_search_all", lambda self, q, *a: seen.extend(q) or search(self, q, *a))
     retriever = GraceRetriever.from_pretrained(model_copy, device="cpu")
-    config = fit_rerank_on_val(retriever, data, DenseScorer.from_directory(dense_dir), 6, distributed=False)
+    config = fit_on_val(retriever, data, DenseScorer.from_directory(dense_dir), 6, distributed=False)
     assert seen and set(seen) <= val and not set(seen) & test
     assert 0.0 <= config.weight <= 1.0 and config.num_beams == 6 and len(config.val_grid) == 21
     assert config.dense == str(dense_dir) and len(config.dense_fingerprint) == 64

@@ -21,7 +21,7 @@ from serve_clients import run_clients, search_http, serve_subprocess
 
 from grace_hf.commands import serve
 from grace_hf.errors import GraceInputError
-from grace_hf.evaluation.evaluate import load_eval_queries
+from grace_hf.evaluation.queries import load_eval_queries
 from grace_hf.identifiers import IdentifierIndex
 from grace_hf.retrieval import GraceRetriever
 from grace_hf.serving.app import GOLD_COLOR, SearchService, read_test_captions

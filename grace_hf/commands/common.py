@@ -4,12 +4,24 @@ from __future__ import annotations
 
 import argparse
 from collections.abc import Mapping, Sequence
+from typing import TYPE_CHECKING
 
-from grace_hf.errors import GraceInputError
-from grace_hf.retrieval.rerank import check_dense_directory
+from grace_hf.dense.directory import check_dense_directory
+from grace_hf.errors import GraceInputError, renamed_flag
 from grace_hf.runtime import configure_threads
 
-__all__ = ["add_num_threads", "add_overwrite", "add_rerank", "check_rerank_args", "command_parser", "setup_threads"]
+if TYPE_CHECKING:
+    from grace_hf.retrieval.retriever import GraceRetriever
+
+__all__ = [
+    "add_num_threads",
+    "add_overwrite",
+    "add_rerank",
+    "check_rerank_args",
+    "command_parser",
+    "load_retriever",
+    "setup_threads",
+]
 
 
 class _Renamed(argparse.Action):
@@ -22,7 +34,7 @@ class _Renamed(argparse.Action):
         self.new = new
 
     def __call__(self, parser, namespace, values, option_string=None) -> None:
-        parser.error(f"{option_string} was renamed: use {self.new}")
+        parser.error(renamed_flag(option_string, self.new))
 
 
 def command_parser(
@@ -86,6 +98,23 @@ def add_rerank(parser: argparse.ArgumentParser) -> argparse._ArgumentGroup:
         help="fusion weight of the beam score, in [0, 1] (default: the model's rerank.json, fitted on val)",
     )
     return group
+
+
+def load_retriever(args: argparse.Namespace, candidates: Sequence[str] | None, batch_size: int) -> GraceRetriever:
+    """The retriever of `--model` with the search flags (`--num-beams`, default max(10, `--top-k`);
+    `--length-penalty`) and the re-ranking ones (`add_rerank`), ranking `candidates` (None: the collection)."""
+    from grace_hf.retrieval.retriever import GraceRetriever  # the model stack: only the commands that search
+
+    return GraceRetriever.from_pretrained(
+        args.model,
+        num_beams=args.num_beams or max(10, args.top_k),
+        length_penalty=args.length_penalty,
+        batch_size=batch_size,
+        candidates=candidates,
+        reranker=args.rerank,
+        rerank_weight=args.rerank_weight,
+        rerank_beams=args.rerank_beams,
+    )
 
 
 def check_rerank_args(args: argparse.Namespace) -> None:

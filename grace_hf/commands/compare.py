@@ -7,19 +7,16 @@ recall curves in one picture.
 from __future__ import annotations
 
 from grace_hf.commands.common import add_overwrite, command_parser
-from grace_hf.evaluation.compare import comparison_rows, comparison_table
-from grace_hf.evaluation.plots import write_recall_plot
+from grace_hf.evaluation.compare import TABLE_FILE, comparison_rows, comparison_table
+from grace_hf.evaluation.plots import RECALL_PLOT_FILE, write_recall_plot
 from grace_hf.io_utils import atomic_write_text
 from grace_hf.outputs import COMPARISON, check_output_dir, output_directory
-
-TABLE_FILE = "comparison.md"
-PLOT_FILE = "recall.png"
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = command_parser("compare", __doc__.split("\n\n")[0], renamed={"--output": "--output-dir"})
     parser.add_argument("runs", nargs="+", metavar="RUN", help="run directories with a metrics.json (or the file)")
-    parser.add_argument("--output-dir", default=None, help=f"also write {TABLE_FILE} and {PLOT_FILE} here")
+    parser.add_argument("--output-dir", default=None, help=f"also write {TABLE_FILE} and {RECALL_PLOT_FILE} here")
     add_overwrite(parser)
     args = parser.parse_args(argv)
     if args.output_dir:
@@ -32,5 +29,5 @@ def main(argv: list[str] | None = None) -> int:
             atomic_write_text(tmp / TABLE_FILE, table)
             curves = {name: curve for name, curve in curves.items() if curve}
             if curves:
-                write_recall_plot(tmp / PLOT_FILE, curves, "Recall@K")
+                write_recall_plot(tmp / RECALL_PLOT_FILE, curves, "Recall@K")
     return 0

@@ -16,6 +16,7 @@ import torch
 from grace_hf.commands.common import add_overwrite, command_parser
 from grace_hf.models.flamingo import FLAMINGO_PRESETS
 from grace_hf.models.flamingo.convert_openflamingo import convert_openflamingo, load_config
+from grace_hf.outputs import MODEL, check_output_dir, output_directory
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -31,15 +32,20 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--output-dir", type=Path, required=True, help="the model directory to write")
     add_overwrite(parser)
     args = parser.parse_args(argv)
-    convert_openflamingo(
+    inputs = [args.openflamingo_checkpoint, args.mpt_weights, args.clip_weights, args.tokenizer]
+    check_output_dir(args.output_dir, MODEL, inputs, args.overwrite)  # before any weight is read
+    model, processor = convert_openflamingo(
         args.openflamingo_checkpoint,
         args.mpt_weights,
         args.clip_weights,
-        args.output_dir,
         load_config(args.preset, args.model_config),
         tokenizer=args.tokenizer,
         dtype=getattr(torch, args.dtype),
-        overwrite=args.overwrite,
     )
+    command = "grace-hf convert-openflamingo"
+    with output_directory(args.output_dir, MODEL, inputs, args.overwrite, command) as tmp:
+        model.save_pretrained(tmp)
+        if processor is not None:
+            processor.save_pretrained(tmp)
     print(f"wrote {args.output_dir}")
     return 0

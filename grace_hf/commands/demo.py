@@ -35,17 +35,19 @@ from grace_hf.data.synthetic import SYNTHETIC_JSON, SyntheticStyle, check_synthe
 from grace_hf.dense.training import DenseTrainingArgs, run_baseline
 from grace_hf.errors import GraceInputError
 from grace_hf.evaluation.captions import write_captioner_output
-from grace_hf.evaluation.compare import comparison_table
-from grace_hf.evaluation.evaluate import evaluate_model, fit_rerank_on_val, load_eval_queries
-from grace_hf.evaluation.plots import RERANKED_SUFFIX, write_recall_plot
+from grace_hf.evaluation.compare import TABLE_FILE, comparison_table
+from grace_hf.evaluation.evaluate import QUERIES_FILE, evaluate_model
+from grace_hf.evaluation.metrics import METRICS_FILE
+from grace_hf.evaluation.plots import RECALL_PLOT_FILE, RERANKED_SUFFIX, write_recall_plot
+from grace_hf.evaluation.queries import load_eval_queries
 from grace_hf.evaluation.text_baseline import run_text_baseline
 from grace_hf.identifiers import IDENTIFIER_KINDS, get_identifier_kind
 from grace_hf.io_utils import atomic_write_json, atomic_write_text, read_json
-from grace_hf.model_dir import METRICS_FILE, read_model_dir, write_rerank_config
+from grace_hf.model_dir import read_model_dir
 from grace_hf.outputs import DEMO, PSEUDO_QUERIES, finish_output_dir, open_output_dir, output_directory
-from grace_hf.retrieval.rerank import DEFAULT_RERANK_BEAMS, DenseScorer, Reranker
+from grace_hf.retrieval.rerank import DEFAULT_RERANK_BEAMS, DenseScorer, fit_or_load
 from grace_hf.retrieval.retriever import GraceRetriever
-from grace_hf.serving.gallery import CaptionedImage, GalleryEntry, folder_image_loader, write_gallery
+from grace_hf.serving.gallery import GALLERY_FILE, CaptionedImage, GalleryEntry, folder_image_loader, write_gallery
 from grace_hf.training.args import parse_args
 from grace_hf.training.loop import train
 from grace_hf.training.preparation import prepare
@@ -144,10 +146,8 @@ def evaluate_kind(model_dir: Path, prepared: Path, dense_dir: Path) -> tuple[dic
     queries, gold, candidates = load_eval_queries(prepared)
     retriever = GraceRetriever.from_pretrained(model_dir, candidates=candidates)
     _log(f"fit the re-ranking weight on the val captions ({DEFAULT_RERANK_BEAMS} beams)")
-    config = fit_rerank_on_val(retriever, prepared, scorer, distributed=False)
-    write_rerank_config(model_dir, config)
-    _log(f"evaluate: Recall@K over every test caption, alone and re-ranked (weight {config.weight:.2f})")
-    reranker = Reranker(scorer, config.weight, config.num_beams)
+    reranker, _ = fit_or_load(model_dir, scorer, retriever, prepared, refit=True, distributed=False)
+    _log(f"evaluate: Recall@K over every test caption, alone and re-ranked (weight {reranker.weight:.2f})")
     metrics, records, curve = evaluate_model(
         retriever.for_candidates(candidates, reranker), queries, gold, distributed=False
     )
@@ -178,7 +178,7 @@ def _gallery(
         for image in corpus.split("val")[:NUM_CAPTIONED_EXAMPLES]
     ]
     return write_gallery(
-        out / "gallery.html",
+        out / GALLERY_FILE,
         entries,
         load_image=folder_image_loader(corpus.image_root),
         title="grace_hf demo",
@@ -217,19 +217,19 @@ def run_pipeline(
             first = metrics
             atomic_write_json(out / METRICS_FILE, metrics)
             lines = "".join(json.dumps(record, ensure_ascii=False) + "\n" for record in records)
-            atomic_write_text(out / "queries.jsonl", lines)
-            _log("retrieve example queries -> gallery.html")
+            atomic_write_text(out / QUERIES_FILE, lines)
+            _log(f"retrieve example queries -> {GALLERY_FILE}")
             _gallery(out, model_dir, dense_dir, corpus, records, queries)
 
-    write_recall_plot(out / "recall.png", curves, title=title)
+    write_recall_plot(out / RECALL_PLOT_FILE, curves, title=title)
     table = comparison_table([*runs, dense_dir, bm25_dir])
-    atomic_write_text(out / "comparison.md", table)
+    atomic_write_text(out / TABLE_FILE, table)
     _log(f"done\n\n{table}")
-    for name in ("metrics.json", "gallery.html", "recall.png", "comparison.md", "queries.jsonl"):
+    for name in (METRICS_FILE, GALLERY_FILE, RECALL_PLOT_FILE, TABLE_FILE, QUERIES_FILE):
         print(f"  {out / name}")
     serve = (
         f"grace-hf serve --model {runs[0]} --rerank {dense_dir} --image-root {image_root} "
-        f"--queries {out / 'queries.jsonl'}"
+        f"--queries {out / QUERIES_FILE}"
     )
     print(f"\nSearch the model in the browser (the `app` extra: pip install -e '.[app]'):\n  {serve}")
     return first

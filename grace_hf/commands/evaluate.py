@@ -31,15 +31,11 @@ from grace_hf.commands.common import (
 from grace_hf.data.prepared import EVAL_SPLITS
 from grace_hf.distributed import create_accelerator
 from grace_hf.errors import GraceInputError
-from grace_hf.evaluation.evaluate import KS, evaluate_model, fit_rerank_on_val, load_eval_queries, write_evaluation
-from grace_hf.model_dir import (
-    RERANK_FILE,
-    read_rerank_config,
-    resolve_model_dir,
-    write_rerank_config,
-)
+from grace_hf.evaluation.evaluate import KS, evaluate_model, write_evaluation
+from grace_hf.evaluation.queries import load_eval_queries
+from grace_hf.model_dir import RERANK_FILE, resolve_model_dir
 from grace_hf.outputs import EVALUATION, check_output_dir, output_directory
-from grace_hf.retrieval.rerank import DEFAULT_RERANK_BEAMS, DenseScorer, Reranker, load_reranker
+from grace_hf.retrieval.rerank import DenseScorer, Reranker, fit_or_load
 from grace_hf.retrieval.retriever import GraceRetriever
 
 
@@ -78,27 +74,27 @@ def build_parser():
 def _reranker(args: argparse.Namespace, retriever: GraceRetriever, state: PartialState) -> Reranker:
     """The reranker of `--rerank`: with the weight given, or in the model's rerank.json, or fitted on the val
     captions of `--data` and written into the model directory."""
-    model_dir = resolve_model_dir(args.model)
     scorer = DenseScorer.from_directory(args.rerank)
     scorer.check_covers(retriever.candidates, f"{args.data}'s {args.split} split")
-    if args.rerank_weight is not None or (not args.refit_rerank and read_rerank_config(model_dir) is not None):
-        return load_reranker(model_dir, scorer, args.rerank_weight, args.rerank_beams)
-    if not Path(args.model).is_dir():
-        raise GraceInputError(
-            f"--model {args.model}: fitting the re-ranking weight writes {RERANK_FILE} into the model directory; "
-            "give a local copy of the model, or --rerank-weight"
-        )
-    config = fit_rerank_on_val(
-        retriever, args.data, scorer, args.rerank_beams or DEFAULT_RERANK_BEAMS, args.batch_size
+    reranker, config = fit_or_load(
+        args.model,
+        scorer,
+        retriever,
+        args.data,
+        args.rerank_weight,
+        args.rerank_beams,
+        refit=args.refit_rerank,
+        batch_size=args.batch_size,
+        write=state.is_main_process,
     )
-    if state.is_main_process:
-        path = write_rerank_config(model_dir, config)
+    if config is not None and state.is_main_process:
         best = next(row for row in config.val_grid if row["weight"] == config.weight)
         print(
             f"evaluate: fitted the re-ranking weight {config.weight:.2f} on {config.fitted_on} "
-            f"(val R@1 {100 * best['recall@1']:.1f}); wrote {path} (a temporary file renamed into place)"
+            f"(val R@1 {100 * best['recall@1']:.1f}); wrote {resolve_model_dir(args.model) / RERANK_FILE} "
+            "(a temporary file renamed into place)"
         )
-    return Reranker(scorer, config.weight, config.num_beams)
+    return reranker
 
 
 def main(argv: list[str] | None = None) -> int:

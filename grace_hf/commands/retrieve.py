@@ -18,18 +18,23 @@ from grace_hf.commands.common import (
     add_rerank,
     check_rerank_args,
     command_parser,
+    load_retriever,
     setup_threads,
 )
 from grace_hf.errors import GraceInputError
-from grace_hf.evaluation.evaluate import load_eval_queries
+from grace_hf.evaluation.queries import load_eval_queries
 from grace_hf.io_utils import atomic_write_text
 from grace_hf.outputs import RETRIEVAL, check_output_dir, output_directory
 from grace_hf.retrieval.results import RetrievedImage
-from grace_hf.retrieval.retriever import GraceRetriever
-from grace_hf.serving.gallery import GalleryEntry, dataset_image_loader, folder_image_loader, write_gallery
+from grace_hf.serving.gallery import (
+    GALLERY_FILE,
+    GalleryEntry,
+    dataset_image_loader,
+    folder_image_loader,
+    write_gallery,
+)
 
 RESULTS_FILE = "results.jsonl"
-GALLERY_FILE = "gallery.html"
 
 
 def build_parser():
@@ -82,16 +87,7 @@ def main(argv: list[str] | None = None) -> int:
         gold += data_gold
     if not queries:
         raise GraceInputError("no queries: give some on the command line, or --data with --num-queries")
-    retriever = GraceRetriever.from_pretrained(
-        args.model,
-        num_beams=args.num_beams or max(10, args.top_k),
-        length_penalty=args.length_penalty,
-        batch_size=args.batch_size,
-        candidates=candidates,
-        reranker=args.rerank,
-        rerank_weight=args.rerank_weight,
-        rerank_beams=args.rerank_beams,
-    )
+    retriever = load_retriever(args, candidates, args.batch_size)
     results = retriever.retrieve(queries, top_k=args.top_k)
     for query, key, hits in zip(queries, gold, results):
         _print(query, key, hits)

@@ -14,10 +14,16 @@ import argparse
 import importlib.util
 from pathlib import Path
 
-from grace_hf.commands.common import add_num_threads, add_rerank, check_rerank_args, command_parser, setup_threads
+from grace_hf.commands.common import (
+    add_num_threads,
+    add_rerank,
+    check_rerank_args,
+    command_parser,
+    load_retriever,
+    setup_threads,
+)
 from grace_hf.errors import GraceInputError
-from grace_hf.evaluation.evaluate import load_eval_queries
-from grace_hf.retrieval.retriever import GraceRetriever
+from grace_hf.evaluation.queries import load_eval_queries
 from grace_hf.serving.gallery import ImageLoader, dataset_image_loader, folder_image_loader
 
 __all__ = ["build_parser", "main"]
@@ -81,16 +87,7 @@ def main(argv: list[str] | None = None) -> int:
         test_captions = list(zip(queries, gold))
     elif args.queries:
         test_captions = read_test_captions(args.queries)
-    retriever = GraceRetriever.from_pretrained(
-        args.model,
-        num_beams=args.num_beams or max(10, args.top_k),
-        length_penalty=args.length_penalty,
-        batch_size=args.max_batch_size,
-        candidates=candidates,
-        reranker=args.rerank,
-        rerank_weight=args.rerank_weight,
-        rerank_beams=args.rerank_beams,
-    )
+    retriever = load_retriever(args, candidates, args.max_batch_size)
     service = SearchService(
         retriever,
         load_image=_image_loader(args),

@@ -18,7 +18,7 @@ from PIL import Image
 
 from grace_hf.errors import GraceInputError
 from grace_hf.io_utils import read_json
-from grace_hf.runtime import progress_bar
+from grace_hf.runtime import default_io_workers, progress_bar
 
 __all__ = [
     "SPLITS",
@@ -162,7 +162,7 @@ def _check_one(image: KarpathyImage) -> str | None:
 
 def verify_images(corpus: KarpathyCorpus, num_workers: int | None = None) -> None:
     """Check in parallel that every image file exists and decodes; the first failure is a GraceInputError."""
-    workers = num_workers or min(8, (os.cpu_count() or 1) * 2)
+    workers = num_workers or default_io_workers()
     with ThreadPoolExecutor(workers) as pool:
         problems = list(
             progress_bar(

@@ -41,6 +41,7 @@ __all__ = [
     "optional_prepared_file",
     "prepared_file",
     "push_prepared_to_hub",
+    "val_candidates",
 ]
 
 PREPARE_FILE = "prepare.json"
@@ -207,6 +208,11 @@ def caption_queries(dataset: DatasetDict, source: str | os.PathLike, split: str 
             "`grace-hf prepare` kept them; prepare it again"
         )
     return dataset[name]
+
+
+def val_candidates(rows: Dataset) -> list[str]:
+    """The images the val captions `rows` rank: the images they describe (every val image has captions), in order."""
+    return list(dict.fromkeys(rows["image_key"]))
 
 
 def prepared_file(source: str | os.PathLike, name: str) -> Path:

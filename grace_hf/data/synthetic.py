@@ -43,7 +43,7 @@ from grace_hf.data.pseudo_queries import write_pseudo_queries
 from grace_hf.errors import GraceInputError
 from grace_hf.io_utils import atomic_write_text
 from grace_hf.outputs import SYNTHETIC_DATA, check_output_dir, output_directory
-from grace_hf.runtime import progress_bar
+from grace_hf.runtime import default_processes, progress_bar
 
 __all__ = [
     "SYNTHETIC_JSON",
@@ -464,7 +464,7 @@ def write_synthetic(
         jobs = [
             (str(tmp / fs.folder / name), c, j, fs) for name, c, j, fs in zip(names, contents, jitters, file_styles)
         ]
-        workers = num_workers or min(8, os.cpu_count() or 1)
+        workers = num_workers or default_processes()
         if workers == 1:
             for job in progress_bar(jobs, desc="drawing"):
                 _save_image(job)

@@ -5,9 +5,7 @@
 """
 
 from grace_hf.dense.model import (
-    CONFIG_NAME,
     PRESETS,
-    WEIGHTS_NAME,
     DualEncoder,
     load_dual_encoder,
     resolve_model_config,
@@ -15,9 +13,7 @@ from grace_hf.dense.model import (
 from grace_hf.dense.training import DenseTrainingArgs, run_baseline
 
 __all__ = [
-    "CONFIG_NAME",
     "PRESETS",
-    "WEIGHTS_NAME",
     "DenseTrainingArgs",
     "DualEncoder",
     "load_dual_encoder",

@@ -1,4 +1,5 @@
-"""The dense-baseline directory's files: the open_clip config and weights, and the image features file.
+"""The dense-baseline directory (a `grace-hf baseline-clip` output): its files, the open_clip config and weights,
+`metrics.json` and the image features file; its check and readers.
 
 The features file is safetensors with one tensor `features` (N, d) and the metadata `image_keys` (a JSON list of
 the N image keys, in row order); the dense baseline writes it (`image_features.safetensors`) and structured
@@ -21,9 +22,11 @@ from grace_hf.errors import GraceInputError
 from grace_hf.io_utils import read_json
 
 __all__ = [
+    "DENSE_FILES",
     "FEATURES_FILE",
     "OPEN_CLIP_CONFIG_FILE",
     "OPEN_CLIP_WEIGHTS_FILE",
+    "check_dense_directory",
     "load_image_features",
     "read_open_clip_config",
     "save_image_features",
@@ -32,6 +35,19 @@ __all__ = [
 FEATURES_FILE = "image_features.safetensors"
 OPEN_CLIP_CONFIG_FILE = "open_clip_config.json"
 OPEN_CLIP_WEIGHTS_FILE = "open_clip_model.safetensors"
+DENSE_FILES = (OPEN_CLIP_CONFIG_FILE, OPEN_CLIP_WEIGHTS_FILE, FEATURES_FILE)  # a `grace-hf baseline-clip` output's
+
+
+def check_dense_directory(directory: str | os.PathLike) -> Path:
+    """`directory` as a path if it holds a `grace-hf baseline-clip` output's files; a `GraceInputError` otherwise."""
+    path = Path(directory)
+    missing = [name for name in DENSE_FILES if not (path / name).is_file()]
+    if missing:
+        raise GraceInputError(
+            f"{directory}: not a `grace-hf baseline-clip` directory (no {', '.join(missing)}); --rerank takes "
+            "the output directory of `grace-hf baseline-clip`"
+        )
+    return path
 
 
 def read_open_clip_config(path: str | os.PathLike) -> tuple[dict[str, Any], dict[str, Any]]:

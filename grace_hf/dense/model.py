@@ -25,9 +25,6 @@ from grace_hf.dense.directory import OPEN_CLIP_CONFIG_FILE, OPEN_CLIP_WEIGHTS_FI
 from grace_hf.errors import GraceInputError
 from grace_hf.io_utils import atomic_write_json
 
-CONFIG_NAME = OPEN_CLIP_CONFIG_FILE
-WEIGHTS_NAME = OPEN_CLIP_WEIGHTS_FILE
-
 _VOCAB_SIZE = 49408  # open_clip's SimpleTokenizer vocabulary, bundled with the package
 
 # open_clip model configs (the `model_cfg` of open_clip's JSON files) sized for 64x64 images on a CPU. `tiny` trains
@@ -122,7 +119,7 @@ class DualEncoder:
         """Write `open_clip_config.json` and `open_clip_model.safetensors` into `directory`."""
         directory = Path(directory)
         atomic_write_json(
-            directory / CONFIG_NAME,
+            directory / OPEN_CLIP_CONFIG_FILE,
             {
                 "model_cfg": self.config,
                 "tokenizer": {
@@ -138,16 +135,18 @@ class DualEncoder:
                 },
             },
         )
-        save_model(self.model, str(directory / WEIGHTS_NAME))
+        save_model(self.model, str(directory / OPEN_CLIP_WEIGHTS_FILE))
 
 
 def load_dual_encoder(directory: str | os.PathLike) -> DualEncoder:
     """The encoder saved in `directory` by `DualEncoder.save` (e.g. a `grace-hf baseline-clip` output)."""
     directory = Path(directory)
-    config_path = directory / CONFIG_NAME
-    if not config_path.is_file() or not (directory / WEIGHTS_NAME).is_file():
-        raise GraceInputError(f"{directory}: not a dual encoder directory (needs {CONFIG_NAME} and {WEIGHTS_NAME})")
+    config_path = directory / OPEN_CLIP_CONFIG_FILE
+    if not config_path.is_file() or not (directory / OPEN_CLIP_WEIGHTS_FILE).is_file():
+        raise GraceInputError(
+            f"{directory}: not a dual encoder directory (needs {OPEN_CLIP_CONFIG_FILE} and {OPEN_CLIP_WEIGHTS_FILE})"
+        )
     encoder = DualEncoder.from_config(read_open_clip_config(config_path)[0])
-    load_model(encoder.model, str(directory / WEIGHTS_NAME))
+    load_model(encoder.model, str(directory / OPEN_CLIP_WEIGHTS_FILE))
     encoder.model.eval()
     return encoder

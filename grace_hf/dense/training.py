@@ -26,7 +26,7 @@ from grace_hf.data.pseudo_queries import load_pseudo_queries
 from grace_hf.dense.directory import FEATURES_FILE, save_image_features
 from grace_hf.dense.model import DualEncoder, resolve_model_config
 from grace_hf.errors import GraceInputError
-from grace_hf.evaluation.metrics import recall_at_k, recall_curve
+from grace_hf.evaluation.metrics import METRICS_FILE, recall_at_k, recall_curve
 from grace_hf.io_utils import atomic_write_json
 from grace_hf.outputs import DENSE_BASELINE, check_output_dir, output_directory
 from grace_hf.runtime import progress_bar
@@ -255,5 +255,5 @@ def run_baseline(
             "seed": args.seed,
             "epoch_losses": result.epoch_losses,
         }
-        atomic_write_json(out / "metrics.json", metrics)
+        atomic_write_json(out / METRICS_FILE, metrics)
     return metrics

@@ -15,8 +15,10 @@ from pathlib import Path
 from typing import Any
 
 from grace_hf.errors import GraceInputError
+from grace_hf.evaluation.metrics import METRICS_FILE
 from grace_hf.io_utils import read_json
 
+TABLE_FILE = "comparison.md"
 COLUMNS = ("run", "method", "R@1", "R@5", "R@10", "queries", "train time (s)", "latency (ms/query)")
 
 
@@ -24,7 +26,7 @@ def load_run_metrics(run: str | os.PathLike) -> dict[str, Any]:
     """The metrics of a run: `run/metrics.json`, or `run` itself when it is a JSON file."""
     path = Path(run)
     if path.is_dir():
-        path = path / "metrics.json"
+        path = path / METRICS_FILE
     if not path.is_file():
         raise GraceInputError(f"{run}: no metrics.json (not an evaluated run directory)")
     metrics = read_json(path, "metrics file")

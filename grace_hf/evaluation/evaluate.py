@@ -2,7 +2,8 @@
 
 Candidates are the dataset's collection (its test images), or for the val split the val images; every query counts
 in the denominator, including queries whose beams spell no identifier. Under `accelerate launch` every process
-searches a shard of the queries. The re-ranking weight is fitted on the val split only (`fit_rerank_on_val`).
+searches a shard of the queries. The re-ranking weight is fitted on the val split only
+(`grace_hf.retrieval.rerank.fit_or_load`).
 """
 
 from __future__ import annotations
@@ -14,14 +15,9 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from grace_hf.data.prepared import EVAL_SPLITS, caption_queries, load_prepared, prepared_file
-from grace_hf.errors import GraceInputError
-from grace_hf.evaluation.metrics import recall_at_k, recall_curve
-from grace_hf.evaluation.plots import RERANKED_SUFFIX, write_recall_plot
-from grace_hf.identifiers import IDENTIFIERS_FILE, IdentifierIndex
+from grace_hf.evaluation.metrics import METRICS_FILE, recall_at_k, recall_curve
+from grace_hf.evaluation.plots import RECALL_PLOT_FILE, RERANKED_SUFFIX, write_recall_plot
 from grace_hf.io_utils import atomic_write_json, atomic_write_text
-from grace_hf.model_dir import RerankConfig
-from grace_hf.retrieval.rerank import DEFAULT_RERANK_BEAMS, DenseScorer, fit_fusion_weight
 from grace_hf.retrieval.results import RetrievedImage
 from grace_hf.retrieval.retriever import GraceRetriever
 
@@ -29,75 +25,12 @@ __all__ = [
     "KS",
     "METRICS_FILE",
     "QUERIES_FILE",
-    "RECALL_PLOT_FILE",
     "evaluate_model",
-    "fit_rerank_on_val",
-    "load_eval_queries",
     "write_evaluation",
 ]
 
 KS = (1, 5, 10)
-METRICS_FILE = "metrics.json"
 QUERIES_FILE = "queries.jsonl"
-RECALL_PLOT_FILE = "recall.png"
-
-
-def load_eval_queries(
-    data: str | os.PathLike, limit: int | None = None, split: str = "test"
-) -> tuple[list[str], list[str], list[str]]:
-    """`(queries, gold image keys, candidate image keys)` of a prepared dataset (a `prepare` directory or a Hub
-    dataset repo); every gold image must be a candidate.
-
-    `split` "test": the test captions ranking the collection (the test images); "val": the val captions ranking the
-    val images (for choosing settings, e.g. the re-ranking weight, without reading a test query).
-    """
-    rows = caption_queries(load_prepared(data), data, split)
-    name = EVAL_SPLITS[split]
-    if split == "val":  # the images the val captions describe (every val image has captions)
-        candidates = list(dict.fromkeys(rows["image_key"]))
-    if limit is not None:
-        rows = rows.select(range(min(limit, rows.num_rows)))
-    queries, gold = list(rows["query"]), list(rows["image_key"])
-    if not queries:
-        raise GraceInputError(f"{data}: the {name!r} split is empty")
-    if split == "val":
-        return queries, gold, candidates
-    identifiers_path = prepared_file(data, IDENTIFIERS_FILE)
-    candidates = IdentifierIndex.load(identifiers_path).collection
-    if not candidates:
-        raise GraceInputError(f"{identifiers_path}: empty collection (no test images to rank)")
-    candidate_set = set(candidates)
-    for position, (query, key) in enumerate(zip(queries, gold)):
-        if key not in candidate_set:
-            raise GraceInputError(f"{data}: {name}[{position}] ({query!r}): gold image {key!r} is not a candidate")
-    return queries, gold, candidates
-
-
-def fit_rerank_on_val(
-    retriever: GraceRetriever,
-    data: str | os.PathLike,
-    scorer: DenseScorer,
-    num_beams: int = DEFAULT_RERANK_BEAMS,
-    batch_size: int | None = None,
-    distributed: bool = True,
-) -> RerankConfig:
-    """Fit the fusion weight on the val captions of `data` ranking the val images (no test query is read), with the
-    model of `retriever` searching `num_beams` beams; returns the config to save as `rerank.json`."""
-    queries, gold, candidates = load_eval_queries(data, split="val")
-    scorer.check_covers(candidates, f"{data}'s val split")
-    val_retriever = retriever.for_candidates(candidates, num_beams=num_beams)
-    beams = val_retriever.retrieve(
-        queries, top_k=val_retriever.num_beams, batch_size=batch_size, distributed=distributed
-    )
-    weight, table = fit_fusion_weight(beams, queries, gold, scorer)
-    return RerankConfig(
-        weight=weight,
-        num_beams=num_beams,
-        dense=scorer.directory,
-        dense_fingerprint=scorer.fingerprint,
-        fitted_on=f"{len(queries)} val captions ranking {len(candidates)} val images of {data}",
-        val_grid=table,
-    )
 
 
 def evaluate_model(

@@ -4,7 +4,9 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
-__all__ = ["recall_at_k", "recall_curve"]
+__all__ = ["METRICS_FILE", "recall_at_k", "recall_curve"]
+
+METRICS_FILE = "metrics.json"  # the scores every run writes: a model, an evaluation, the dense baseline, the demo
 
 
 def _first_distinct(ranking: Sequence[str], k: int) -> list[str]:

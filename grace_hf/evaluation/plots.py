@@ -13,9 +13,10 @@ import matplotlib.pyplot as plt  # noqa: E402 (after choosing the backend)
 
 from grace_hf.io_utils import atomic_write_bytes  # noqa: E402
 
-__all__ = ["RERANKED_SUFFIX", "write_recall_plot"]
+__all__ = ["RECALL_PLOT_FILE", "RERANKED_SUFFIX", "write_recall_plot"]
 
 
+RECALL_PLOT_FILE = "recall.png"
 RERANKED_SUFFIX = " + rerank"
 
 

@@ -18,12 +18,12 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from grace_hf.data.images import default_workers, encode_images, read_rgb
+from grace_hf.data.images import encode_images, read_rgb
 from grace_hf.data.karpathy import KarpathyImage
 from grace_hf.dense.directory import FEATURES_FILE, OPEN_CLIP_CONFIG_FILE, OPEN_CLIP_WEIGHTS_FILE, load_image_features
 from grace_hf.dense.open_clip_loading import open_clip_image_encoder
 from grace_hf.errors import GraceInputError
-from grace_hf.runtime import progress_bar
+from grace_hf.runtime import default_io_workers, progress_bar
 
 __all__ = [
     "PIXEL_SIDE",
@@ -52,7 +52,7 @@ def pixel_thumbnails(
         small = read_rgb(path).resize((side, side), Image.Resampling.BOX)
         return np.asarray(small, dtype=np.float32).reshape(-1) / 255.0
 
-    with ThreadPoolExecutor(num_workers or default_workers()) as pool:
+    with ThreadPoolExecutor(num_workers or default_io_workers()) as pool:
         rows = list(progress_bar(pool.map(thumbnail, paths), total=len(paths), desc="pixel features"))
     return np.stack(rows)  # (N, 3 * side * side)
 

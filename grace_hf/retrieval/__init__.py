@@ -1,8 +1,8 @@
 """Constrained generative retrieval: the identifier trie, the collection a model ranks, the fast beam search and the
 retriever."""
 
-from grace_hf.retrieval.beam_search import TrieBeamSearch, TrieBeamSearchOutput
 from grace_hf.retrieval.collection import Collection, build_identifier_trie, identifier_token_ids
+from grace_hf.retrieval.decoding import TrieBeamSearch, TrieBeamSearchOutput
 from grace_hf.retrieval.results import RetrievedImage
 from grace_hf.retrieval.retriever import GraceRetriever
 from grace_hf.retrieval.trie import IdentifierTrie, TrieLogitsProcessor

@@ -26,41 +26,89 @@ from typing import Any
 
 import torch
 
-from grace_hf.dense.directory import FEATURES_FILE, load_image_features
-from grace_hf.dense.model import CONFIG_NAME, WEIGHTS_NAME, load_dual_encoder
+from grace_hf.dense.directory import DENSE_FILES, FEATURES_FILE, check_dense_directory, load_image_features
+from grace_hf.dense.model import load_dual_encoder
 from grace_hf.errors import GraceInputError
 from grace_hf.evaluation.metrics import recall_at_k
-from grace_hf.io_utils import sha256_file
-from grace_hf.model_dir import RERANK_FILE, check_rerank_settings, read_rerank_config
+from grace_hf.evaluation.queries import load_eval_queries
+from grace_hf.io_utils import atomic_write_json, read_json, sha256_file
+from grace_hf.model_dir import RERANK_FILE, resolve_model_dir
 from grace_hf.retrieval.results import RetrievedImage
 
 __all__ = [
     "DEFAULT_RERANK_BEAMS",
     "WEIGHT_GRID",
     "DenseScorer",
+    "RerankConfig",
     "Reranker",
-    "check_dense_directory",
+    "check_rerank_settings",
+    "check_reranker_given",
     "fit_fusion_weight",
+    "fit_on_val",
+    "fit_or_load",
     "fuse",
     "load_reranker",
+    "read_rerank_config",
+    "write_rerank_config",
 ]
 
 logger = logging.getLogger(__name__)
 
 DEFAULT_RERANK_BEAMS = 30
 WEIGHT_GRID = tuple(i / 20 for i in range(21))  # 0.00, 0.05, ..., 1.00
-DENSE_FILES = (CONFIG_NAME, WEIGHTS_NAME, FEATURES_FILE)
 
 
-def check_dense_directory(directory: str | os.PathLike) -> Path:
-    """`directory` as a path if it holds a `grace-hf baseline-clip` output's files; a `GraceInputError` otherwise."""
-    path = Path(directory)
-    missing = [name for name in DENSE_FILES if not (path / name).is_file()]
-    if missing:
-        raise GraceInputError(
-            f"{directory}: not a `grace-hf baseline-clip` directory (no {', '.join(missing)}); --rerank takes "
-            "the output directory of `grace-hf baseline-clip`"
-        )
+def check_rerank_settings(weight: float, num_beams: int, where: str) -> None:
+    """A fusion weight in [0, 1] and at least one beam, or a `GraceInputError` naming `where` they came from."""
+    if isinstance(weight, bool) or not isinstance(weight, int | float) or not 0.0 <= weight <= 1.0:
+        raise GraceInputError(f"{where}: the re-ranking weight must be a number in [0, 1], got {weight!r}")
+    if isinstance(num_beams, bool) or not isinstance(num_beams, int) or num_beams < 1:
+        raise GraceInputError(f"{where}: the re-ranking beams must be a whole number >= 1, got {num_beams!r}")
+
+
+@dataclass
+class RerankConfig:
+    """How the model re-ranks its beams with a dense scorer (`rerank.json`), fitted on the validation queries.
+
+    Args:
+        weight: fused score = weight * log_softmax(beam scores) + (1 - weight) * logit_scale * cosine.
+        num_beams: beams searched per query; their images are re-scored.
+        dense: the dense model directory the weight was fitted with.
+        dense_fingerprint: sha256 of that dense model's files: another dense model is refused.
+        fitted_on: what the weight was fitted on (the val captions of a prepared dataset).
+        val_grid: Recall@1/5/10 on val of every weight tried.
+    """
+
+    weight: float
+    num_beams: int
+    dense: str | None = None
+    dense_fingerprint: str | None = None
+    fitted_on: str | None = None
+    val_grid: list[dict[str, float]] = dataclasses.field(default_factory=list)
+
+
+def read_rerank_config(directory: Path) -> RerankConfig | None:
+    """The `rerank.json` of a model directory (checked), or None when the model has none."""
+    path = directory / RERANK_FILE
+    if not path.is_file():
+        return None
+    data = read_json(path, "re-ranking config")
+    if not isinstance(data, dict) or "weight" not in data or "num_beams" not in data:
+        raise GraceInputError(f"{path}: expected a JSON object with 'weight' and 'num_beams'")
+    check_rerank_settings(data["weight"], data["num_beams"], str(path))
+    for key in ("dense", "dense_fingerprint", "fitted_on"):
+        if data.get(key) is not None and not isinstance(data[key], str):
+            raise GraceInputError(f"{path}: {key!r} must be a string")
+    if not isinstance(data.get("val_grid", []), list):
+        raise GraceInputError(f"{path}: 'val_grid' must be a list")
+    known = {f.name for f in dataclasses.fields(RerankConfig)}
+    return RerankConfig(**{key: value for key, value in data.items() if key in known})
+
+
+def write_rerank_config(directory: Path, config: RerankConfig) -> Path:
+    """Write `rerank.json` into a model directory through a temporary file and a rename; returns its path."""
+    path = directory / RERANK_FILE
+    atomic_write_json(path, dataclasses.asdict(config))
     return path
 
 
@@ -184,6 +232,14 @@ def fit_fusion_weight(
     return best["weight"], table
 
 
+def check_reranker_given(
+    reranker: object, rerank_weight: float | None, rerank_beams: int | None, where: str = ""
+) -> None:
+    """`rerank_weight` and `rerank_beams` need a `reranker`; a `GraceInputError` (prefixed by `where`) otherwise."""
+    if reranker is None and (rerank_weight is not None or rerank_beams is not None):
+        raise GraceInputError(f"{where}rerank_weight and rerank_beams need a reranker (a baseline-clip directory)")
+
+
 def load_reranker(
     model_dir: Path,
     reranker: str | os.PathLike | DenseScorer,
@@ -219,3 +275,63 @@ def _check_same_dense(path: Path, dense: str | None, fingerprint: str | None, sc
             f"{scorer.directory} (sha256 {scorer.fingerprint[:12]}); fit it again with `grace-hf evaluate ... --rerank "
             f"{scorer.directory} --split val --refit-rerank`, or pass a weight"
         )
+
+
+def fit_on_val(
+    retriever: Any,
+    data: str | os.PathLike,
+    scorer: DenseScorer,
+    num_beams: int = DEFAULT_RERANK_BEAMS,
+    batch_size: int | None = None,
+    distributed: bool = True,
+) -> RerankConfig:
+    """Fit the fusion weight on the val captions of `data` ranking the val images (no test query is read), with the
+    model of `retriever` (a `GraceRetriever`) searching `num_beams` beams; returns the config to save as
+    `rerank.json`."""
+    queries, gold, candidates = load_eval_queries(data, split="val")
+    scorer.check_covers(candidates, f"{data}'s val split")
+    val_retriever = retriever.for_candidates(candidates, num_beams=num_beams)
+    beams = val_retriever.retrieve(
+        queries, top_k=val_retriever.num_beams, batch_size=batch_size, distributed=distributed
+    )
+    weight, table = fit_fusion_weight(beams, queries, gold, scorer)
+    return RerankConfig(
+        weight=weight,
+        num_beams=num_beams,
+        dense=scorer.directory,
+        dense_fingerprint=scorer.fingerprint,
+        fitted_on=f"{len(queries)} val captions ranking {len(candidates)} val images of {data}",
+        val_grid=table,
+    )
+
+
+def fit_or_load(
+    model: str | os.PathLike,
+    scorer: DenseScorer,
+    retriever: Any,
+    data: str | os.PathLike,
+    weight: float | None = None,
+    num_beams: int | None = None,
+    refit: bool = False,
+    batch_size: int | None = None,
+    distributed: bool = True,
+    write: bool = True,
+) -> tuple[Reranker, RerankConfig | None]:
+    """The reranker of the model `model` (a directory or Hub id) with the dense `scorer`: with `weight` given, else
+    with the weight of its `rerank.json` (unless `refit`), else fitted on the val captions of `data` by `retriever`
+    (`fit_on_val`, `num_beams` beams) and written into the model directory (when `write`: the main process).
+
+    Returns the reranker and the config fitted now (None when it was loaded).
+    """
+    model_dir = resolve_model_dir(model)
+    if weight is not None or (not refit and read_rerank_config(model_dir) is not None):
+        return load_reranker(model_dir, scorer, weight, num_beams), None
+    if not Path(model).is_dir():
+        raise GraceInputError(
+            f"--model {model}: fitting the re-ranking weight writes {RERANK_FILE} into the model directory; "
+            "give a local copy of the model, or --rerank-weight"
+        )
+    config = fit_on_val(retriever, data, scorer, num_beams or DEFAULT_RERANK_BEAMS, batch_size, distributed)
+    if write:
+        write_rerank_config(model_dir, config)
+    return Reranker(scorer, config.weight, config.num_beams), config

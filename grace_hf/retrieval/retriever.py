@@ -10,12 +10,12 @@ from __future__ import annotations
 import logging
 import os
 from collections.abc import Sequence
+from pathlib import Path
 from typing import Any
 
 import torch
 from accelerate import PartialState
 from accelerate.utils import gather_object
-from transformers import GenerationConfig
 
 from grace_hf.errors import GraceInputError
 from grace_hf.identifiers import IdentifierIndex
@@ -27,38 +27,17 @@ from grace_hf.model_dir import (
 )
 from grace_hf.outputs import MODEL, output_directory
 from grace_hf.prompts import query_prompt
-from grace_hf.retrieval.beam_search import TrieBeamSearch
 from grace_hf.retrieval.collection import Collection, load_saved_trie
-from grace_hf.retrieval.rerank import DenseScorer, Reranker, load_reranker
+from grace_hf.retrieval.decoding import GenerateSearch, TrieBeamSearch, choose_decoding, make_decoder
+from grace_hf.retrieval.rerank import DenseScorer, Reranker, check_reranker_given, load_reranker
 from grace_hf.retrieval.results import RetrievedImage
-from grace_hf.retrieval.trie import IdentifierTrie, TrieLogitsProcessor
+from grace_hf.retrieval.trie import IdentifierTrie
 
-__all__ = ["GraceRetriever", "RetrievedImage", "beam_generation_config"]
+__all__ = ["GraceRetriever", "RetrievedImage"]
 
 logger = logging.getLogger(__name__)
 
-DECODING_MODES = ("auto", "fast", "generate")
 _UNLIMITED = 10**9  # tokenizers without a real limit report ~1e30
-
-
-def beam_generation_config(
-    num_beams: int, max_new_tokens: int, length_penalty: float, eos_token_id: int, pad_token_id: int
-) -> GenerationConfig:
-    """How the retriever calls `generate`: every beam returned with its score, up to the trie's depth."""
-    return GenerationConfig(
-        num_beams=num_beams,
-        num_return_sequences=num_beams,
-        max_new_tokens=max_new_tokens,
-        length_penalty=length_penalty,
-        do_sample=False,
-        early_stopping=False,
-        eos_token_id=eos_token_id,
-        pad_token_id=pad_token_id,
-        return_dict_in_generate=True,
-        output_scores=True,
-        output_logits=num_beams == 1,  # greedy search returns no sequence scores: computed from these
-        use_cache=True,
-    )
 
 
 def _model_limit(processor: Any) -> int | None:
@@ -133,33 +112,12 @@ class GraceRetriever:
             )
         self.num_beams = min(num_beams, len(self.identifiers))
         self.max_length = max_length if max_length is not None else _model_limit(processor)
-        self.decoding, reason = self._choose_decoding(decoding)
+        self.decoding, reason = choose_decoding(decoding, model, self.num_beams)
         self.compile = compile
         logger.info(f"GraceRetriever decodes with {self.decoding} ({reason})")
         self._blank_features: torch.Tensor | None = None
-        self._fast_search: TrieBeamSearch | None = None
+        self._decoder_cache: tuple[tuple, TrieBeamSearch | GenerateSearch] | None = None
         self._engine = None
-
-    def _choose_decoding(self, requested: str) -> tuple[str, str]:
-        """The decoding `requested` resolves to, and why."""
-        if requested not in DECODING_MODES:
-            raise GraceInputError(f"decoding must be one of {DECODING_MODES}, got {requested!r}")
-        parameter = next(self.model.parameters())
-        if self.num_beams < 2:
-            blocker = "one beam is greedy search"
-        elif hasattr(parameter, "ds_id"):
-            blocker = "DeepSpeed ZeRO-3 shards the model"
-        else:
-            blocker = None
-        if requested == "fast" and blocker:
-            raise GraceInputError(f"decoding='fast' is not available here: {blocker}")
-        if requested != "auto":
-            return requested, "requested"
-        if blocker:
-            return "generate", blocker
-        if parameter.device.type != "cuda":
-            return "generate", "no GPU"
-        return "fast", "GPU: static cache, one CUDA graph per call"
 
     @classmethod
     def from_pretrained(
@@ -185,22 +143,48 @@ class GraceRetriever:
         process must then call `retrieve` (`distributed=True`). Without it the model goes to `device` (default:
         this process's accelerate device). Other keyword arguments go to `GraceRetriever(...)`.
         """
-        if reranker is None and (rerank_weight is not None or rerank_beams is not None):
-            raise GraceInputError("rerank_weight and rerank_beams need a reranker (a baseline-clip directory)")
+        check_reranker_given(reranker, rerank_weight, rerank_beams)
         loaded = read_model_dir(model_dir_or_hub_id, dtype=dtype)
-        if reranker is not None:
-            kwargs["reranker"] = load_reranker(loaded.path, reranker, rerank_weight, rerank_beams)
-        kwargs.setdefault("query_image", loaded.grace_config.query_image)
-        if kwargs.get("candidates") is None:
-            kwargs.setdefault("saved_trie", load_saved_trie(loaded.path))
         model, engine = loaded.model, None
         if accelerator is not None and accelerator.distributed_type == "DEEPSPEED":
             engine, model = _prepare_for_deepspeed_inference(accelerator, model, kwargs.get("batch_size", 16))
         else:
             model.to(device if device is not None else PartialState().device)
-        retriever = cls(model, loaded.processor, loaded.index, **kwargs)
+        retriever = cls.from_loaded(
+            loaded.path,
+            model,
+            loaded.processor,
+            loaded.index,
+            loaded.grace_config,
+            reranker,
+            rerank_weight,
+            rerank_beams,
+            **kwargs,
+        )
         retriever._engine = engine  # keeps the DeepSpeed engine (and its sharding hooks) alive with the retriever
         return retriever
+
+    @classmethod
+    def from_loaded(
+        cls,
+        directory: Path,
+        model: Any,
+        processor: Any,
+        index: IdentifierIndex,
+        grace_config: GraceConfig,
+        reranker: str | os.PathLike | DenseScorer | None = None,
+        rerank_weight: float | None = None,
+        rerank_beams: int | None = None,
+        **kwargs: Any,
+    ) -> GraceRetriever:
+        """The retriever of a model directory whose files are read (`from_pretrained`, the pipeline): its query-image
+        mode, its saved trie (for the default candidates), and its reranker (see `from_pretrained`)."""
+        if reranker is not None:
+            kwargs["reranker"] = load_reranker(directory, reranker, rerank_weight, rerank_beams)
+        kwargs.setdefault("query_image", grace_config.query_image)
+        if kwargs.get("candidates") is None:
+            kwargs.setdefault("saved_trie", load_saved_trie(directory))
+        return cls(model, processor, index, **kwargs)
 
     def for_candidates(
         self, candidates: Sequence[str] | None, reranker: Reranker | None = None, num_beams: int | None = None
@@ -291,22 +275,11 @@ class GraceRetriever:
         return self._blank_features
 
     # search
-    def _generation_config(self) -> GenerationConfig:
-        return beam_generation_config(
-            self.num_beams,
-            self.trie.max_depth,
-            self.length_penalty,
-            self.processor.end_of_chunk_token_id,
-            self.processor.pad_token_id,
-        )
-
-    def _trie_processor(self, prompt_length: int) -> TrieLogitsProcessor:
-        # in place under beam search, which hands the processor a fresh log_softmax every step
-        return self.trie.logits_processor(prompt_length, self.processor.pad_token_id, inplace=self.num_beams > 1)
-
-    def _beam_search(self) -> TrieBeamSearch:
-        if self._fast_search is None or self._fast_search.length_penalty != self.length_penalty:
-            self._fast_search = TrieBeamSearch(
+    def _decoder(self) -> TrieBeamSearch | GenerateSearch:
+        settings = (self.decoding, self.num_beams, self.length_penalty, self.compile)
+        if self._decoder_cache is None or self._decoder_cache[0] != settings:
+            decoder = make_decoder(
+                self.decoding,
                 self.model,
                 self.trie,
                 self.num_beams,
@@ -315,32 +288,15 @@ class GraceRetriever:
                 length_penalty=self.length_penalty,
                 compile=self.compile,
             )
-        return self._fast_search
-
-    def _generate(self, inputs: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
-        """`generate` with the trie processor: the identifier index (-1: none) and score of each beam, (B, K)."""
-        prompt_length = inputs["input_ids"].shape[1]
-        output = self.model.generate(
-            **inputs,
-            generation_config=self._generation_config(),
-            logits_processor=[self._trie_processor(prompt_length)],
-        )
-        found = self.trie.lookup(
-            output.sequences[:, prompt_length:], end_token_id=self.processor.end_of_chunk_token_id
-        )
-        scores = output.sequences_scores if self.num_beams > 1 else self._greedy_scores(output, prompt_length)
-        return found.view(-1, self.num_beams), scores.view(-1, self.num_beams)
+            self._decoder_cache = (settings, decoder)
+        return self._decoder_cache[1]
 
     @torch.no_grad()
     def _search(self, queries: list[str], top_k: int) -> list[list[RetrievedImage]]:
         inputs = self._inputs(queries)
-        if self.decoding == "fast":
-            output = self._beam_search()(inputs["input_ids"], inputs["attention_mask"], inputs.get("image_features"))
-            found, scores = output.identifiers, output.scores
-        else:
-            found, scores = self._generate(inputs)
-        found = found.tolist()  # identifier index per beam, best first
-        scores = scores.float().tolist()
+        output = self._decoder()(inputs["input_ids"], inputs["attention_mask"], inputs.get("image_features"))
+        found = output.identifiers.tolist()  # identifier index per beam, best first
+        scores = output.scores.float().tolist()
         # Beam search fills the slots it could not fill with a finished identifier with beams whose log-probability
         # carries a -1e9 penalty (they may repeat a finished identifier): those are dropped, the query still counts.
         filler = -0.5e9 / self.trie.max_depth ** max(self.length_penalty, 0.0)
@@ -355,17 +311,6 @@ class GraceRetriever:
                     ranked[image_key] = RetrievedImage(image_key, self.identifiers[position], score)
             results.append(list(ranked.values()))
         return results
-
-    def _greedy_scores(self, output: Any, prompt_length: int) -> torch.Tensor:
-        """Beam search's score for one beam: log-probability of the tokens up to the first end token, divided by
-        length ** length_penalty. (B,)"""
-        tokens = output.sequences[:, prompt_length:]  # (B, T)
-        log_probs = torch.stack(output.logits, dim=1).float().log_softmax(-1)  # (B, T, V)
-        token_log_probs = log_probs.gather(2, tokens[..., None])[..., 0]  # (B, T)
-        is_end = tokens == self.processor.end_of_chunk_token_id
-        length = torch.where(is_end.any(1), is_end.long().argmax(1) + 1, tokens.shape[1])  # (B,)
-        inside = torch.arange(tokens.shape[1], device=tokens.device)[None] < length[:, None]  # (B, T)
-        return (token_log_probs * inside).sum(1) / length.float() ** self.length_penalty
 
     def retrieve(
         self,

@@ -268,7 +268,7 @@ class TrieLogitsProcessor(LogitsProcessor):
 
     No host synchronisation and fixed shapes (see `IdentifierTrie.mask_scores`); the walk re-reads the generated
     tokens every step, since `generate` does not tell a processor how it reordered the beams (the retriever's fast
-    path, `grace_hf.retrieval.beam_search`, keeps each beam's node instead).
+    path, `grace_hf.retrieval.decoding`, keeps each beam's node instead).
     """
 
     def __init__(

@@ -20,6 +20,7 @@ from grace_hf.io_utils import atomic_write_text
 from grace_hf.retrieval.results import RetrievedImage
 
 __all__ = [
+    "GALLERY_FILE",
     "CaptionedImage",
     "GalleryEntry",
     "dataset_image_loader",
@@ -27,6 +28,8 @@ __all__ = [
     "render_gallery",
     "write_gallery",
 ]
+
+GALLERY_FILE = "gallery.html"
 
 ImageLoader = Callable[[str], "Image.Image | None"]
 

@@ -21,8 +21,7 @@ from grace_hf.errors import GraceInputError
 from grace_hf.identifiers import IDENTIFIERS_FILE
 from grace_hf.model_dir import read_retrieval_files, resolve_model_dir
 from grace_hf.models.flamingo import FlamingoForConditionalGeneration
-from grace_hf.retrieval.collection import load_saved_trie
-from grace_hf.retrieval.rerank import DenseScorer, load_reranker
+from grace_hf.retrieval.rerank import DenseScorer, check_reranker_given
 from grace_hf.retrieval.results import RetrievedImage
 from grace_hf.retrieval.retriever import GraceRetriever
 from grace_hf.serving.gallery import folder_image_loader
@@ -80,20 +79,19 @@ class TextToImageRetrievalPipeline(Pipeline):
                 f"got {name_or_path!r}"
             )
         index, grace_config = read_retrieval_files(directory, self.processor)
-        if reranker is None and (rerank_weight is not None or rerank_beams is not None):
-            raise GraceInputError(
-                f"{TASK}: rerank_weight and rerank_beams need a reranker (a baseline-clip directory)"
-            )
-        self.retriever = GraceRetriever(
+        check_reranker_given(reranker, rerank_weight, rerank_beams, f"{TASK}: ")
+        self.retriever = GraceRetriever.from_loaded(
+            directory,
             self.model,
             self.processor,
             index,
+            grace_config,
+            reranker,
+            rerank_weight,
+            rerank_beams,
             num_beams=num_beams,
             length_penalty=length_penalty,
-            query_image=grace_config.query_image,
             candidates=candidates,
-            saved_trie=load_saved_trie(directory) if candidates is None else None,
-            reranker=None if reranker is None else load_reranker(directory, reranker, rerank_weight, rerank_beams),
         )
 
     def _sanitize_parameters(self, top_k: int | None = None, image_root: str | None = None):

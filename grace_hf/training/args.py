@@ -20,7 +20,7 @@ import torch
 import yaml
 from transformers import HfArgumentParser, SchedulerType
 
-from grace_hf.errors import GraceInputError
+from grace_hf.errors import GraceInputError, renamed_flag
 from grace_hf.models.flamingo import FLAMINGO_PRESETS, FlamingoConfig, FlamingoForConditionalGeneration
 
 REPORT_TO_CHOICES = ("all", "none", "tensorboard", "wandb")
@@ -347,7 +347,7 @@ def _checked_recipe(path: str, recipe: dict[str, Any], classes: tuple[type, ...]
     checked = {}
     for key, value in recipe.items():
         if key in RENAMED:
-            raise GraceInputError(f"{path}: {key!r} was renamed: use {RENAMED[key]!r}")
+            raise GraceInputError(f"{path}: {renamed_flag(repr(key), repr(RENAMED[key]))}")
         if key not in hints:
             raise GraceInputError(f"{path}: unknown key {key!r}")
         ok, checked[key] = _coerce(value, hints[key])
@@ -360,7 +360,7 @@ def _check_renamed_flags(argv: list[str]) -> None:
     for arg in argv:
         name = arg.split("=", 1)[0].lstrip("-").replace("-", "_")
         if arg.startswith("--") and name in RENAMED:
-            raise GraceInputError(f"{arg.split('=', 1)[0]} was renamed: use --{RENAMED[name]}")
+            raise GraceInputError(renamed_flag(arg.split("=", 1)[0], f"--{RENAMED[name]}"))
 
 
 def build_parser(

@@ -12,7 +12,13 @@ import datasets
 from torch.utils.data import DataLoader
 
 from grace_hf.data.karpathy import load_karpathy
-from grace_hf.data.prepared import caption_queries, load_prepared, optional_prepared_file, prepared_file
+from grace_hf.data.prepared import (
+    caption_queries,
+    load_prepared,
+    optional_prepared_file,
+    prepared_file,
+    val_candidates,
+)
 from grace_hf.errors import GraceInputError
 from grace_hf.identifiers import CODEBOOKS_FILE, IDENTIFIERS_FILE, Codebooks, IdentifierIndex
 from grace_hf.prompts import CAPTION_PREFIX, IDENTIFIER_PREFIX
@@ -117,7 +123,7 @@ def _retrieval_data(data_args: DataArguments, args: GraceTrainingArguments) -> T
         list(chosen["query"]),
         list(chosen["image_key"]),
         # the val captions rank the val images, as the test captions rank the collection (the test images)
-        eval_candidates=list(dict.fromkeys(queries["image_key"])) if data_args.eval_split == "val" else None,
+        eval_candidates=val_candidates(queries) if data_args.eval_split == "val" else None,
         sources=[data_source(data_args.data)],
         codebooks=Codebooks.load(codebooks_file) if codebooks_file is not None else None,
     )

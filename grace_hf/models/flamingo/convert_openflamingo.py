@@ -21,7 +21,6 @@ from safetensors.torch import load_file
 from transformers import AutoTokenizer, CLIPImageProcessor
 
 from grace_hf.errors import GraceInputError
-from grace_hf.outputs import MODEL, check_output_dir, output_directory
 
 from .configuration_flamingo import FlamingoConfig
 from .modeling_flamingo import FlamingoForConditionalGeneration
@@ -210,15 +209,12 @@ def convert_openflamingo(
     openflamingo_checkpoint: Path,
     mpt_weights: Path,
     clip_weights: Path,
-    output_dir: Path,
     config: FlamingoConfig,
     tokenizer: Path | None = None,
     dtype: torch.dtype = torch.float32,
-    overwrite: bool = False,
-) -> Path:
-    """Convert and write `output_dir` atomically (model, generation config and, with `tokenizer`, the processor)."""
-    inputs = [openflamingo_checkpoint, mpt_weights, clip_weights, tokenizer]
-    check_output_dir(output_dir, MODEL, inputs, overwrite)
+) -> tuple[FlamingoForConditionalGeneration, FlamingoProcessor | None]:
+    """The converted model (with its generation config) and, with `tokenizer`, its processor; `save_pretrained`
+    writes them (`grace-hf convert-openflamingo` into its output directory)."""
     with torch.device("meta"):
         model = FlamingoForConditionalGeneration(config)
     expected = {k: v.shape for k, v in model.state_dict().items() if k != "lm_head.weight"}
@@ -235,14 +231,8 @@ def convert_openflamingo(
     model.tie_weights()
     model.generation_config.eos_token_id = config.end_of_chunk_token_id
     model.generation_config.pad_token_id = config.pad_token_id
-    processor = None
-    if tokenizer is not None:
-        processor = _build_processor(tokenizer, config)
-    with output_directory(output_dir, MODEL, inputs, overwrite, "grace-hf convert-openflamingo") as tmp:
-        model.save_pretrained(tmp)
-        if processor is not None:
-            processor.save_pretrained(tmp)
-    return output_dir
+    processor = None if tokenizer is None else _build_processor(tokenizer, config)
+    return model, processor
 
 
 def _build_processor(tokenizer_dir: Path, config: FlamingoConfig) -> FlamingoProcessor:

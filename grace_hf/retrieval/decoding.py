@@ -1,7 +1,12 @@
-"""Beam search constrained to an identifier trie, with no host synchronisation between its steps: the retriever's
-fast path.
+"""The retriever's two decoders behind one interface: `decoder(input_ids, attention_mask, image_features)` ->
+`TrieBeamSearchOutput` (each query's beams: identifier index and score, best first). `make_decoder` builds the one
+`choose_decoding` picks:
 
-It is the search `generate(num_beams=K, early_stopping=False, ...)` runs with a `TrieLogitsProcessor` (the same
+- "generate" (`GenerateSearch`): transformers' `generate` with the trie's `TrieLogitsProcessor` (CPU, greedy search,
+  DeepSpeed ZeRO-3);
+- "fast" (`TrieBeamSearch`): beam search constrained to the trie with no host synchronisation between its steps.
+
+The fast search is the search `generate(num_beams=K, early_stopping=False, ...)` runs with a `TrieLogitsProcessor` (the same
 top-2K candidates, finishing, ranking and early-stop rules as transformers' beam search, step for step), built so
 that a whole search can be one CUDA graph:
 
@@ -25,15 +30,25 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
-from transformers import StaticCache
+from transformers import GenerationConfig, StaticCache
 
+from grace_hf.errors import GraceInputError
 from grace_hf.models.flamingo.modeling_flamingo import check_media_count, media_index_from_input_ids
 from grace_hf.retrieval.trie import IdentifierTrie
 
-__all__ = ["TrieBeamSearch", "TrieBeamSearchOutput"]
+__all__ = [
+    "DECODING_MODES",
+    "GenerateSearch",
+    "TrieBeamSearch",
+    "TrieBeamSearchOutput",
+    "beam_generation_config",
+    "choose_decoding",
+    "make_decoder",
+]
 
 logger = logging.getLogger(__name__)
 
+DECODING_MODES = ("auto", "fast", "generate")
 _FINISHED = -1.0e9  # transformers' penalty for a beam that may no longer run or finish
 
 
@@ -337,3 +352,111 @@ class TrieBeamSearch:
             finished=finished,
             improvable=improvable,
         )
+
+
+def beam_generation_config(
+    num_beams: int, max_new_tokens: int, length_penalty: float, eos_token_id: int, pad_token_id: int
+) -> GenerationConfig:
+    """How the retriever calls `generate`: every beam returned with its score, up to the trie's depth."""
+    return GenerationConfig(
+        num_beams=num_beams,
+        num_return_sequences=num_beams,
+        max_new_tokens=max_new_tokens,
+        length_penalty=length_penalty,
+        do_sample=False,
+        early_stopping=False,
+        eos_token_id=eos_token_id,
+        pad_token_id=pad_token_id,
+        return_dict_in_generate=True,
+        output_scores=True,
+        output_logits=num_beams == 1,  # greedy search returns no sequence scores: computed from these
+        use_cache=True,
+    )
+
+
+def choose_decoding(requested: str, model: Any, num_beams: int) -> tuple[str, str]:
+    """The decoding `requested` ("auto", "fast" or "generate") resolves to for `model` and `num_beams`, and why."""
+    if requested not in DECODING_MODES:
+        raise GraceInputError(f"decoding must be one of {DECODING_MODES}, got {requested!r}")
+    parameter = next(model.parameters())
+    if num_beams < 2:
+        blocker = "one beam is greedy search"
+    elif hasattr(parameter, "ds_id"):
+        blocker = "DeepSpeed ZeRO-3 shards the model"
+    else:
+        blocker = None
+    if requested == "fast" and blocker:
+        raise GraceInputError(f"decoding='fast' is not available here: {blocker}")
+    if requested != "auto":
+        return requested, "requested"
+    if blocker:
+        return "generate", blocker
+    if parameter.device.type != "cuda":
+        return "generate", "no GPU"
+    return "fast", "GPU: static cache, one CUDA graph per call"
+
+
+class GenerateSearch:
+    """The trie-constrained search through transformers' `generate` and the trie's `TrieLogitsProcessor`; the same
+    arguments and output as `TrieBeamSearch` (one beam: greedy search, scored as beam search would)."""
+
+    def __init__(
+        self,
+        model: Any,
+        trie: IdentifierTrie,
+        num_beams: int,
+        eos_token_id: int,
+        pad_token_id: int,
+        length_penalty: float = 0.0,
+    ):
+        self.model, self.trie = model, trie
+        self.num_beams, self.length_penalty = num_beams, length_penalty
+        self.eos_token_id, self.pad_token_id = eos_token_id, pad_token_id
+
+    @torch.no_grad()
+    def __call__(
+        self, input_ids: torch.Tensor, attention_mask: torch.Tensor, image_features: torch.Tensor | None = None
+    ) -> TrieBeamSearchOutput:
+        """The identifier index (-1: none) and score of each beam, (B, K), of each left-padded prompt."""
+        inputs = {"input_ids": input_ids, "attention_mask": attention_mask}
+        if image_features is not None:
+            inputs["image_features"] = image_features
+        prompt_length = input_ids.shape[1]
+        # in place under beam search, which hands the processor a fresh log_softmax every step
+        processor = self.trie.logits_processor(prompt_length, self.pad_token_id, inplace=self.num_beams > 1)
+        config = beam_generation_config(
+            self.num_beams, self.trie.max_depth, self.length_penalty, self.eos_token_id, self.pad_token_id
+        )
+        output = self.model.generate(**inputs, generation_config=config, logits_processor=[processor])
+        found = self.trie.lookup(output.sequences[:, prompt_length:], end_token_id=self.eos_token_id)
+        scores = output.sequences_scores if self.num_beams > 1 else self._greedy_scores(output, prompt_length)
+        return TrieBeamSearchOutput(found.view(-1, self.num_beams), scores.view(-1, self.num_beams))
+
+    def _greedy_scores(self, output: Any, prompt_length: int) -> torch.Tensor:
+        """Beam search's score for one beam: log-probability of the tokens up to the first end token, divided by
+        length ** length_penalty. (B,)"""
+        tokens = output.sequences[:, prompt_length:]  # (B, T)
+        log_probs = torch.stack(output.logits, dim=1).float().log_softmax(-1)  # (B, T, V)
+        token_log_probs = log_probs.gather(2, tokens[..., None])[..., 0]  # (B, T)
+        is_end = tokens == self.eos_token_id
+        length = torch.where(is_end.any(1), is_end.long().argmax(1) + 1, tokens.shape[1])  # (B,)
+        inside = torch.arange(tokens.shape[1], device=tokens.device)[None] < length[:, None]  # (B, T)
+        return (token_log_probs * inside).sum(1) / length.float() ** self.length_penalty
+
+
+def make_decoder(
+    decoding: str,
+    model: Any,
+    trie: IdentifierTrie,
+    num_beams: int,
+    eos_token_id: int,
+    pad_token_id: int,
+    length_penalty: float = 0.0,
+    compile: bool | dict[str, Any] = False,
+) -> TrieBeamSearch | GenerateSearch:
+    """The decoder of a resolved `decoding` ("fast" or "generate"; see `choose_decoding`)."""
+    if decoding == "fast":
+        return TrieBeamSearch(
+            model, trie, num_beams, eos_token_id, pad_token_id, length_penalty=length_penalty, compile=compile
+        )
+    return GenerateSearch(model, trie, num_beams, eos_token_id, pad_token_id, length_penalty=length_penalty)
