@@ -150,6 +150,13 @@ class AddImagesArguments(DataArguments):
     pseudo_queries: str | None = field(
         default=None, metadata={"help": "Pseudo-queries of the new val and test images ({file name: [query, ...]})."}
     )
+    captioner: str | None = field(
+        default=None,
+        metadata={
+            "help": "A captioner directory (`task: captioner`) that writes the new val and test images' pseudo-queries "
+            "from their pixels, instead of a pseudo_queries file."
+        },
+    )
     t2id_image: Literal["none", "blank"] | None = field(
         default=None, metadata={"help": "The model's own (its grace_config.json); another value is an error."}
     )
@@ -174,6 +181,8 @@ class AddImagesArguments(DataArguments):
             raise GraceInputError(f"add-images trains retrieval, not task {self.task!r}")
         if self.karpathy_json is None or self.image_root is None:
             raise GraceInputError("add-images needs karpathy_json and image_root (the new images)")
+        if self.pseudo_queries is not None and self.captioner is not None:
+            raise GraceInputError("give pseudo_queries or a captioner that writes them, not both")
         if self.replay_ratio is not None and self.replay_ratio < 0:
             raise GraceInputError(f"replay_ratio must be >= 0, got {self.replay_ratio}")
         if self.eval_split != "test":
@@ -181,7 +190,14 @@ class AddImagesArguments(DataArguments):
         self._check_values()
 
     def input_paths(self) -> list[str | None]:
-        return [*(self.data or []), self.karpathy_json, self.image_root, self.pseudo_queries, self.image_features]
+        return [
+            *(self.data or []),
+            self.karpathy_json,
+            self.image_root,
+            self.pseudo_queries,
+            self.captioner,
+            self.image_features,
+        ]
 
 
 @dataclass
