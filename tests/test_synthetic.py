@@ -14,7 +14,7 @@ from grace_hf.data.synthetic import (
     COLORS,
     EXTENDED_TEMPLATES,
     MAX_IMAGES,
-    PSEUDO_QUERIES_JSON,
+    ORACLE_PSEUDO_QUERIES_JSON,
     SHAPES,
     SYNTHETIC_JSON,
     SyntheticStyle,
@@ -27,10 +27,12 @@ NUM_IMAGES = 40
 
 @pytest.fixture(scope="module")
 def synthetic(tmp_path_factory):
-    out = write_synthetic(tmp_path_factory.mktemp("syn") / "data", NUM_IMAGES, seed=3, num_workers=1)
+    out = write_synthetic(
+        tmp_path_factory.mktemp("syn") / "data", NUM_IMAGES, seed=3, num_workers=1, oracle_pseudo_queries=True
+    )
     with open(out / SYNTHETIC_JSON) as f:
         data = json.load(f)
-    with open(out / PSEUDO_QUERIES_JSON) as f:
+    with open(out / ORACLE_PSEUDO_QUERIES_JSON) as f:
         queries = json.load(f)
     return out, data, queries
 
@@ -80,8 +82,8 @@ def test_pseudo_queries_for_non_train_images(synthetic):
 
 def test_same_seed_same_files(tmp_path, synthetic):
     out, _, _ = synthetic
-    again = write_synthetic(tmp_path / "again", NUM_IMAGES, seed=3, num_workers=2)
-    for name in (SYNTHETIC_JSON, PSEUDO_QUERIES_JSON, "images/synthetic_000007.png"):
+    again = write_synthetic(tmp_path / "again", NUM_IMAGES, seed=3, num_workers=2, oracle_pseudo_queries=True)
+    for name in (SYNTHETIC_JSON, ORACLE_PSEUDO_QUERIES_JSON, "images/synthetic_000007.png"):
         assert (again / name).read_bytes() == (out / name).read_bytes()
     other = write_synthetic(tmp_path / "other", NUM_IMAGES, seed=4, num_workers=1)
     assert (other / SYNTHETIC_JSON).read_bytes() != (out / SYNTHETIC_JSON).read_bytes()
@@ -125,7 +127,9 @@ STYLE = SyntheticStyle(
 
 @pytest.fixture(scope="module")
 def styled(tmp_path_factory):
-    return write_synthetic(tmp_path_factory.mktemp("styled") / "data", 60, seed=3, num_workers=1, style=STYLE)
+    return write_synthetic(
+        tmp_path_factory.mktemp("styled") / "data", 60, seed=3, num_workers=1, style=STYLE, oracle_pseudo_queries=True
+    )
 
 
 def test_style_files_folders_and_splits(styled, synthetic):
@@ -143,7 +147,7 @@ def test_style_files_folders_and_splits(styled, synthetic):
     splits = [image["split"] for image in data["images"]]
     assert (splits.count("val"), splits.count("test"), splits.count("train")) == (12, 9, 39)
     corpus = load_karpathy(styled / SYNTHETIC_JSON, styled)  # keys resolve under the sub-folders
-    assert len(load_pseudo_queries(styled / PSEUDO_QUERIES_JSON, corpus)) == 21
+    assert len(load_pseudo_queries(styled / ORACLE_PSEUDO_QUERIES_JSON, corpus)) == 21
 
 
 def test_extended_captions_draw_the_extra_templates(styled):
@@ -155,12 +159,14 @@ def test_extended_captions_draw_the_extra_templates(styled):
 
 
 def test_style_is_deterministic_and_default_style_is_the_demo_data(tmp_path, styled, synthetic):
-    again = write_synthetic(tmp_path / "again", 60, seed=3, num_workers=2, style=STYLE)
+    again = write_synthetic(tmp_path / "again", 60, seed=3, num_workers=2, style=STYLE, oracle_pseudo_queries=True)
     for path in sorted(p for p in styled.rglob("*") if p.is_file()):
         assert (again / path.relative_to(styled)).read_bytes() == path.read_bytes()
     out, _, _ = synthetic
-    default = write_synthetic(tmp_path / "default", NUM_IMAGES, seed=3, num_workers=1, style=SyntheticStyle())
-    for name in (SYNTHETIC_JSON, PSEUDO_QUERIES_JSON, "images/synthetic_000007.png"):
+    default = write_synthetic(
+        tmp_path / "default", NUM_IMAGES, seed=3, num_workers=1, style=SyntheticStyle(), oracle_pseudo_queries=True
+    )
+    for name in (SYNTHETIC_JSON, ORACLE_PSEUDO_QUERIES_JSON, "images/synthetic_000007.png"):
         assert (default / name).read_bytes() == (out / name).read_bytes()
 
 
@@ -197,3 +203,23 @@ def test_cli_style_flags(tmp_path, capsys):
     assert cli.main([*argv[:2], str(tmp_path / "bad"), "--formats", "gif"]) == 2
     assert "--formats: expected some of png, jpeg" in capsys.readouterr().err
     assert not (tmp_path / "bad").exists()
+
+
+def test_no_pseudo_queries_unless_the_oracle_is_asked_for(tmp_path, synthetic):
+    """Val/test images get no text from the generator by default: their pseudo-queries must come from pixels."""
+    out = write_synthetic(tmp_path / "plain", NUM_IMAGES, seed=3, num_workers=1)
+    assert not (out / ORACLE_PSEUDO_QUERIES_JSON).exists()
+    assert not list(out.glob("*pseudo*"))
+    assert (out / SYNTHETIC_JSON).read_bytes() == (synthetic[0] / SYNTHETIC_JSON).read_bytes()
+
+
+def test_gray_images_are_captioned_without_colours(tmp_path):
+    """A gray image's captions say how light its shape and background look, never a colour it does not show."""
+    out = write_synthetic(tmp_path / "gray", 30, seed=5, num_workers=1, style=SyntheticStyle(modes=("L",)))
+    data = json.loads((out / SYNTHETIC_JSON).read_text())
+    colour_words = set(COLORS) | {"navy", "beige", "lavender"}
+    for image in data["images"]:
+        assert Image.open(out / image["filepath"] / image["filename"]).mode == "L"
+        words = {token for sentence in image["sentences"] for token in sentence["tokens"]}
+        assert not words & colour_words, image["filename"]
+        assert words & {"dim", "light", "pale", "dark"}, image["filename"]

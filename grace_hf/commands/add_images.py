@@ -4,6 +4,7 @@
     grace-hf add-images --config recipes/synthetic/add_images.yaml --model runs/synthetic-structured \\
         --karpathy-json data/new/dataset_synthetic.json --image-root data/new \\
         --pseudo-queries data/new/pseudo_queries.json --output-dir runs/synthetic-structured-added
+    grace-hf add-images ... --captioner runs/synthetic-captioner   # new val/test images with no text at all
     accelerate launch --config_file accelerate_configs/deepspeed_zero3.yaml -m grace_hf add-images \\
         --config recipes/flickr30k/add_images.yaml --model runs/flickr30k-structured ... --output-dir runs/added
 """

@@ -14,10 +14,11 @@ from pathlib import Path
 import torch
 
 from grace_hf.commands.common import add_num_threads, add_overwrite, command_parser, setup_threads
-from grace_hf.data.captioning import file_names, generate_pseudo_queries
+from grace_hf.data.captioning import caption_splits
 from grace_hf.data.karpathy import MEMORIZED_SPLITS, load_karpathy
-from grace_hf.data.pseudo_queries import PSEUDO_QUERIES_FILE, write_pseudo_queries
+from grace_hf.data.pseudo_queries import PSEUDO_QUERIES_FILE
 from grace_hf.errors import GraceInputError
+from grace_hf.evaluation.captions import write_captioner_output
 from grace_hf.model_dir import IDENTIFIERS_FILE, read_model_dir
 from grace_hf.outputs import PSEUDO_QUERIES, check_output_dir, output_directory
 
@@ -44,9 +45,6 @@ def main(argv: list[str] | None = None) -> int:
         raise GraceInputError(f"--num-queries ({args.num_queries}) cannot exceed --num-beams ({args.num_beams})")
 
     corpus = load_karpathy(args.karpathy_json, args.image_root)
-    images = [image for image in corpus.images if image.split in args.splits]
-    if not images:
-        raise GraceInputError(f"{args.karpathy_json}: no images in split(s) {args.splits}")
     if args.device.startswith("cuda") and not torch.cuda.is_available():
         raise GraceInputError(f"--device {args.device}: no CUDA GPU is available here; pass --device cpu")
     captioner = read_model_dir(args.model, retriever=False)
@@ -55,18 +53,23 @@ def main(argv: list[str] | None = None) -> int:
             f"--model {args.model}: a retrieval model (it has {IDENTIFIERS_FILE}), not a captioner; train one with "
             "`task: captioner`"
         )
-    queries = generate_pseudo_queries(
+    queries = caption_splits(
         captioner.model.to(args.device),
         captioner.processor,
-        images,
-        args.num_queries,
-        args.num_beams,
-        args.max_new_tokens,
-        args.batch_size,
+        corpus,
+        args.splits,
+        num_queries=args.num_queries,
+        num_beams=args.num_beams,
+        max_new_tokens=args.max_new_tokens,
+        batch_size=args.batch_size,
     )
-    names = file_names(corpus.images)
     with output_directory(args.output_dir, PSEUDO_QUERIES, inputs, args.overwrite, "grace-hf pseudo-queries") as tmp:
-        write_pseudo_queries(tmp / PSEUDO_QUERIES_FILE, {names[key]: texts for key, texts in queries.items()})
+        quality = write_captioner_output(tmp, corpus, queries)
+    if quality is not None:
+        print(
+            f"BLEU-4 of the first pseudo-query against the {quality['num_images']} val images' captions: "
+            f"{quality['bleu4']:.1f}"
+        )
     empty = sum(not texts for texts in queries.values())
     path = Path(args.output_dir) / PSEUDO_QUERIES_FILE
     print(f"wrote {path}: {len(queries)} images" + (f", {empty} without a usable query" if empty else ""))

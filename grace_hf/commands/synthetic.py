@@ -1,5 +1,5 @@
-"""`grace-hf synthetic --output-dir DIR`: the built-in demo data (shape images, captions, pseudo-queries) in the
-Karpathy format."""
+"""`grace-hf synthetic --output-dir DIR`: the built-in demo data (shape images and their captions) in the Karpathy
+format."""
 
 from __future__ import annotations
 
@@ -33,6 +33,12 @@ def main(argv: list[str] | None = None) -> int:
     style.add_argument(
         "--caption-style", default=default.caption_style, help=f"caption template mix: {', '.join(CAPTION_STYLES)}"
     )
+    parser.add_argument(
+        "--oracle-pseudo-queries",
+        action="store_true",
+        help="also write oracle_pseudo_queries.json: val/test queries from each scene's true attributes, an upper "
+        "bound no real collection has (real pseudo-queries: `grace-hf pseudo-queries`)",
+    )
     add_overwrite(parser)
     args = parser.parse_args(argv)
     chosen = SyntheticStyle(
@@ -44,7 +50,15 @@ def main(argv: list[str] | None = None) -> int:
         test_fraction=args.test_fraction,
         caption_style=args.caption_style,
     )
-    out = write_synthetic(args.output_dir, args.num_images, args.seed, args.num_workers, args.overwrite, chosen)
+    out = write_synthetic(
+        args.output_dir,
+        args.num_images,
+        args.seed,
+        args.num_workers,
+        args.overwrite,
+        chosen,
+        args.oracle_pseudo_queries,
+    )
     splits = [image["split"] for image in read_json(out / SYNTHETIC_JSON, "Karpathy JSON")["images"]]
     counts = ", ".join(f"{s} {splits.count(s)}" for s in ("train", "val", "test"))
     print(f"wrote {len(splits)} images ({counts}) to {out}")

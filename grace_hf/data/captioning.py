@@ -14,12 +14,13 @@ from collections.abc import Sequence
 import torch
 
 from grace_hf.data.images import read_rgb
-from grace_hf.data.karpathy import KarpathyImage
+from grace_hf.data.karpathy import KarpathyCorpus, KarpathyImage
+from grace_hf.errors import GraceInputError
 from grace_hf.models.flamingo import FlamingoForConditionalGeneration, FlamingoProcessor
 from grace_hf.prompts import caption_prompt
 from grace_hf.runtime import progress_bar
 
-__all__ = ["file_names", "generate_pseudo_queries"]
+__all__ = ["caption_splits", "file_names", "generate_pseudo_queries"]
 
 
 @torch.no_grad()
@@ -61,3 +62,18 @@ def file_names(images: Sequence[KarpathyImage]) -> dict[str, str]:
     """image key -> the name the original file uses (the file name; the key where file names repeat)."""
     counts = Counter(image.filename for image in images)
     return {image.key: image.filename if counts[image.filename] == 1 else image.key for image in images}
+
+
+def caption_splits(
+    model: FlamingoForConditionalGeneration,
+    processor: FlamingoProcessor,
+    corpus: KarpathyCorpus,
+    splits: Sequence[str],
+    **generation: int,
+) -> dict[str, list[str]]:
+    """`{image_key: [query, ...]}` for every image of `splits` (`generation`: `generate_pseudo_queries` options);
+    a `GraceInputError` when those splits hold no image."""
+    images = [image for image in corpus.images if image.split in splits]
+    if not images:
+        raise GraceInputError(f"{corpus.json_path}: no images in split(s) {list(splits)}")
+    return generate_pseudo_queries(model, processor, images, **generation)

@@ -3,12 +3,17 @@
 Every image shows one shape (8 kinds) in one of 10 colors, 3 sizes, 3 fill patterns, at one of 9
 positions on one of 6 backgrounds: 38,880 distinct contents, so up to that many images are all
 different. Each image gets five human-style captions from varied templates (some leave an attribute
-out, as people do) and, for val and test images, five terse pseudo-queries in a captioner's style.
+out, as people do) that name only what its pixels show: a gray image's captions say how light its shape and
+background are, not their colours.
 
     grace-hf synthetic --output-dir data/synthetic --num-images 1000 --seed 0
 
-writes `data/synthetic/dataset_synthetic.json` (Karpathy format, `filepath` "images"),
-`data/synthetic/images/*.png` (64x64 RGB) and `data/synthetic/pseudo_queries.json`.
+writes `data/synthetic/dataset_synthetic.json` (Karpathy format, `filepath` "images") and
+`data/synthetic/images/*.png` (64x64 RGB). No text is written for the val and test images beyond their human
+captions, which are evaluation queries: their pseudo-queries come from a captioner that looks at the pixels
+(`grace-hf pseudo-queries`). `--oracle-pseudo-queries` also writes `oracle_pseudo_queries.json`, five terse queries
+per val/test image written from the scene's true attributes: an upper bound that no real collection has, for
+labelled upper-bound rows only.
 
 Style options (`SyntheticStyle`) make a collection that looks different from the default one, to check recipes on
 data they were not tuned on: images of several sizes, PNG and JPEG files, gray (L) and RGBA images, images spread
@@ -34,7 +39,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageChops, ImageDraw
 
-from grace_hf.data.pseudo_queries import PSEUDO_QUERIES_FILE, write_pseudo_queries
+from grace_hf.data.pseudo_queries import write_pseudo_queries
 from grace_hf.errors import GraceInputError
 from grace_hf.io_utils import atomic_write_text
 from grace_hf.outputs import SYNTHETIC_DATA, check_output_dir, output_directory
@@ -42,7 +47,7 @@ from grace_hf.runtime import default_processes, progress_bar
 
 __all__ = [
     "SYNTHETIC_JSON",
-    "PSEUDO_QUERIES_JSON",
+    "ORACLE_PSEUDO_QUERIES_JSON",
     "IMAGE_DIR",
     "MAX_IMAGES",
     "CAPTION_STYLES",
@@ -54,7 +59,7 @@ __all__ = [
 ]
 
 SYNTHETIC_JSON = "dataset_synthetic.json"
-PSEUDO_QUERIES_JSON = PSEUDO_QUERIES_FILE
+ORACLE_PSEUDO_QUERIES_JSON = "oracle_pseudo_queries.json"
 IMAGE_DIR = "images"
 IMAGE_SIZE = 64
 
@@ -108,7 +113,9 @@ POSITION_WORDS = {
     "bottom": ("at the bottom", "near the bottom edge"),
     "bottom right": ("in the bottom right corner", "at the lower right"),
 }
-BACKGROUND_WORDS = {name: (f"{name} background", f"{name} backdrop") for name in BACKGROUNDS}
+# What a gray (L) image shows of a colour: how light it is. Several colours look alike there, and say so.
+GRAY_TONES = ((60, "dark"), (120, "dim"), (190, "light"), (256, "pale"))  # (upper luminance bound, word)
+GRAY_BACKGROUNDS = ((40, "black"), (100, "dark"), (160, "gray"), (230, "light"), (256, "white"))
 
 # Human-style templates. The first ones name every attribute; the rest leave some out.
 FULL_TEMPLATES = (
@@ -322,9 +329,22 @@ def _pick(rng: np.random.Generator, options: tuple[str, ...]) -> str:
     return options[int(rng.integers(len(options)))]
 
 
-def _captions(content: _Content, rng: np.random.Generator, caption_style: str = "default") -> list[str]:
+def _luminance(rgb: tuple[int, int, int]) -> float:
+    """Pillow's RGB -> L weights (ITU-R 601-2)."""
+    return 0.299 * rgb[0] + 0.587 * rgb[1] + 0.114 * rgb[2]
+
+
+def _tone(rgb: tuple[int, int, int], tones: tuple[tuple[int, str], ...]) -> str:
+    return next(word for bound, word in tones if _luminance(rgb) < bound)
+
+
+def _captions(
+    content: _Content, rng: np.random.Generator, caption_style: str = "default", gray: bool = False
+) -> list[str]:
     """Five human-style captions: one full template, then four others, all different templates (`extended`: the
-    four drawn from a wider mix)."""
+    four drawn from a wider mix). `gray`: the image is gray, so colours are named by how light they look."""
+    color = _tone(COLORS[content.color], GRAY_TONES) if gray else content.color
+    background = _tone(BACKGROUNDS[content.background], GRAY_BACKGROUNDS) if gray else content.background
     full = int(rng.integers(len(FULL_TEMPLATES)))
     others = [t for i, t in enumerate(FULL_TEMPLATES) if i != full] + list(PARTIAL_TEMPLATES)
     if caption_style == "extended":
@@ -334,18 +354,18 @@ def _captions(content: _Content, rng: np.random.Generator, caption_style: str = 
     for template in templates:
         words = {
             "shape": content.shape,
-            "color": content.color,
+            "color": color,
             "size": _pick(rng, SIZE_WORDS[content.size]),
             "fill": _pick(rng, FILL_WORDS[content.fill]),
             "position": _pick(rng, POSITION_WORDS[content.position]),
-            "background": _pick(rng, BACKGROUND_WORDS[content.background]),
+            "background": f"{background} {_pick(rng, ('background', 'backdrop'))}",
         }
         captions.append(_render(template, words))
     return captions
 
 
-def _pseudo_queries(content: _Content) -> list[str]:
-    """Five terse captioner-style queries naming every attribute."""
+def _oracle_pseudo_queries(content: _Content) -> list[str]:
+    """Five terse captioner-style queries naming every true attribute (an oracle: no captioner sees this much)."""
     words = {field: getattr(content, field) for field in _Content.__dataclass_fields__}
     return [template.format(**words) for template in PSEUDO_QUERY_TEMPLATES]
 
@@ -397,11 +417,13 @@ def write_synthetic(
     num_workers: int | None = None,
     overwrite: bool = False,
     style: SyntheticStyle | None = None,
+    oracle_pseudo_queries: bool = False,
 ) -> Path:
     """Write the synthetic dataset to `out_dir` (built aside, then renamed; see `grace_hf.outputs`) and return it.
 
-    `out_dir/dataset_synthetic.json` is the Karpathy JSON (image root: `out_dir`),
-    `out_dir/pseudo_queries.json` maps the file name of every val/test image to five queries.
+    `out_dir/dataset_synthetic.json` is the Karpathy JSON (image root: `out_dir`). With `oracle_pseudo_queries`,
+    `out_dir/oracle_pseudo_queries.json` maps the file name of every val/test image to five queries written from its
+    true attributes (for upper-bound rows only; see the module docstring).
     `style` (default: `SyntheticStyle()`, the demo data) sets sizes, formats, modes, folders, split fractions and
     captions. The same `num_images`, `seed` and `style` give byte-identical files.
     """
@@ -418,7 +440,7 @@ def write_synthetic(
     images, pseudo_queries, sentid = [], {}, 0
     for i, (name, content, split, file_style) in enumerate(zip(names, contents, splits, file_styles)):
         sentences = []
-        for raw in _captions(content, rng, style.caption_style):
+        for raw in _captions(content, rng, style.caption_style, gray=file_style.mode == "L"):
             tokens = raw.lower().replace(",", " ").replace(".", " ").split()
             sentences.append({"tokens": tokens, "raw": raw, "imgid": i, "sentid": sentid})
             sentid += 1
@@ -433,7 +455,7 @@ def write_synthetic(
             }
         )
         if split != "train":
-            pseudo_queries[name] = _pseudo_queries(content)
+            pseudo_queries[name] = _oracle_pseudo_queries(content)
 
     out_dir = Path(out_dir)
     with output_directory(out_dir, SYNTHETIC_DATA, overwrite=overwrite, command="grace-hf synthetic") as tmp:
@@ -454,5 +476,6 @@ def write_synthetic(
                     pass
         # compact like the real Karpathy files (and json's indenting encoder is slow and memory-hungry)
         atomic_write_text(tmp / SYNTHETIC_JSON, json.dumps({"dataset": "synthetic", "images": images}))
-        write_pseudo_queries(tmp / PSEUDO_QUERIES_JSON, pseudo_queries)
+        if oracle_pseudo_queries:
+            write_pseudo_queries(tmp / ORACLE_PSEUDO_QUERIES_JSON, pseudo_queries)
     return out_dir

@@ -1,5 +1,5 @@
 """A self-contained HTML page of retrieval results: each query with its ranked images as thumbnails (data URIs),
-the gold image framed in green when it is known."""
+the gold image framed in green when it is known; optionally, images beside the pseudo-queries a captioner wrote."""
 
 from __future__ import annotations
 
@@ -21,6 +21,7 @@ from grace_hf.retrieval.results import RetrievedImage
 
 __all__ = [
     "GALLERY_FILE",
+    "CaptionedImage",
     "GalleryEntry",
     "dataset_image_loader",
     "folder_image_loader",
@@ -46,6 +47,9 @@ figure.gold figcaption { color: #1a9c3b; font-weight: bold; }
 figure.absent { opacity: 0.6; }
 figure.query img { border-color: #3b6fd1; }
 .missing { line-height: SIZEpx; color: #999; }
+.captioned { display: flex; gap: 14px; align-items: center; margin-bottom: 10px; font-size: 13px; }
+.captioned ul { margin: 0; padding-left: 18px; }
+.human { color: #555; }
 """
 
 
@@ -57,6 +61,28 @@ class GalleryEntry:
     hits: Sequence[RetrievedImage]
     gold: str | None = None
     query_image: Image.Image | None = None
+
+
+@dataclass
+class CaptionedImage:
+    """An image with the pseudo-queries a captioner wrote for it and a human caption to compare them with."""
+
+    image_key: str
+    pseudo_queries: Sequence[str]
+    human_caption: str | None = None
+
+
+def _captioned_section(images: Sequence[CaptionedImage], load_image: ImageLoader | None, size: int) -> str:
+    rows = []
+    for item in images:
+        picture = _thumbnail(load_image(item.image_key) if load_image is not None else None, size)
+        queries = "".join(f"<li>{html.escape(query)}</li>" for query in item.pseudo_queries)
+        human = f'<div class="human">human: {html.escape(item.human_caption)}</div>' if item.human_caption else ""
+        rows.append(
+            f'<div class="captioned" title="{html.escape(item.image_key)}">{picture}'
+            f"<div><ul>{queries}</ul>{human}</div></div>"
+        )
+    return "<section><h2>What the captioner wrote (pseudo-queries)</h2>" + "".join(rows) + "</section>"
 
 
 def _thumbnail(image: Image.Image | None, size: int) -> str:
@@ -82,8 +108,10 @@ def render_gallery(
     load_image: ImageLoader | None = None,
     title: str = "GRACE retrieval",
     size: int = 112,
+    captioned: Sequence[CaptionedImage] = (),
 ) -> str:
-    """The page as a string; `load_image(image_key)` gives the picture of a key (None: a placeholder)."""
+    """The page as a string; `load_image(image_key)` gives the picture of a key (None: a placeholder); `captioned`
+    adds a last section of images with their pseudo-queries."""
     sections = []
     for entry in entries:
         figures = []
@@ -102,6 +130,8 @@ def render_gallery(
             f"<section><h2>{html.escape(entry.query)}</h2>{gold_line}"
             f'<div class="hits">{"".join(figures) or "no results"}</div></section>'
         )
+    if captioned:
+        sections.append(_captioned_section(captioned, load_image, size))
     return (
         f'<!DOCTYPE html>\n<html lang="en"><head><meta charset="utf-8"><title>{html.escape(title)}</title>'
         f"<style>{_STYLE.replace('SIZE', str(size))}</style></head>\n<body><h1>{html.escape(title)}</h1>\n"

@@ -25,6 +25,7 @@ from typing import Any
 
 from datasets import Dataset, DatasetDict, concatenate_datasets
 
+from grace_hf.data.captioning import caption_splits
 from grace_hf.data.karpathy import KarpathyCorpus, load_karpathy, teaching_texts
 from grace_hf.data.prepared import (
     PREPARE_FILE,
@@ -73,6 +74,17 @@ def split_batch(batch_size: int, replay_ratio: float) -> tuple[int, int]:
 def _concatenate(parts: list[Dataset]) -> Dataset:
     """`parts` end to end (an empty part, which may have no arrow table at all, is left out)."""
     return concatenate_datasets([part for part in parts if len(part)] or parts[:1])
+
+
+def _new_pseudo_queries(data_args: AddImagesArguments, corpus: KarpathyCorpus) -> dict[str, list[str]]:
+    """The new val and test images' pseudo-queries: read from a file, or written by a captioner from their pixels."""
+    if data_args.pseudo_queries:
+        return load_pseudo_queries(data_args.pseudo_queries, corpus)
+    uncaptioned = [split for split in ("val", "test") if corpus.split(split)]
+    if not data_args.captioner or not uncaptioned:
+        return {}
+    captioner = read_model_dir(data_args.captioner, retriever=False)
+    return caption_splits(captioner.model, captioner.processor, corpus, uncaptioned)
 
 
 def _replay_sources(model: ModelDirectory, data_args: AddImagesArguments) -> list[str]:
@@ -159,7 +171,7 @@ def added_training_data(
     check_output_dir(args.output_dir, MODEL, [*data_args.input_paths(), model.path], args.overwrite)
 
     corpus = load_karpathy(data_args.karpathy_json, data_args.image_root)
-    pseudo_queries = load_pseudo_queries(data_args.pseudo_queries, corpus) if data_args.pseudo_queries else {}
+    pseudo_queries = _new_pseudo_queries(data_args, corpus)
     overrides = {"image_features": data_args.image_features} if data_args.image_features else {}
     index = extend_identifiers(
         model.index,

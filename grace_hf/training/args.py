@@ -47,6 +47,17 @@ class ModelArguments:
         default=2000,
         metadata={"help": "With `model_preset`: size of the BPE tokenizer trained on the dataset's texts."},
     )
+    vision_tower: str | None = field(
+        default=None,
+        metadata={
+            "help": "With `model_preset`: start the vision tower from an open_clip image encoder: a `baseline-clip` "
+            "output directory, or an open_clip config (a JSON file or a built-in name such as 'ViT-L-14') whose "
+            "weights file is `vision_tower_weights`. The tower's shape and image size come from that encoder."
+        },
+    )
+    vision_tower_weights: str | None = field(
+        default=None, metadata={"help": "With a config as `vision_tower`: its open_clip weights file."}
+    )
     freeze_vision: bool = field(default=True, metadata={"help": "Keep the vision tower frozen."})
     gradient_checkpointing: bool = field(default=False, metadata={"help": "Recompute activations in backward."})
 
@@ -64,6 +75,14 @@ class ModelArguments:
             raise GraceInputError("config_overrides only applies to a model_preset")
         if self.model_preset is not None:
             check_model_preset(self.model_preset, self.config_overrides or {})
+        if self.vision_tower is not None and self.model_preset is None:
+            raise GraceInputError("vision_tower starts a fresh model_preset; a pretrained model keeps its own tower")
+        if self.vision_tower_weights is not None and self.vision_tower is None:
+            raise GraceInputError("vision_tower_weights needs vision_tower (the open_clip config it belongs to)")
+
+    def input_paths(self) -> list[str | None]:
+        """The local files and folders the model is built from (an output may not hold them)."""
+        return [self.model, self.vision_tower, self.vision_tower_weights]
 
 
 @dataclass
@@ -132,6 +151,13 @@ class AddImagesArguments(DataArguments):
     pseudo_queries: str | None = field(
         default=None, metadata={"help": "Pseudo-queries of the new val and test images ({file name: [query, ...]})."}
     )
+    captioner: str | None = field(
+        default=None,
+        metadata={
+            "help": "A captioner directory (`task: captioner`) that writes the new val and test images' pseudo-queries "
+            "from their pixels, instead of a pseudo_queries file."
+        },
+    )
     t2id_image: Literal["none", "blank"] | None = field(
         default=None, metadata={"help": "The model's own (its grace_config.json); another value is an error."}
     )
@@ -156,6 +182,8 @@ class AddImagesArguments(DataArguments):
             raise GraceInputError(f"add-images trains retrieval, not task {self.task!r}")
         if self.karpathy_json is None or self.image_root is None:
             raise GraceInputError("add-images needs karpathy_json and image_root (the new images)")
+        if self.pseudo_queries is not None and self.captioner is not None:
+            raise GraceInputError("give pseudo_queries or a captioner that writes them, not both")
         if self.replay_ratio is not None and not (math.isfinite(self.replay_ratio) and self.replay_ratio >= 0):
             raise GraceInputError(f"replay_ratio must be a finite number >= 0, got {self.replay_ratio}")
         if self.eval_split != "test":
@@ -163,7 +191,14 @@ class AddImagesArguments(DataArguments):
         self._check_values()
 
     def input_paths(self) -> list[str | None]:
-        return [*(self.data or []), self.karpathy_json, self.image_root, self.pseudo_queries, self.image_features]
+        return [
+            *(self.data or []),
+            self.karpathy_json,
+            self.image_root,
+            self.pseudo_queries,
+            self.captioner,
+            self.image_features,
+        ]
 
 
 @dataclass

@@ -159,7 +159,7 @@ class _Trainer:
 
     # output and resume
     def _inputs(self) -> list:
-        inputs = [*self.data_args.input_paths(), self.model_args.model, self.args.recipe]
+        inputs = [*self.data_args.input_paths(), *self.model_args.input_paths(), self.args.recipe]
         return inputs + ([self.checkpoint] if self.checkpoint is not None and not self._continues() else [])
 
     def _continues(self) -> bool:

@@ -9,6 +9,8 @@ import torch
 from torch import nn
 from transformers.integrations import is_deepspeed_zero3_enabled
 
+from grace_hf.dense.open_clip_loading import load_open_clip_vision_tower
+from grace_hf.errors import GraceInputError
 from grace_hf.models.flamingo import FlamingoConfig, FlamingoForConditionalGeneration, FlamingoProcessor
 from grace_hf.training.args import ModelArguments
 
@@ -68,6 +70,11 @@ def build_model_and_processor(
     """
     if model_args.model_preset is not None:
         config = FlamingoConfig.from_preset(model_args.model_preset, **(model_args.config_overrides or {}))
+        tower = None
+        if model_args.vision_tower is not None:  # the encoder's own shape, replacing the preset's tower whole
+            config.vision_config, config.vision_quick_gelu, tower = load_open_clip_vision_tower(
+                model_args.vision_tower, model_args.vision_tower_weights
+            )
         processor = FlamingoProcessor.from_texts(
             tokenizer_texts, image_size=config.vision_config["image_size"], vocab_size=model_args.tokenizer_vocab_size
         )
@@ -78,6 +85,8 @@ def build_model_and_processor(
         config.pad_token_id = processor.pad_token_id
         config.freeze_vision = model_args.freeze_vision
         model = FlamingoForConditionalGeneration(config)
+        if tower is not None:
+            _load_vision_tower(model, tower, model_args.vision_tower)
     else:
         processor = FlamingoProcessor.from_pretrained(model_args.model)
         model = FlamingoForConditionalGeneration.from_pretrained(
@@ -96,6 +105,17 @@ def build_model_and_processor(
         # non-reentrant: two forwards (i2id, t2id) feed one backward, also under DDP
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     return model, processor
+
+
+def _load_vision_tower(model: FlamingoForConditionalGeneration, state: dict[str, torch.Tensor], source: str) -> None:
+    """Copy an open_clip encoder's visual weights into the model's vision tower; every tower weight must be given."""
+    result = model.model.vision_model.load_state_dict(state, strict=False)
+    if result.missing_keys or result.unexpected_keys:
+        raise GraceInputError(
+            f"vision_tower {source}: its weights do not fit the tower (missing {result.missing_keys[:3]}, "
+            f"unexpected {result.unexpected_keys[:3]})"
+        )
+    model.model.freeze_vision_tower()
 
 
 def optimizer_parameter_groups(model: nn.Module, weight_decay: float) -> list[dict]:

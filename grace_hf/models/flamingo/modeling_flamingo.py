@@ -391,6 +391,9 @@ class FlamingoModel(FlamingoPreTrainedModel):
             )
         batch, num_media, num_frames = pixel_values.shape[:3]
         images = pixel_values.flatten(0, 2).to(self.vision_model.conv1.weight.dtype)  # (B * N * F, C, H, W)
+        if batch * num_media > 1 and bool((images == images[:1]).all()):
+            # one picture repeated (the t2id pad image of every sample): encode it once, share its latents
+            return self.get_image_features(pixel_values[:1, :1]).expand(batch, num_media, -1, -1)
         with torch.set_grad_enabled(torch.is_grad_enabled() and not self.config.freeze_vision):
             # through the module's own forward, so ZeRO-3 gathers its direct parameters (class/position embeddings)
             tokens = self.vision_model(images)[1]  # (B * N * F, V, Dv), before ln_post (see build_vision_tower)
