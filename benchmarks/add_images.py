@@ -31,7 +31,7 @@ from benchmarks.common import finish_work_dir, open_work_dir
 from benchmarks.synthetic_split import write_part
 from grace_hf.commands.demo import PREPARE_OPTIONS, RECIPES
 from grace_hf.data.karpathy import load_karpathy
-from grace_hf.data.synthetic import PSEUDO_QUERIES_JSON, SYNTHETIC_JSON, write_synthetic
+from grace_hf.data.synthetic import ORACLE_PSEUDO_QUERIES_JSON, SYNTHETIC_JSON, write_synthetic
 from grace_hf.evaluation.model_recall import evaluate_model
 from grace_hf.identifiers import IDENTIFIER_KINDS
 from grace_hf.outputs import is_complete_output
@@ -82,7 +82,7 @@ def _prepare(collection: Path, kind: str, output: Path) -> None:
         collection.parent / "raw",
         kind,
         output,
-        pseudo_queries=collection / PSEUDO_QUERIES_JSON,
+        pseudo_queries=collection / ORACLE_PSEUDO_QUERIES_JSON,
         overwrite=True,
         **PREPARE_OPTIONS.get(kind, {}),
     )
@@ -97,7 +97,7 @@ def _train(kind: str, data: Path, output: Path, extra: list[str]) -> None:
 def _add(model: Path, collection: Path, output: Path, extra: list[str]) -> None:
     argv = ["--config", str(RECIPES / "add_images.yaml"), "--model", str(model), "--output-dir", str(output)]
     argv += ["--karpathy-json", str(collection / SYNTHETIC_JSON), "--image-root", str(collection.parent / "raw")]
-    argv += ["--pseudo-queries", str(collection / PSEUDO_QUERIES_JSON), *COMMON, *extra]
+    argv += ["--pseudo-queries", str(collection / ORACLE_PSEUDO_QUERIES_JSON), *COMMON, *extra]
     parsed = parse_args([*argv, "--overwrite"], ADD_IMAGES_ARGUMENT_CLASSES, "grace-hf add-images")
     add_images(*parsed, command=shlex.join(["grace-hf", "add-images", *argv]))
 
@@ -193,7 +193,7 @@ def main(argv: list[str] | None = None) -> int:
     work = output.build.resolve()  # built beside --work-dir, which it becomes at the end
     raw = work / "raw"
     if not (args.reuse and (raw / SYNTHETIC_JSON).is_file()):
-        write_synthetic(raw, args.num_images, seed=0, overwrite=True)
+        write_synthetic(raw, args.num_images, seed=0, overwrite=True, oracle_pseudo_queries=True)
     first_added = args.num_images - args.num_added
     write_part(raw, work / "a", 0, first_added)
     write_part(raw, work / "b", first_added)

@@ -77,15 +77,19 @@ def dense_rankings(dense: Path, copies: list[Image.Image], candidates: list[str]
 def train(work: Path, kind: str, num_images: int, seed: int, max_steps: int | None) -> tuple[Path, Path, Path]:
     """Synthetic data, the dense baseline and the model, as the demo makes them: (model, dense, prepared)."""
     from grace_hf.commands.demo import train_kind
-    from grace_hf.data.synthetic import PSEUDO_QUERIES_JSON, SYNTHETIC_JSON, write_synthetic
+    from grace_hf.data.synthetic import ORACLE_PSEUDO_QUERIES_JSON, SYNTHETIC_JSON, write_synthetic
     from grace_hf.dense.training import run_baseline
 
     data, dense = work / "data", work / "dense-clip"
     print(f"==> {num_images} synthetic images (seed {seed}) -> {data}", flush=True)
-    write_synthetic(data, num_images, seed, overwrite=True)
-    print(f"==> dense baseline -> {dense}", flush=True)
-    run_baseline(data / SYNTHETIC_JSON, data, dense, data / PSEUDO_QUERIES_JSON, overwrite=True)
-    model = train_kind(kind, work, data, max_steps=max_steps)
+    write_synthetic(data, num_images, seed, overwrite=True, oracle_pseudo_queries=True)
+    print(f"==> dense baseline on the train images -> {dense}", flush=True)
+    run_baseline(data / SYNTHETIC_JSON, data, dense, overwrite=True)
+    # image queries need the memorization task (image -> identifier), whatever the recipe's default
+    texts = data / ORACLE_PSEUDO_QUERIES_JSON  # text queries are not measured here
+    model = train_kind(
+        kind, work, data / SYNTHETIC_JSON, data, texts, dense, max_steps, overrides=("--loss-weight-i2id", "1")
+    )
     return model, dense, work / f"prepared-{kind}"
 
 

@@ -73,7 +73,7 @@ def main(argv: list[str] | None = None) -> int:
         for kind in args.kinds:
             out = work / f"prepared-{kind}"
             command = ["prepare", "--karpathy-json", str(syn / "dataset_synthetic.json"), "--image-root", str(syn)]
-            command += ["--pseudo-queries", str(syn / "pseudo_queries.json"), "--identifier-kind", kind]
+            command += ["--pseudo-queries", str(syn / "oracle_pseudo_queries.json"), "--identifier-kind", kind]
             command += ["--output-dir", str(out), *workers]
             command += ["--pixel-features"] if kind in ("structured", "rq") else []
             wall, peak = _run(command)

@@ -6,18 +6,18 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from grace_hf.data.synthetic import PSEUDO_QUERIES_JSON, SYNTHETIC_JSON
+from grace_hf.data.synthetic import ORACLE_PSEUDO_QUERIES_JSON, SYNTHETIC_JSON
 
 
 def write_part(raw: Path, out: Path, start: int, stop: int | None = None) -> Path:
     """Write images[start:stop] of the synthetic dataset in `raw` as `out/dataset_synthetic.json` and
-    `out/pseudo_queries.json` (their images stay under `raw`); return `out`."""
+    `out/oracle_pseudo_queries.json` (their images stay under `raw`); return `out`."""
     data = json.loads((raw / SYNTHETIC_JSON).read_text(encoding="utf-8"))
-    queries = json.loads((raw / PSEUDO_QUERIES_JSON).read_text(encoding="utf-8"))
+    queries = json.loads((raw / ORACLE_PSEUDO_QUERIES_JSON).read_text(encoding="utf-8"))
     images = data["images"][start:stop]
     names = {image["filename"] for image in images}
     out.mkdir(parents=True, exist_ok=True)
     (out / SYNTHETIC_JSON).write_text(json.dumps({**data, "images": images}), encoding="utf-8")
     part_queries = {name: texts for name, texts in queries.items() if name in names}
-    (out / PSEUDO_QUERIES_JSON).write_text(json.dumps(part_queries), encoding="utf-8")
+    (out / ORACLE_PSEUDO_QUERIES_JSON).write_text(json.dumps(part_queries), encoding="utf-8")
     return out

@@ -40,10 +40,14 @@ def _cached(tmp_path_factory, prefix: str, build: Callable[..., None]) -> Callab
 @pytest.fixture(scope="session")
 def synthetic(tmp_path_factory) -> Callable[..., Path]:
     """`synthetic(num_images=24, seed=0)`: a `grace-hf synthetic` directory (dataset_synthetic.json,
-    pseudo_queries.json, images/). Shared: copy it before changing it."""
+    oracle_pseudo_queries.json, images/). Shared: copy it before changing it."""
     from grace_hf.data.synthetic import write_synthetic  # imported here: HF_HUB_OFFLINE is set before the Hub loads
 
-    make = _cached(tmp_path_factory, "synthetic", lambda out, n, seed: write_synthetic(out, n, seed, num_workers=1))
+    make = _cached(
+        tmp_path_factory,
+        "synthetic",
+        lambda out, n, seed: write_synthetic(out, n, seed, num_workers=1, oracle_pseudo_queries=True),
+    )
     return lambda num_images=24, seed=0: make(num_images, seed)
 
 
@@ -52,12 +56,12 @@ def prepared(tmp_path_factory, synthetic) -> Callable[..., Path]:
     """`prepared(kind="structured", num_images=24, seed=0, **options)`: the synthetic set of that size prepared with
     `kind` identifiers (with its pseudo-queries; structured and rq from pixel features unless `options` say
     otherwise). Shared: copy it before changing it."""
-    from grace_hf.data.synthetic import PSEUDO_QUERIES_JSON, SYNTHETIC_JSON
+    from grace_hf.data.synthetic import ORACLE_PSEUDO_QUERIES_JSON, SYNTHETIC_JSON
     from grace_hf.training.preparation import prepare
 
     def build(out: Path, kind: str, num_images: int, seed: int, options: tuple) -> None:
         raw = synthetic(num_images, seed)
-        prepare(raw / SYNTHETIC_JSON, raw, kind, out, pseudo_queries=raw / PSEUDO_QUERIES_JSON, **dict(options))
+        prepare(raw / SYNTHETIC_JSON, raw, kind, out, pseudo_queries=raw / ORACLE_PSEUDO_QUERIES_JSON, **dict(options))
 
     make = _cached(tmp_path_factory, "prepared", build)
 

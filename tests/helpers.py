@@ -14,7 +14,7 @@ from PIL import Image as PILImage
 from benchmarks.synthetic_split import write_part
 from benchmarks.tiny_model import save_random_model_dir
 from grace_hf.commands import train as train_command
-from grace_hf.data.synthetic import PSEUDO_QUERIES_JSON, SYNTHETIC_JSON, write_synthetic
+from grace_hf.data.synthetic import ORACLE_PSEUDO_QUERIES_JSON, SYNTHETIC_JSON, write_synthetic
 from grace_hf.identifiers import IdentifierIndex
 from grace_hf.models.flamingo import FlamingoConfig, FlamingoForConditionalGeneration
 from grace_hf.training.preparation import prepare
@@ -135,7 +135,7 @@ def run_training(argv: list[str]) -> None:
 def write_collections(root: Path) -> tuple[Path, Path]:
     """The add-images set-up under `root`: the synthetic images in `raw`, and the collections `old` (the first
     `NUM_OLD` images) and `new` (the rest) beside it, as `add_argv` expects."""
-    write_synthetic(root / "raw", num_images=NUM_IMAGES, seed=0, num_workers=1)
+    write_synthetic(root / "raw", num_images=NUM_IMAGES, seed=0, num_workers=1, oracle_pseudo_queries=True)
     return write_part(root / "raw", root / "old", 0, NUM_OLD), write_part(root / "raw", root / "new", NUM_OLD)
 
 
@@ -145,7 +145,12 @@ def train_old(root: Path, old: Path, kind: str) -> tuple[Path, Path]:
     prepared = root / "prepared"
     options = KIND_OPTIONS.get(kind, {})
     prepare(
-        old / SYNTHETIC_JSON, old.parent / "raw", kind, prepared, pseudo_queries=old / PSEUDO_QUERIES_JSON, **options
+        old / SYNTHETIC_JSON,
+        old.parent / "raw",
+        kind,
+        prepared,
+        pseudo_queries=old / ORACLE_PSEUDO_QUERIES_JSON,
+        **options,
     )
     recipe = tiny_recipe(prepared, root / "model", max_steps=2, save_steps=0, eval_num_queries=2)
     run_training(["--config", write_recipe(root / "recipe.yaml", recipe)])
@@ -156,7 +161,7 @@ def add_argv(model, new, output, *extra) -> list[str]:
     """`grace-hf add-images` arguments adding the collection `new` (beside its image root `raw`) to `model`."""
     return [
         "--model", str(model), "--karpathy-json", str(new / SYNTHETIC_JSON), "--image-root", str(new.parent / "raw"),
-        "--pseudo-queries", str(new / PSEUDO_QUERIES_JSON), "--output-dir", str(output), "--max-steps", "2",
+        "--pseudo-queries", str(new / ORACLE_PSEUDO_QUERIES_JSON), "--output-dir", str(output), "--max-steps", "2",
         "--batch-size-i2id", "4", "--batch-size-t2id", "8", "--learning-rate", "2e-3", "--warmup-steps", "1",
         "--logging-steps", "1", "--save-steps", "0", "--eval-num-queries", "4", "--num-beams", "2",
         "--report-to", "none", "--torch-num-threads", "1", *extra,

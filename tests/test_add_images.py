@@ -20,7 +20,7 @@ from grace_hf.commands import add_images as add_images_command
 from grace_hf.data.karpathy import load_karpathy
 from grace_hf.data.prepared import load_prepared
 from grace_hf.data.pseudo_queries import load_pseudo_queries
-from grace_hf.data.synthetic import PSEUDO_QUERIES_JSON, SYNTHETIC_JSON
+from grace_hf.data.synthetic import ORACLE_PSEUDO_QUERIES_JSON, SYNTHETIC_JSON
 from grace_hf.dense.directory import FEATURES_FILE, save_image_features
 from grace_hf.errors import GraceInputError
 from grace_hf.identifiers import (
@@ -397,7 +397,7 @@ def test_numbers_continue_and_semantic_texts_never_collide(collections):
     train = next(image for image in _corpus(new).memorized() if image.split == "train")
     taken = normalize(train.captions[0])
     semantic = IdentifierIndex("semantic", {"images/old.png": [taken, "another text"]})
-    queries = load_pseudo_queries(new / PSEUDO_QUERIES_JSON, _corpus(new))
+    queries = load_pseudo_queries(new / ORACLE_PSEUDO_QUERIES_JSON, _corpus(new))
     extended = extend_identifiers(semantic, _corpus(new), pseudo_queries=queries)
     assert extended.images["images/old.png"] == [taken, "another text"]
     assert extended.images[train.key] == [normalize(c) for c in train.captions[1:]]

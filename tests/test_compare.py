@@ -67,9 +67,9 @@ def test_table_has_one_row_per_run(runs):
 
 
 def test_the_text_baseline_is_a_row_beside_the_others(runs, tmp_path):
-    data = write_synthetic(tmp_path / "data", 20, seed=0, num_workers=1)
+    data = write_synthetic(tmp_path / "data", 20, seed=0, num_workers=1, oracle_pseudo_queries=True)
     bm25 = tmp_path / "bm25"
-    metrics = run_text_baseline(data / "dataset_synthetic.json", data, bm25, data / "pseudo_queries.json")
+    metrics = run_text_baseline(data / "dataset_synthetic.json", data, bm25, data / "oracle_pseudo_queries.json")
     lines = comparison_table([*runs, bm25]).splitlines()
     assert len(lines) == 2 + len(runs) + 1
     row = _cells(lines[-1])

@@ -26,7 +26,7 @@ def synthetic(synthetic, micro_config):
 def _run(synthetic, output_dir, epochs=25, patience=5, karpathy_json="dataset_synthetic.json"):
     root, config = synthetic
     argv = ["--karpathy-json", str(root / karpathy_json), "--image-root", str(root)]
-    argv += ["--pseudo-queries", str(root / "pseudo_queries.json"), "--output-dir", str(output_dir)]
+    argv += ["--pseudo-queries", str(root / "oracle_pseudo_queries.json"), "--output-dir", str(output_dir)]
     argv += ["--model-config", str(config), "--epochs", str(epochs), "--batch-size", "20", "--lr", "5e-3"]
     assert main([*argv, "--patience", str(patience)]) == 0
     return output_dir
@@ -40,7 +40,7 @@ def run_dir(synthetic, tmp_path_factory):
 def test_training_texts_are_the_t2id_pairs(synthetic):
     root, _ = synthetic
     corpus = load_karpathy(root / "dataset_synthetic.json", root)
-    pseudo = load_pseudo_queries(root / "pseudo_queries.json", corpus)
+    pseudo = load_pseudo_queries(root / "oracle_pseudo_queries.json", corpus)
     texts = training_texts(corpus, pseudo)
     assert set(texts) == {image.key for image in corpus.memorized()}
     for image in corpus.memorized():
@@ -110,7 +110,7 @@ def test_training_stops_early_and_keeps_the_best_weights(synthetic):
     encoder ends with epoch 2's weights."""
     root, config = synthetic
     corpus = load_karpathy(root / "dataset_synthetic.json", root)
-    texts = training_texts(corpus, load_pseudo_queries(root / "pseudo_queries.json", corpus))
+    texts = training_texts(corpus, load_pseudo_queries(root / "oracle_pseudo_queries.json", corpus))
     torch.manual_seed(0)
     encoder = DualEncoder.from_config(config)
     scores, snapshots = iter([0.1, 0.5, 0.4, 0.3, 0.9, 0.9]), []
@@ -146,7 +146,9 @@ def test_without_val_images_training_runs_every_epoch(synthetic, tmp_path):
 def test_bm25_metrics_have_the_dense_format(synthetic, run_dir, tmp_path):
     root, _ = synthetic
     dense = json.loads((run_dir / "metrics.json").read_text())
-    bm25 = run_text_baseline(root / "dataset_synthetic.json", root, tmp_path / "bm25", root / "pseudo_queries.json")
+    bm25 = run_text_baseline(
+        root / "dataset_synthetic.json", root, tmp_path / "bm25", root / "oracle_pseudo_queries.json"
+    )
     shared = {"method", "recall@1", "recall@5", "recall@10", "recall_curve", "num_queries", "num_candidates"}
     shared |= {"query_latency_ms", "queries_per_second", "train_seconds", "val"}
     assert shared <= set(dense) and shared <= set(bm25)

@@ -1002,6 +1002,7 @@ def test_the_gallery_keeps_pillows_bomb_guard(work, capsys):
 
 
 def test_pseudo_queries_given_as_the_folder_the_command_writes(work, capsys):
+    shutil.copy(work / "data" / "oracle_pseudo_queries.json", work / "data" / "pseudo_queries.json")
     argv = [*PREPARE_NUMERIC, "--pseudo-queries", "data", "--output-dir", "p"]
     code, err = _run(argv, capsys)
     assert code == 0, err[-2000:]

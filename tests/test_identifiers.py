@@ -11,7 +11,7 @@ from safetensors.numpy import save_file
 
 from grace_hf.data.karpathy import KarpathyCorpus, KarpathyImage, load_karpathy
 from grace_hf.data.pseudo_queries import load_pseudo_queries
-from grace_hf.data.synthetic import PSEUDO_QUERIES_JSON, SYNTHETIC_JSON
+from grace_hf.data.synthetic import ORACLE_PSEUDO_QUERIES_JSON, SYNTHETIC_JSON
 from grace_hf.errors import GraceInputError
 from grace_hf.identifiers import IDENTIFIER_KINDS, IdentifierIndex, build_identifiers
 from grace_hf.identifiers.semantic import normalize
@@ -24,7 +24,7 @@ STRUCTURED = re.compile(r"^0_\d+(-\d+_\d+)*$")
 def synthetic(synthetic):
     out = synthetic(40)
     corpus = load_karpathy(out / SYNTHETIC_JSON, out, check_images=False)
-    return out, corpus, load_pseudo_queries(out / PSEUDO_QUERIES_JSON, corpus)
+    return out, corpus, load_pseudo_queries(out / ORACLE_PSEUDO_QUERIES_JSON, corpus)
 
 
 def _toy_corpus(splits, captions=None):

@@ -17,7 +17,7 @@ from safetensors.numpy import save_file
 
 from grace_hf import cli
 from grace_hf.data.prepared import load_prepared
-from grace_hf.data.synthetic import PSEUDO_QUERIES_JSON, SYNTHETIC_JSON
+from grace_hf.data.synthetic import ORACLE_PSEUDO_QUERIES_JSON, SYNTHETIC_JSON
 from grace_hf.identifiers import IDENTIFIER_KINDS, IdentifierIndex
 
 NUM_IMAGES = 30
@@ -30,7 +30,14 @@ def synthetic(synthetic):
 
 def _prepare(syn: Path, out: Path, kind: str, *extra: str, json_name: str = SYNTHETIC_JSON) -> int:
     argv = ["prepare", "--karpathy-json", str(syn / json_name), "--image-root", str(syn)]
-    argv += ["--identifier-kind", kind, "--output-dir", str(out), "--pseudo-queries", str(syn / PSEUDO_QUERIES_JSON)]
+    argv += [
+        "--identifier-kind",
+        kind,
+        "--output-dir",
+        str(out),
+        "--pseudo-queries",
+        str(syn / ORACLE_PSEUDO_QUERIES_JSON),
+    ]
     argv += ["--num-workers", "2", *extra]
     return cli.main(argv)
 
@@ -44,7 +51,7 @@ def test_prepare_each_kind(kind, synthetic, tmp_path):
     out = tmp_path / kind
     assert _prepare(synthetic, out, kind, *_structured_flags(kind)) == 0
     data = json.loads((synthetic / SYNTHETIC_JSON).read_text())["images"]
-    pseudo = json.loads((synthetic / PSEUDO_QUERIES_JSON).read_text())
+    pseudo = json.loads((synthetic / ORACLE_PSEUDO_QUERIES_JSON).read_text())
     index = IdentifierIndex.load(out)
     dataset = load_from_disk(str(out))
     assert set(dataset) == {"i2id", "t2id", "queries", "val_queries"}
@@ -146,9 +153,9 @@ def _damage(kind, root):
         (root / "images" / "synthetic_000009.png").write_bytes(b"not a png")
         return [], "'images/synthetic_000009.png'.*does not decode"
     elif kind == "unknown-pseudo-query-image":
-        queries = json.loads((root / PSEUDO_QUERIES_JSON).read_text())
+        queries = json.loads((root / ORACLE_PSEUDO_QUERIES_JSON).read_text())
         queries["ghost.png"] = ["a ghost"]
-        (root / PSEUDO_QUERIES_JSON).write_text(json.dumps(queries))
+        (root / ORACLE_PSEUDO_QUERIES_JSON).write_text(json.dumps(queries))
         return [], "pseudo-queries for unknown image 'ghost.png'"
     elif kind == "unknown-kind":
         return ["--identifier-kind", "semantics"], "unknown identifier kind 'semantics'"

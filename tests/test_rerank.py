@@ -136,7 +136,7 @@ def dense_dir(trained_model, micro_config, tmp_path_factory):
     argv = ["--karpathy-json", str(raw / "dataset_synthetic.json"), "--image-root", str(raw), "--output-dir", str(out)]
     argv += [
         "--pseudo-queries",
-        str(raw / "pseudo_queries.json"),
+        str(raw / "oracle_pseudo_queries.json"),
         "--model-config",
         str(micro_config),
         "--epochs",

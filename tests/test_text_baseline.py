@@ -16,10 +16,10 @@ DOCUMENTS = ["a red star on a gray background", "two blue circles", "", "a green
 
 @pytest.fixture(scope="module")
 def synthetic(tmp_path_factory):
-    return write_synthetic(tmp_path_factory.mktemp("synthetic"), 40, seed=0, num_workers=1)
+    return write_synthetic(tmp_path_factory.mktemp("synthetic"), 40, seed=0, num_workers=1, oracle_pseudo_queries=True)
 
 
-def _argv(root, output_dir, pseudo_queries="pseudo_queries.json"):
+def _argv(root, output_dir, pseudo_queries="oracle_pseudo_queries.json"):
     argv = ["baseline-bm25", "--karpathy-json", str(root / "dataset_synthetic.json"), "--image-root", str(root)]
     if pseudo_queries:
         argv += ["--pseudo-queries", str(root / pseudo_queries)]
@@ -68,7 +68,7 @@ def test_run_on_synthetic_writes_test_and_val_metrics(synthetic, tmp_path, capsy
 
 def test_candidates_without_text_are_counted(synthetic, tmp_path):
     corpus = load_karpathy(synthetic / "dataset_synthetic.json", synthetic)
-    pseudo = load_pseudo_queries(synthetic / "pseudo_queries.json", corpus)
+    pseudo = load_pseudo_queries(synthetic / "oracle_pseudo_queries.json", corpus)
     first_test = corpus.split("test")[0].key
     partial = tmp_path / "partial.json"
     partial.write_text(json.dumps({key.rsplit("/", 1)[-1]: q for key, q in pseudo.items() if key != first_test}))

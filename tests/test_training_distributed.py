@@ -190,7 +190,7 @@ def test_add_images_under_zero3_starts_atomic_tokens_from_their_captions(tmp_pat
     old_table = load_file(model / "model.safetensors")["model.embed_tokens.weight"]
     table = load_file(out / "model.safetensors")["model.embed_tokens.weight"]
     processor = FlamingoProcessor.from_pretrained(out)
-    pseudo = json.loads((new / "pseudo_queries.json").read_text())
+    pseudo = json.loads((new / "oracle_pseudo_queries.json").read_text())
     karpathy = json.loads((new / "dataset_synthetic.json").read_text())
     for n, image in enumerate(karpathy["images"], start=22):
         texts = [s["raw"] for s in image["sentences"]] if image["split"] == "train" else pseudo[image["filename"]]

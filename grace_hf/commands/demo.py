@@ -131,10 +131,12 @@ def train_kind(
     max_steps: int | None = None,
     options: dict[str, Any] | None = None,
     name: str | None = None,
+    overrides: tuple[str, ...] = (),
 ) -> Path:
     """Prepare the collection for one identifier kind (`options`: its prepare options, default `PREPARE_OPTIONS`)
     into `out/prepared-<name>` and train the tiny Flamingo on it, its vision tower started from `vision_tower`, into
-    `out/model-<name>` (`name` default: the kind); return the model directory."""
+    `out/model-<name>` (`name` default: the kind; `overrides`: recipe flags, e.g. `("--loss-weight-i2id", "1")`);
+    return the model directory."""
     name = name or kind
     prepared = out / f"prepared-{name}"
     options = PREPARE_OPTIONS.get(kind, {}) if options is None else options
@@ -144,7 +146,7 @@ def train_kind(
     model_dir = out / f"model-{name}"
     _log(f"train the tiny Flamingo on {kind} identifiers (recipe {_recipe(kind)}) -> {model_dir}")
     argv = ["--data", str(prepared), "--output-dir", str(model_dir), "--vision-tower", str(vision_tower)]
-    _train(_recipe(kind), argv, max_steps)
+    _train(_recipe(kind), [*argv, *overrides], max_steps)
     return model_dir
 
 
