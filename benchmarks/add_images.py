@@ -29,7 +29,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repository root, for `python benchmarks/<name>.py`
 from benchmarks.common import finish_work_dir, open_work_dir
 from benchmarks.synthetic_split import write_part
-from grace_hf.commands.demo import PREPARE_OPTIONS, RECIPES
+from grace_hf.commands.demo import CONTENT_KINDS, PREPARE_OPTIONS, RECIPES
 from grace_hf.data.karpathy import load_karpathy
 from grace_hf.data.synthetic import ORACLE_PSEUDO_QUERIES_JSON, SYNTHETIC_JSON, write_synthetic
 from grace_hf.evaluation.model_recall import evaluate_model
@@ -43,6 +43,10 @@ from grace_hf.training.preparation import prepare
 
 COMMON = ["--eval-num-queries", "0", "--report-to", "none", "--save-steps", "0", "--torch-num-threads", "1"]
 GOALS = {"new_ratio": 0.9, "forgetting": 0.02, "time_ratio": 0.25}
+
+# this benchmark measures adding images, not identifier quality: content-based identifiers from 8x8 pixel thumbnails
+# need no trained encoder (the demo takes them from its dense baseline)
+PIXEL_FEATURES = {"pixel_features": True, "pixel_side": 8}
 
 
 def _log(message: str) -> None:
@@ -85,6 +89,7 @@ def _prepare(collection: Path, kind: str, output: Path) -> None:
         pseudo_queries=collection / ORACLE_PSEUDO_QUERIES_JSON,
         overwrite=True,
         **PREPARE_OPTIONS.get(kind, {}),
+        **(PIXEL_FEATURES if kind in CONTENT_KINDS else {}),
     )
 
 
