@@ -13,10 +13,9 @@ import random
 import pytest
 import torch
 from PIL import Image, ImageDraw
-from serve_clients import serve_subprocess
-from test_retriever import IMAGES, build_tiny_model_dir
 
-from grace_hf import cli
+from benchmarks.serve_clients import serve_subprocess
+from grace_hf.commands import cli
 from grace_hf.dense.model import DualEncoder
 from grace_hf.errors import GraceInputError
 from grace_hf.prompts import image_query_prompt
@@ -24,6 +23,7 @@ from grace_hf.retrieval import GraceRetriever
 from grace_hf.retrieval.collection import identifier_token_ids
 from grace_hf.retrieval.rerank import DenseScorer, Reranker
 from grace_hf.training.collate import GraceCollator
+from tests.helpers import IMAGES, build_tiny_model_dir
 
 COLLECTION = IMAGES[4:]  # the tiny model directory's default candidates
 
