@@ -105,6 +105,16 @@ def test_early_stopping_counts_epochs_without_gain():
     assert stopping.best_epoch == 2 and stopping.best_score == 0.3
 
 
+def test_early_stopping_counts_no_epoch_of_the_warm_up():
+    """Scores during the learning-rate warm-up say little: patience starts counting once it is over."""
+    model = torch.nn.Linear(2, 1)
+    stopping = EarlyStopping(patience=2, warmup_epochs=5)
+    stops = [
+        stopping.update(model, score, epoch) for epoch, score in enumerate([0.2, 0.1, 0.1, 0.1, 0.1, 0.1, 0.1], 1)
+    ]
+    assert stops == [False] * 6 + [True]  # best at epoch 1, but no stop before epoch 5 + 2
+
+
 def test_training_stops_early_and_keeps_the_best_weights(synthetic):
     """A scripted validation: the score peaks after epoch 2, so with patience 2 training stops after epoch 4 and the
     encoder ends with epoch 2's weights."""

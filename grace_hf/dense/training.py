@@ -45,7 +45,7 @@ class DenseTrainingArgs:
     """
 
     epochs: int = 100
-    patience: int = 5
+    patience: int = 10
     batch_size: int = 32
     lr: float = 1e-3
     weight_decay: float = 0.1
@@ -115,10 +115,12 @@ class TrainingResult:
 
 
 class EarlyStopping:
-    """Keeps the weights of the best-scoring epoch (in memory) and says when `patience` epochs brought no gain."""
+    """Keeps the weights of the best-scoring epoch (in memory) and says when `patience` epochs brought no gain;
+    the epochs up to `warmup_epochs` (the learning-rate warm-up, when scores still say little) are never counted."""
 
-    def __init__(self, patience: int) -> None:
+    def __init__(self, patience: int, warmup_epochs: int = 0) -> None:
         self.patience = patience
+        self.warmup_epochs = warmup_epochs
         self.best_score = -math.inf
         self.best_epoch: int | None = None
         self.best_state: dict[str, torch.Tensor] | None = None
@@ -128,7 +130,7 @@ class EarlyStopping:
         if score > self.best_score:
             self.best_score, self.best_epoch = score, epoch
             self.best_state = {name: value.detach().clone() for name, value in model.state_dict().items()}
-        return epoch - self.best_epoch >= self.patience
+        return epoch - max(self.best_epoch, self.warmup_epochs) >= self.patience
 
     def restore(self, model: torch.nn.Module) -> None:
         """Load the best epoch's weights into `model` (nothing to do before any update)."""
@@ -204,7 +206,9 @@ def train_dual_encoder(
     schedule = torch.optim.lr_scheduler.LambdaLR(
         optimizer, _warmup_cosine(total_steps, max(1, round(args.warmup_fraction * total_steps)))
     )
-    stopping = EarlyStopping(args.patience) if validate is not None and args.patience > 0 else None
+    # a collection of a few hundred images scores near chance until the warm-up is over: patience counts after it
+    warmup_epochs = math.ceil(args.warmup_fraction * args.epochs)
+    stopping = EarlyStopping(args.patience, warmup_epochs) if validate is not None and args.patience > 0 else None
     result = TrainingResult(epoch_losses=[], steps=0, seconds=0.0)
     start = time.perf_counter()
     progress = progress_bar(total=total_steps, desc="baseline-clip", unit="step")
