@@ -24,7 +24,7 @@ REPO = Path(__file__).resolve().parents[1]
 # Runs one grace-hf command and reports its peak memory on the last stdout line.
 _CHILD = """
 import json, resource, sys
-from grace_hf import cli
+from grace_hf.commands import cli
 code = cli.main(json.loads(sys.argv[1]))
 peak = max(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss, resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss)
 print(json.dumps({"exit": code, "peak_kib": peak}))

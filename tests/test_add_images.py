@@ -190,7 +190,7 @@ def test_atomic_tokens_start_from_their_captions(added, tmp_path, collections):
 
 @pytest.mark.parametrize("added", ["structured"], indirect=True)
 def test_evaluate_takes_the_new_directory_as_it_is(added, tmp_path):
-    from grace_hf import cli
+    from grace_hf.commands import cli
 
     out = added["out"]
     assert (

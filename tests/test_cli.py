@@ -5,7 +5,7 @@ import re
 
 import pytest
 
-from grace_hf import cli
+from grace_hf.commands import cli
 from grace_hf.training.args import build_parser
 
 

@@ -246,7 +246,7 @@ def test_served_app_searches_by_uploaded_image_and_by_text(memorized, tmp_path):
 
 
 def test_benchmark_perturbs_with_a_fixed_seed_and_checks_its_arguments(capsys):
-    import image_query
+    from benchmarks import image_query
 
     original = Image.effect_noise((64, 48), 40).convert("RGB")
     first, again = (image_query.perturb(original, random.Random(0)) for _ in range(2))

@@ -1,6 +1,7 @@
 """The output policy and careful JSON reading: no half-written results, nothing replaced that the tool did not make,
 errors that name the file."""
 
+import importlib
 import json
 import os
 import shutil
@@ -331,7 +332,7 @@ def test_read_json_names_the_file_and_what_it_is(tmp_path):
 @pytest.mark.parametrize("script", ["generalization", "add_images"])
 def test_benchmark_work_dirs_follow_the_output_policy(script, tmp_path, monkeypatch, capsys):
     """A benchmark's --work-dir is refused where a command's output would be: nothing in it is touched."""
-    main = __import__(script).main
+    main = importlib.import_module(f"benchmarks.{script}").main
     foreign = tmp_path / "mine"
     foreign.mkdir()
     (foreign / "notes.txt").write_text("keep")

@@ -15,7 +15,7 @@ from huggingface_hub import CommitOperationAdd, CommitOperationDelete, HfApi
 from PIL import Image
 from safetensors.numpy import save_file
 
-from grace_hf import cli
+from grace_hf.commands import cli
 from grace_hf.data.prepared import load_prepared
 from grace_hf.data.synthetic import ORACLE_PSEUDO_QUERIES_JSON, SYNTHETIC_JSON
 from grace_hf.identifiers import IDENTIFIER_KINDS, IdentifierIndex

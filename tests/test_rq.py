@@ -10,7 +10,7 @@ import pytest
 import torch
 from safetensors.numpy import save_file
 
-from grace_hf import cli
+from grace_hf.commands import cli
 from grace_hf.data.karpathy import KarpathyCorpus, KarpathyImage, load_karpathy
 from grace_hf.data.synthetic import SYNTHETIC_JSON
 from grace_hf.errors import GraceInputError

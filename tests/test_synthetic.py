@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from grace_hf import cli
+from grace_hf.commands import cli
 from grace_hf.data.karpathy import load_karpathy
 from grace_hf.data.pseudo_queries import load_pseudo_queries
 from grace_hf.data.synthetic import (
