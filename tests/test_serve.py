@@ -188,7 +188,7 @@ def test_gradio_client_gets_ranked_thumbnails_and_the_answer(server, collection)
 
 
 def test_plain_http_api(server, collection):
-    """The README's two requests: POST the inputs, read the answer from the event stream."""
+    """docs/serving.md's two requests: POST the inputs, read the answer from the event stream."""
     retriever, _ = collection
     event, (gallery, status, answer) = search_http(server, "a large purple heart", 3)
     assert event == "complete" and status == "Top 3 of 6 images." and len(gallery) == 3
@@ -276,7 +276,7 @@ def test_a_browser_types_a_query_and_sees_the_thumbnails(server, collection, tmp
         screenshot = tmp_path / "serve_app.png"
         driver.save_screenshot(str(screenshot))
         assert Image.open(screenshot).size[0] >= 1000
-        if os.environ.get("GRACE_SCREENSHOT"):  # how the README's picture is made
+        if os.environ.get("GRACE_SCREENSHOT"):  # how docs/serving.md's picture is made
             shutil.copy(screenshot, os.environ["GRACE_SCREENSHOT"])
 
         box.clear()

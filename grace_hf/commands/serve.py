@@ -5,7 +5,7 @@
         --queries demo_output/queries.jsonl --port 7860
     grace-hf serve --model runs/synthetic-structured --data data/prepared/synthetic-structured --rerank runs/dense-clip
 
-Then open http://127.0.0.1:7860, or call the `/search` endpoint with `gradio_client` or plain HTTP (README);
+Then open http://127.0.0.1:7860, or call the `/search` endpoint with `gradio_client` or plain HTTP (docs/serving.md);
 `/search_image` takes an uploaded image instead of a query (query by image).
 """
 
