@@ -9,8 +9,8 @@ the re-ranking weight fitted on val; every figure is a test caption ranking the 
 collections, each with three seeds (the data's and the training's):
 - `demo`: the demo's data (500 images, 64x64 RGB PNG, 10% val, 40% test); the synthetic recipes were chosen on its
   val captions.
-- `check`: 600 images in another style (sides 48-128, PNG and JPEG, RGB, gray and RGBA, five sub-folders, 10% val,
-  35% test, the extended caption templates), seeds 7, 8, 9. Nothing was chosen on it.
+- `check`: 500 images in another style (sides 48-128, PNG and JPEG, RGB, gray and RGBA, five sub-folders, 10% val,
+  40% test, the extended caption templates), seeds 7, 8, 9. Nothing was chosen on it.
 The upper-bound row is BM25 over oracle pseudo-queries (written from each scene's true attributes): what perfect
 pseudo-queries would give a text matcher, which no real collection has.
 """
@@ -46,7 +46,7 @@ class Collection:
 COLLECTIONS = {
     "demo": Collection(500, 0, SyntheticStyle(val_fraction=0.1, test_fraction=0.4)),
     "check": Collection(
-        600,
+        500,
         7,
         SyntheticStyle(
             image_sizes=(48, 64, 96, 128),
@@ -54,7 +54,7 @@ COLLECTIONS = {
             modes=("RGB", "RGB", "RGB", "L", "RGBA"),
             subfolders=5,
             val_fraction=0.1,
-            test_fraction=0.35,
+            test_fraction=0.4,
             caption_style="extended",
         ),
     ),
