@@ -8,6 +8,7 @@ import io
 import json
 import re
 
+import pytest
 import torch
 from PIL import Image
 from safetensors.torch import load_file
@@ -15,6 +16,7 @@ from safetensors.torch import load_file
 from grace_hf.commands.demo import main
 
 
+@pytest.mark.slow  # about 3 minutes on 2 cores: three models and two baselines
 def test_demo_writes_metrics_gallery_plot_and_table(tmp_path, capsys):
     out = tmp_path / "demo"
     assert main(["--output-dir", str(out), "--num-images", "120", "--max-steps", "300"]) == 0
