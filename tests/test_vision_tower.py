@@ -104,3 +104,17 @@ def test_a_repeated_image_is_encoded_once_with_the_same_latents(encoder_dir):
     assert shared.shape[0] == 3
     for row in shared:
         torch.testing.assert_close(row, alone[0])
+
+
+@pytest.mark.parametrize(
+    ("source", "weights", "message"),
+    [
+        ("nowhere", None, "neither a `baseline-clip` directory"),
+        ("ViT-B-32", None, "needs its weights"),
+        ("ViT-B-32", "missing.safetensors", "not found: missing.safetensors"),
+    ],
+)
+def test_a_vision_tower_that_cannot_be_loaded_is_named(source, weights, message):
+    args = ModelArguments(model_preset="tiny", vision_tower=source, vision_tower_weights=weights)
+    with pytest.raises(GraceInputError, match=f"vision_tower {source}: .*{message}"):
+        build_model_and_processor(args, TEXTS)

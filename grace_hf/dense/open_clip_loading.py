@@ -87,6 +87,15 @@ def load_open_clip_vision_tower(
             raise GraceInputError(
                 f"vision_tower {directory}: not a `baseline-clip` directory (no {OPEN_CLIP_CONFIG_FILE})"
             )
+    elif not Path(source).is_file() and open_clip.get_model_config(source) is None:
+        raise GraceInputError(
+            f"vision_tower {source}: neither a `baseline-clip` directory, an open_clip config file nor a built-in "
+            "open_clip model name"
+        )
+    if weights is None or not Path(weights).is_file():
+        raise GraceInputError(
+            f"vision_tower {source}: needs its weights, vision_tower_weights FILE (not found: {weights})"
+        )
     clip, _ = open_clip_image_encoder(source, weights)
     model_cfg = read_open_clip_config(source)[0] if source.endswith(".json") else open_clip.get_model_config(source)
     vision_cfg = dict(model_cfg["vision_cfg"])
