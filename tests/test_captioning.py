@@ -1,6 +1,7 @@
 """The pseudo-query captioner: trained by the same loop (`task: captioner`), then `grace-hf pseudo-queries`."""
 
 import json
+from types import SimpleNamespace
 
 import pytest
 
@@ -8,6 +9,8 @@ from grace_hf.commands import pseudo_queries as pseudo_queries_command
 from grace_hf.data.karpathy import load_karpathy
 from grace_hf.data.pseudo_queries import load_pseudo_queries
 from grace_hf.errors import GraceInputError
+from grace_hf.training.adding import new_pseudo_queries
+from grace_hf.training.args import AddImagesArguments
 from tests.helpers import run_training, write_recipe
 
 
@@ -55,6 +58,8 @@ def test_pseudo_queries_for_every_val_and_test_image(trained_captioner, tmp_path
     assert any(queries.values())
     raw_file = json.loads((output / "pseudo_queries.json").read_text())
     assert set(raw_file) == {key.rsplit("/", 1)[-1] for key in expected}  # keyed by file name, as the original
+    quality = json.loads((output / "quality.json").read_text())  # BLEU-4 against the held-out val captions
+    assert quality["split"] == "val" and 0.0 <= quality["bleu4"] <= 100.0
 
 
 def test_more_queries_than_beams_is_refused(trained_captioner, tmp_path):
@@ -63,3 +68,15 @@ def test_more_queries_than_beams_is_refused(trained_captioner, tmp_path):
     argv += ["--image-root", str(raw), "--output-dir", str(tmp_path / "p"), "--num-queries", "6"]
     with pytest.raises(GraceInputError, match="cannot exceed --num-beams"):
         pseudo_queries_command.main(argv)
+
+
+def test_add_images_has_its_captioner_write_the_new_images_queries(trained_captioner):
+    """New images with no text at all: the captioner writes their val/test queries from their pixels."""
+    raw, model_dir = trained_captioner
+    corpus = load_karpathy(raw / "dataset_synthetic.json", raw)
+    arguments = SimpleNamespace(pseudo_queries=None, captioner=str(model_dir))
+    queries = new_pseudo_queries(arguments, corpus)
+    assert sorted(queries) == sorted(image.key for image in corpus.images if image.split in ("val", "test"))
+    assert new_pseudo_queries(SimpleNamespace(pseudo_queries=None, captioner=None), corpus) == {}
+    with pytest.raises(GraceInputError, match="not both"):
+        AddImagesArguments(karpathy_json="a.json", image_root="r", pseudo_queries="p.json", captioner=str(model_dir))

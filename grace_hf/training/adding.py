@@ -55,7 +55,7 @@ from grace_hf.training.args import AddImagesArguments, GraceTrainingArguments, M
 from grace_hf.training.data import TaskStream, TrainingData, data_source, spread
 from grace_hf.training.loop import train
 
-__all__ = ["add_images", "added_training_data", "split_batch"]
+__all__ = ["add_images", "added_training_data", "new_pseudo_queries", "split_batch"]
 
 TASKS = ("i2id", "t2id")
 
@@ -76,7 +76,7 @@ def _concatenate(parts: list[Dataset]) -> Dataset:
     return concatenate_datasets([part for part in parts if len(part)] or parts[:1])
 
 
-def _new_pseudo_queries(data_args: AddImagesArguments, corpus: KarpathyCorpus) -> dict[str, list[str]]:
+def new_pseudo_queries(data_args: AddImagesArguments, corpus: KarpathyCorpus) -> dict[str, list[str]]:
     """The new val and test images' pseudo-queries: read from a file, or written by a captioner from their pixels."""
     if data_args.pseudo_queries:
         return load_pseudo_queries(data_args.pseudo_queries, corpus)
@@ -171,7 +171,7 @@ def added_training_data(
     check_output_dir(args.output_dir, MODEL, [*data_args.input_paths(), model.path], args.overwrite)
 
     corpus = load_karpathy(data_args.karpathy_json, data_args.image_root)
-    pseudo_queries = _new_pseudo_queries(data_args, corpus)
+    pseudo_queries = new_pseudo_queries(data_args, corpus)
     overrides = {"image_features": data_args.image_features} if data_args.image_features else {}
     index = extend_identifiers(
         model.index,
