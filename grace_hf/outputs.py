@@ -271,6 +271,8 @@ def _remove_listed(directory: Path, files: Iterable[str]) -> list[str]:
     """Remove the listed files and the marker of `directory`, then the folders that became empty; return what is
     left (relative paths)."""
     for name in [*files, MARKER_FILE]:
+        if Path(name).is_absolute() or ".." in Path(name).parts:  # a manifest names files inside, never beyond
+            continue
         (directory / name).unlink(missing_ok=True)
     for root, dirs, _ in sorted(os.walk(directory, topdown=False), key=lambda entry: -len(entry[0])):
         for name in dirs:

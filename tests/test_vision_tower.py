@@ -60,6 +60,10 @@ def test_tower_from_an_open_clip_config_and_weights_file(encoder_dir, tmp_path):
     args = ModelArguments(model_preset="tiny", vision_tower=str(config), vision_tower_weights=str(weights))
     model, _ = build_model_and_processor(args, TEXTS)
     _tower_matches(model, encoder)
+    fresh = build_model_and_processor(ModelArguments(model_preset="tiny"), TEXTS)[0]  # a random tower differs
+    assert not torch.equal(
+        model.model.vision_model.conv1.weight, fresh.model.vision_model.conv1.weight.to(torch.float32)
+    )
 
 
 def test_tower_that_does_not_fit_is_refused(encoder_dir, tmp_path):
