@@ -2,10 +2,19 @@
 
     python benchmarks/add_images.py --work-dir runs/bench-add-images
 
-One synthetic set of `--num-images` is cut in two collections: A (the first images) and B (the last `--num-added`);
-each has train, val and test images. Per kind: prepare A and train on it with `recipes/synthetic/<kind>.yaml`
-(model A); add B to model A with `recipes/synthetic/add_images.yaml` (the add path); prepare A+B and train on it
-with the same recipe as A (the retraining path). Then Recall@10 of the human captions of A's and of B's test images
+One synthetic set of `--num-images` (`--collection`: the demo's style, or `check`, the second collection nothing was
+chosen on) is cut in two collections: A (the first images) and B (the last `--num-added`); each has train, val and
+test images. Per kind: prepare A and train on it with `recipes/synthetic/<kind>.yaml` (model A); add B to model A
+with `recipes/synthetic/add_images.yaml` (the add path); prepare A+B and train on it with the same recipe as A (the
+retraining path).
+
+The val/test images' texts (`--texts`):
+- `captioner` (default), as `grace-hf demo` makes them: the dense baseline trained on A's train images is the vision
+  tower and embeds every image (the rq/structured identifiers); a captioner trained on A's train captions writes the
+  pseudo-queries of A's val/test images, and of B's from their pixels (`add-images --captioner`; the retraining path
+  captions B's the same way, within its time). Both are trained once, before either path, like a pretrained CLIP.
+- `oracle`: the generator's oracle pseudo-queries and 8x8 pixel thumbnails (an upper bound on the texts; no tower).
+ Then Recall@10 of the human captions of A's and of B's test images
 (`--split val`: val images, for tuning), over A's images before adding and over A's and B's images after: the new
 images' recall beside retraining's, forgetting (A's recall before minus after adding, over A's images both times)
 and the wall time of each path (one torch thread, in this process), with their ratios, in one table.
@@ -21,6 +30,7 @@ import shlex
 import sys
 import time
 from collections.abc import Callable
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -28,12 +38,24 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repository root, for `python benchmarks/<name>.py`
 from benchmarks.common import finish_work_dir, open_work_dir
-from benchmarks.synthetic_split import write_part
-from grace_hf.commands.demo import CONTENT_KINDS, PREPARE_OPTIONS, RECIPES
+from benchmarks.synthetic_split import CHECK_SEED, CHECK_STYLE, write_part
+from grace_hf.commands.demo import (
+    CONTENT_KINDS,
+    DEMO_STYLE,
+    PREPARE_OPTIONS,
+    RECIPES,
+    write_pseudo_queries_with_captioner,
+)
+from grace_hf.data.captioning import caption_splits
 from grace_hf.data.karpathy import load_karpathy
+from grace_hf.data.pseudo_queries import load_pseudo_queries, write_pseudo_queries
 from grace_hf.data.synthetic import ORACLE_PSEUDO_QUERIES_JSON, SYNTHETIC_JSON, write_synthetic
+from grace_hf.dense.directory import save_image_features
+from grace_hf.dense.model import load_dual_encoder
+from grace_hf.dense.training import DenseTrainingArgs, run_baseline
 from grace_hf.evaluation.model_recall import evaluate_model
 from grace_hf.identifiers import IDENTIFIER_KINDS
+from grace_hf.model_dir import read_model_dir
 from grace_hf.outputs import is_complete_output
 from grace_hf.retrieval.retriever import GraceRetriever
 from grace_hf.training.adding import add_images
@@ -44,9 +66,32 @@ from grace_hf.training.preparation import prepare
 COMMON = ["--eval-num-queries", "0", "--report-to", "none", "--save-steps", "0", "--torch-num-threads", "1"]
 GOALS = {"new_ratio": 0.9, "forgetting": 0.02, "time_ratio": 0.25}
 
-# this benchmark measures adding images, not identifier quality: content-based identifiers from 8x8 pixel thumbnails
-# need no trained encoder (the demo takes them from its dense baseline)
+# with `--texts oracle`, content-based identifiers come from 8x8 pixel thumbnails: no trained encoder needed
 PIXEL_FEATURES = {"pixel_features": True, "pixel_side": 8}
+COLLECTIONS = {"demo": (0, DEMO_STYLE), "check": (CHECK_SEED, CHECK_STYLE)}  # data seed, style
+
+
+@dataclass
+class Texts:
+    """Where the val/test images' texts and the content identifiers' embeddings come from: the generator's oracle
+    (`captioner` None) or, as in the demo, a captioner and a vision tower trained on A's train images."""
+
+    captioner: Path | None = None
+    tower: Path | None = None  # the dense baseline: the Flamingo's vision tower
+    features: Path | None = None  # its embeddings of every image of A and B
+    pseudo_queries: dict[str, Path] = field(default_factory=dict)  # collection folder name -> its val/test texts
+
+    def of(self, collection: Path) -> Path:
+        """The pseudo-query file of a collection (A or A+B)."""
+        if self.captioner is None:
+            return collection / ORACLE_PSEUDO_QUERIES_JSON
+        return self.pseudo_queries[collection.name]
+
+    def prepare_options(self, kind: str) -> dict[str, Any]:
+        options = dict(PREPARE_OPTIONS.get(kind, {}))
+        if kind in CONTENT_KINDS:
+            options |= PIXEL_FEATURES if self.captioner is None else {"image_features": str(self.features)}
+        return options
 
 
 def _log(message: str) -> None:
@@ -80,35 +125,76 @@ def _recall(model_dir: Path, queries: list[str], gold: list[str], candidates: li
     return metrics["recall@10"]
 
 
-def _prepare(collection: Path, kind: str, output: Path) -> None:
+def _prepare(collection: Path, kind: str, output: Path, texts: Texts) -> None:
     prepare(
         collection / SYNTHETIC_JSON,
         collection.parent / "raw",
         kind,
         output,
-        pseudo_queries=collection / ORACLE_PSEUDO_QUERIES_JSON,
+        pseudo_queries=texts.of(collection),
         overwrite=True,
-        **PREPARE_OPTIONS.get(kind, {}),
-        **(PIXEL_FEATURES if kind in CONTENT_KINDS else {}),
+        **texts.prepare_options(kind),
     )
 
 
-def _train(kind: str, data: Path, output: Path, extra: list[str]) -> None:
+def _train(kind: str, data: Path, output: Path, extra: list[str], texts: Texts) -> None:
     argv = ["--config", str(RECIPES / f"{kind}.yaml"), "--data", str(data), "--output-dir", str(output), *COMMON]
+    if texts.tower is not None:
+        argv += ["--vision-tower", str(texts.tower)]
     argv += extra
     train(*parse_args([*argv, "--overwrite"]), command=shlex.join(["grace-hf", "train", *argv]))
 
 
-def _add(model: Path, collection: Path, output: Path, extra: list[str]) -> None:
+def _add(model: Path, collection: Path, output: Path, extra: list[str], texts: Texts) -> None:
     argv = ["--config", str(RECIPES / "add_images.yaml"), "--model", str(model), "--output-dir", str(output)]
     argv += ["--karpathy-json", str(collection / SYNTHETIC_JSON), "--image-root", str(collection.parent / "raw")]
-    argv += ["--pseudo-queries", str(collection / ORACLE_PSEUDO_QUERIES_JSON), *COMMON, *extra]
+    if texts.captioner is None:
+        argv += ["--pseudo-queries", str(texts.of(collection))]
+    else:  # the new images come with no text: the captioner writes it from their pixels
+        argv += ["--captioner", str(texts.captioner)]
+    argv += [*COMMON, *extra]
     parsed = parse_args([*argv, "--overwrite"], ADD_IMAGES_ARGUMENT_CLASSES, "grace-hf add-images")
     add_images(*parsed, command=shlex.join(["grace-hf", "add-images", *argv]))
 
 
+def _caption_new_images(texts: Texts, a: Path, b: Path, ab: Path) -> None:
+    """The retraining path's texts: A's pseudo-queries and those the captioner writes for B's val/test images."""
+    captioner = read_model_dir(texts.captioner, retriever=False)
+    old = load_pseudo_queries(texts.pseudo_queries[a.name], load_karpathy(a / SYNTHETIC_JSON, a.parent / "raw"))
+    new = load_karpathy(b / SYNTHETIC_JSON, b.parent / "raw")
+    merged = old | caption_splits(captioner.model, captioner.processor, new, ["val", "test"])  # by image key
+    texts.pseudo_queries[ab.name] = ab / "captioner_pseudo_queries.json"
+    write_pseudo_queries(texts.pseudo_queries[ab.name], merged)
+
+
+def captioner_texts(work: Path, a: Path, ab: Path, seed: int) -> Texts:
+    """Train the dense baseline (the vision tower) and the captioner on A's train images, embed every image of A and
+    B with the tower and write A's val/test pseudo-queries (`work/pseudo-queries`), as the demo does."""
+    tower, raw = work / "dense-a", a.parent / "raw"
+    if not is_complete_output(tower):
+        _log(f"the vision tower: the dense baseline on A's train images -> {tower}")
+        run_baseline(a / SYNTHETIC_JSON, raw, tower, args=DenseTrainingArgs(seed=seed), overwrite=True)
+    features = work / "tower_features.safetensors"
+    if not features.is_file():
+        images = load_karpathy(ab / SYNTHETIC_JSON, raw).images
+        embeddings = load_dual_encoder(tower).encode_images([image.path for image in images])
+        save_image_features(features, embeddings, [image.key for image in images])
+    pseudo_queries = work / "pseudo-queries" / "pseudo_queries.json"
+    if not (is_complete_output(work / "captioner") and pseudo_queries.is_file()):
+        corpus = load_karpathy(a / SYNTHETIC_JSON, raw)
+        pseudo_queries, _ = write_pseudo_queries_with_captioner(work, corpus, tower)
+    return Texts(work / "captioner", tower, features, {a.name: pseudo_queries})
+
+
 def run_kind(
-    kind: str, work: Path, split: str, reuse: bool, tag: str, train_args: list[str], add_args: list[str]
+    kind: str,
+    work: Path,
+    split: str,
+    reuse: bool,
+    tag: str,
+    train_args: list[str],
+    add_args: list[str],
+    texts: Texts,
 ) -> dict[str, Any]:
     """Both paths for one kind; the measured figures."""
     root = work / kind
@@ -121,12 +207,22 @@ def run_kind(
         timings_file.write_text(json.dumps(timings, indent=2))
 
     a, b, ab = work / "a", work / "b", work / "ab"
-    stage("prepare A", root / "prepared-a", lambda: _prepare(a, kind, root / "prepared-a"))
-    stage("train A", root / "model-a", lambda: _train(kind, root / "prepared-a", root / "model-a", train_args))
+
+    def prepare_ab() -> None:
+        if texts.captioner is not None:
+            _caption_new_images(texts, a, b, ab)
+        _prepare(ab, kind, root / "prepared-ab", texts)
+
+    stage("prepare A", root / "prepared-a", lambda: _prepare(a, kind, root / "prepared-a", texts))
+    stage("train A", root / "model-a", lambda: _train(kind, root / "prepared-a", root / "model-a", train_args, texts))
     added = root / f"model-added{'-' + tag if tag else ''}"
-    stage(f"add B{' ' + tag if tag else ''}", added, lambda: _add(root / "model-a", b, added, add_args))
-    stage("prepare A+B", root / "prepared-ab", lambda: _prepare(ab, kind, root / "prepared-ab"))
-    stage("train A+B", root / "model-ab", lambda: _train(kind, root / "prepared-ab", root / "model-ab", train_args))
+    stage(f"add B{' ' + tag if tag else ''}", added, lambda: _add(root / "model-a", b, added, add_args, texts))
+    stage("prepare A+B", root / "prepared-ab", prepare_ab)
+    stage(
+        "train A+B",
+        root / "model-ab",
+        lambda: _train(kind, root / "prepared-ab", root / "model-ab", train_args, texts),
+    )
 
     _log(f"evaluate {kind} ({split} captions)")
     old_queries, old_gold, old_keys = _queries(a, split)
@@ -181,7 +277,12 @@ def table(results: list[dict[str, Any]]) -> str:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--work-dir", default="runs/bench-add-images", help="data, models and results go here")
-    parser.add_argument("--kinds", nargs="+", default=list(IDENTIFIER_KINDS), choices=IDENTIFIER_KINDS)
+    parser.add_argument("--kinds", nargs="+", default=["rq"], choices=IDENTIFIER_KINDS, help="default: the demo's")
+    parser.add_argument("--collection", default="demo", choices=list(COLLECTIONS), help="the synthetic data's style")
+    parser.add_argument(
+        "--texts", default="captioner", choices=("captioner", "oracle"), help="the val/test images' pseudo-queries"
+    )
+    parser.add_argument("--seed", type=int, default=0, help="added to the collection's data seed; the training seed")
     parser.add_argument("--num-images", type=int, default=600, help="synthetic images, A and B together")
     parser.add_argument("--num-added", type=int, default=120, help="the last images: collection B")
     parser.add_argument("--split", default="test", choices=("test", "val"), help="whose captions are scored")
@@ -198,22 +299,26 @@ def main(argv: list[str] | None = None) -> int:
     work = output.build.resolve()  # built beside --work-dir, which it becomes at the end
     raw = work / "raw"
     if not (args.reuse and (raw / SYNTHETIC_JSON).is_file()):
-        write_synthetic(raw, args.num_images, seed=0, overwrite=True, oracle_pseudo_queries=True)
+        seed, style = COLLECTIONS[args.collection]
+        write_synthetic(
+            raw, args.num_images, seed + args.seed, overwrite=True, style=style, oracle_pseudo_queries=True
+        )
     first_added = args.num_images - args.num_added
     write_part(raw, work / "a", 0, first_added)
     write_part(raw, work / "b", first_added)
     write_part(raw, work / "ab", 0)
+    texts = captioner_texts(work, work / "a", work / "ab", args.seed) if args.texts == "captioner" else Texts()
 
+    seed = ["--seed", str(args.seed)]
+    train_args, add_args = [*seed, *shlex.split(args.train_args)], [*seed, *shlex.split(args.add_args)]
     results = [
-        run_kind(
-            kind, work, args.split, args.reuse, args.tag, shlex.split(args.train_args), shlex.split(args.add_args)
-        )
-        for kind in args.kinds
+        run_kind(kind, work, args.split, args.reuse, args.tag, train_args, add_args, texts) for kind in args.kinds
     ]
     suffix = f"-{args.tag}" if args.tag else ""
     (work / f"results-{args.split}{suffix}.json").write_text(json.dumps(results, indent=2))
     print(
-        f"\nA: {first_added} images, B: {args.num_added} images; Recall@10 of {args.split} captions; goals: new "
+        f"\n{args.collection} collection, {args.texts} pseudo-queries; A: {first_added} images, B: {args.num_added} "
+        f"images; Recall@10 of {args.split} captions; goals: new "
         f">= {GOALS['new_ratio']}x retraining, forgetting <= {100 * GOALS['forgetting']:.0f} pts, time <= "
         f"{GOALS['time_ratio']:.0%} of retraining\n"
     )

@@ -30,6 +30,8 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repository root, for `python benchmarks/<name>.py`
 from benchmarks.common import finish_work_dir, open_work_dir
+from benchmarks.synthetic_split import CHECK_SEED, CHECK_STYLE
+from grace_hf.commands.demo import DEMO_STYLE
 from grace_hf.data.synthetic import ORACLE_PSEUDO_QUERIES_JSON, SYNTHETIC_JSON, SyntheticStyle, write_synthetic
 from grace_hf.evaluation.metrics import METRICS_FILE
 from grace_hf.evaluation.text_baseline import run_text_baseline
@@ -44,20 +46,8 @@ class Collection:
 
 
 COLLECTIONS = {
-    "demo": Collection(500, 0, SyntheticStyle(val_fraction=0.1, test_fraction=0.4)),
-    "check": Collection(
-        500,
-        7,
-        SyntheticStyle(
-            image_sizes=(48, 64, 96, 128),
-            formats=("png", "jpeg"),
-            modes=("RGB", "RGB", "RGB", "L", "RGBA"),
-            subfolders=5,
-            val_fraction=0.1,
-            test_fraction=0.4,
-            caption_style="extended",
-        ),
-    ),
+    "demo": Collection(500, 0, DEMO_STYLE),
+    "check": Collection(500, CHECK_SEED, CHECK_STYLE),
 }
 KIND = "rq"  # the demo's default identifier kind
 ROWS = ("bm25", "dense-clip", "rq", "rq + rerank", "oracle bm25 (upper bound)")

@@ -2,7 +2,7 @@
 
     python benchmarks/image_query.py --work-dir runs/image-query                 # trains everything first
     python benchmarks/image_query.py --work-dir runs/image-query \\
-        --model runs/model-numeric --dense runs/dense-clip --data runs/prepared-numeric
+        --model runs/model-rq --dense runs/dense-clip --data runs/prepared-rq     # a model trained with i2id
 
 The model memorized each image by writing its identifier after `<image>` (the i2id task), so an image can be the
 query: `GraceRetriever.retrieve(images=...)` decodes `<image>` with the copy's pixels under the identifier trie. Each
@@ -15,9 +15,10 @@ the same candidates (default: every memorized image; `--candidates test`: the mo
 The table gives top-1 and top-5 (%) on the copies, GRACE's top-1 as a ratio of the dense one, and top-1 on the
 unperturbed images (what the model memorized; the dense cosine finds them by construction).
 
-Without `--model`, the script writes a synthetic collection, trains the dense baseline and then the tiny Flamingo with
-`recipes/synthetic/<kind>.yaml` (default numeric, whose recipe trains i2id; `--max-steps` shortens it) in the work
-directory, as the demo does. One torch thread.
+Without `--model`, the script writes a synthetic collection, trains the dense baseline (the vision tower) and then
+the tiny Flamingo with `recipes/synthetic/<kind>.yaml` (default rq, from the tower's embeddings, as in the demo) on
+the memorization task alone, every image's pixels -> its identifier (`--max-steps` of 32 images; no text reaches
+it), in the work directory. One torch thread.
 """
 
 from __future__ import annotations
@@ -25,13 +26,18 @@ from __future__ import annotations
 import argparse
 import io
 import random
-import shlex
 import sys
 import time
 from pathlib import Path
 from typing import Any
 
 from PIL import Image
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repository root, for `python benchmarks/<name>.py`
+from benchmarks.common import finish_work_dir, open_work_dir
+
+# image queries need the memorization task (image -> identifier) only: text queries are not measured here
+MEMORIZE_ONLY = ("--loss-weight-i2id", "1", "--loss-weight-t2id", "0", "--batch-size-i2id", "32")
 
 
 def perturb(image: Image.Image, rng: random.Random) -> Image.Image:
@@ -74,22 +80,19 @@ def dense_rankings(dense: Path, copies: list[Image.Image], candidates: list[str]
     return [[candidates[i] for i in row] for row in cosines.topk(min(k, len(candidates)), dim=1).indices.tolist()]
 
 
-def train(work: Path, kind: str, num_images: int, seed: int, max_steps: int | None) -> tuple[Path, Path, Path]:
-    """Synthetic data, the dense baseline and the model, as the demo makes them: (model, dense, prepared)."""
+def train(work: Path, kind: str, num_images: int, seed: int, max_steps: int) -> tuple[Path, Path, Path]:
+    """Synthetic data, the dense baseline (the vision tower) and a model that memorized every image from its pixels
+    alone (i2id only: no text reaches it), as the demo makes them: (model, dense, prepared)."""
     from grace_hf.commands.demo import train_kind
-    from grace_hf.data.synthetic import ORACLE_PSEUDO_QUERIES_JSON, SYNTHETIC_JSON, write_synthetic
+    from grace_hf.data.synthetic import SYNTHETIC_JSON, write_synthetic
     from grace_hf.dense.training import run_baseline
 
     data, dense = work / "data", work / "dense-clip"
     print(f"==> {num_images} synthetic images (seed {seed}) -> {data}", flush=True)
-    write_synthetic(data, num_images, seed, overwrite=True, oracle_pseudo_queries=True)
+    write_synthetic(data, num_images, seed, overwrite=True)
     print(f"==> dense baseline on the train images -> {dense}", flush=True)
     run_baseline(data / SYNTHETIC_JSON, data, dense, overwrite=True)
-    # image queries need the memorization task (image -> identifier), whatever the recipe's default
-    texts = data / ORACLE_PSEUDO_QUERIES_JSON  # text queries are not measured here
-    model = train_kind(
-        kind, work, data / SYNTHETIC_JSON, data, texts, dense, max_steps, overrides=("--loss-weight-i2id", "1")
-    )
+    model = train_kind(kind, work, data / SYNTHETIC_JSON, data, None, dense, max_steps, overrides=MEMORIZE_ONLY)
     return model, dense, work / f"prepared-{kind}"
 
 
@@ -148,9 +151,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--model", type=Path, default=None, help="a trained model directory (else: train one)")
     parser.add_argument("--dense", type=Path, default=None, help="with --model: its `baseline-clip` directory")
     parser.add_argument("--data", type=Path, default=None, help="with --model: its prepared dataset")
-    parser.add_argument("--kind", default="numeric", help="training: identifier kind (recipe with i2id on)")
+    parser.add_argument("--kind", default="rq", help="training: identifier kind (the demo's: rq)")
     parser.add_argument("--num-images", type=int, default=500, help="training: synthetic images")
-    parser.add_argument("--max-steps", type=int, default=None, help="training: optimizer steps (default: recipe's)")
+    parser.add_argument("--max-steps", type=int, default=3000, help="training: optimizer steps (i2id, 32 images)")
     parser.add_argument("--candidates", choices=("all", "test"), default="all", help="every memorized image, or test")
     parser.add_argument("--seed", type=int, default=0, help="seed of the synthetic data and of the perturbations")
     parser.add_argument("--batch-size", type=int, default=32, help="image queries per search")
@@ -162,16 +165,16 @@ def main(argv: list[str] | None = None) -> int:
     import torch
 
     from grace_hf.errors import GraceInputError
-    from grace_hf.outputs import BENCHMARK, finish_output_dir, open_output_dir
 
     torch.set_num_threads(1)
-    command = shlex.join(sys.argv)
-    try:  # the output policy: never the working directory, home or a folder this script did not write
-        work = open_output_dir(args.work_dir, BENCHMARK, command=command, flag="--work-dir").resolve()
+    output = open_work_dir(parser, args.work_dir, reuse=False)
+    work = output.build.resolve()  # built beside --work-dir, which it becomes at the end
+    try:
         if args.model is None:
             args.model, args.dense, args.data = train(work, args.kind, args.num_images, args.seed, args.max_steps)
         result = measure(args.model, args.dense, args.data, args.candidates, args.seed, args.batch_size)
     except GraceInputError as error:
+        output.abandon()
         parser.error(str(error))
     text = table(result)
     heading = (
@@ -180,7 +183,7 @@ def main(argv: list[str] | None = None) -> int:
     )
     (work / "image_query.md").write_text(f"{heading}\n\n{text}\n")
     print(f"\n{heading}\n\n{text}")
-    finish_output_dir(work, BENCHMARK, command)
+    finish_work_dir(output)
     return 0
 
 

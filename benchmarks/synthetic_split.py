@@ -1,12 +1,27 @@
-"""Parts of one synthetic dataset as separate collections (a Karpathy JSON and pseudo-queries each, one image root):
-what the add-images benchmark and tests add to a model trained on another part."""
+"""The benchmarks' synthetic collections: the demo's style and a second one nothing was chosen on, and parts of one
+synthetic dataset as separate collections (a Karpathy JSON and pseudo-queries each, one image root): what the
+add-images benchmark and tests add to a model trained on another part."""
 
 from __future__ import annotations
 
 import json
 from pathlib import Path
 
-from grace_hf.data.synthetic import ORACLE_PSEUDO_QUERIES_JSON, SYNTHETIC_JSON
+from grace_hf.commands.demo import DEMO_STYLE
+from grace_hf.data.synthetic import ORACLE_PSEUDO_QUERIES_JSON, SYNTHETIC_JSON, SyntheticStyle
+
+# The collection nothing was chosen on: sides 48-128, PNG and JPEG, RGB, gray and RGBA, five sub-folders, the extended
+# caption templates; the demo's splits.
+CHECK_STYLE = SyntheticStyle(
+    image_sizes=(48, 64, 96, 128),
+    formats=("png", "jpeg"),
+    modes=("RGB", "RGB", "RGB", "L", "RGBA"),
+    subfolders=5,
+    caption_style="extended",
+    val_fraction=DEMO_STYLE.val_fraction,
+    test_fraction=DEMO_STYLE.test_fraction,
+)
+CHECK_SEED = 7  # its data seed (the demo's is 0)
 
 
 def write_part(raw: Path, out: Path, start: int, stop: int | None = None) -> Path:

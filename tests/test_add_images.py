@@ -405,3 +405,22 @@ def test_numbers_continue_and_semantic_texts_never_collide(collections):
     everything_taken = IdentifierIndex("semantic", {"images/old.png": [normalize(c) for c in train.captions]})
     with pytest.raises(GraceInputError, match=f"every text of image '{train.key}' also names an earlier image"):
         extend_identifiers(everything_taken, _corpus(new), pseudo_queries=queries)
+
+
+def test_add_images_benchmark_with_a_captioner_never_hands_the_oracle_texts_to_the_model(tmp_path):
+    """`benchmarks/add_images.py --texts captioner` (its default): A's texts are the captioner's file, the content
+    identifiers come from the tower's embeddings, and A+B has no texts until the captioner wrote B's."""
+    from benchmarks.add_images import Texts
+
+    written = tmp_path / "pseudo-queries" / "pseudo_queries.json"
+    features = tmp_path / "tower_features.safetensors"
+    texts = Texts(tmp_path / "captioner", tmp_path / "dense-a", features, {"a": written})
+    assert texts.of(tmp_path / "a") == written
+    with pytest.raises(KeyError):
+        texts.of(tmp_path / "ab")
+    assert texts.prepare_options("rq") == {"image_features": str(features)}
+    assert "pixel_features" not in texts.prepare_options("structured")
+    assert "image_features" not in texts.prepare_options("numeric")
+    oracle = Texts()
+    assert oracle.of(tmp_path / "a") == tmp_path / "a" / ORACLE_PSEUDO_QUERIES_JSON
+    assert oracle.prepare_options("rq")["pixel_features"] is True

@@ -261,3 +261,14 @@ def test_benchmark_perturbs_with_a_fixed_seed_and_checks_its_arguments(capsys):
         "dense": {1: 0.25, 5: 0.5, "originals": 1.0, "seconds": 0.1},
     }
     assert "| GRACE (`<image>` under the trie) | 50.0 | 100.0 | 2.00x | 100.0 | 0.1 |" in image_query.table(result)
+
+
+def test_benchmark_refuses_a_missing_model_and_leaves_no_work_dir(tmp_path, capsys):
+    from benchmarks import image_query
+
+    missing = tmp_path / "no-model"
+    argv = ["--work-dir", str(tmp_path / "work"), "--model", str(missing), "--dense", str(missing)]
+    with pytest.raises(SystemExit) as exit_:
+        image_query.main([*argv, "--data", str(missing)])
+    assert exit_.value.code == 2 and str(missing) in capsys.readouterr().err
+    assert not any(tmp_path.iterdir())  # neither the work directory nor its partial build is left
