@@ -14,7 +14,8 @@ The val/test images' texts (`--texts`):
   pseudo-queries of A's val/test images, and of B's from their pixels (`add-images --captioner`; the retraining path
   captions B's the same way, within its time). Both are trained once, before either path, like a pretrained CLIP.
 - `oracle`: the generator's oracle pseudo-queries and 8x8 pixel thumbnails (an upper bound on the texts; no tower).
- Then Recall@10 of the human captions of A's and of B's test images
+
+The figures: Recall@10 of the human captions of A's and of B's test images
 (`--split val`: val images, for tuning), over A's images before adding and over A's and B's images after: the new
 images' recall beside retraining's, forgetting (A's recall before minus after adding, over A's images both times)
 and the wall time of each path (one torch thread, in this process), with their ratios, in one table.

@@ -44,8 +44,8 @@ class DenseTrainingArgs:
     (`patience` 0: always run `epochs`; the learning rate decays over `epochs` either way).
     """
 
-    # val R@1 on a few val images is noisy and climbs slowly from scratch: patience 10 stopped some demo seeds at
-    # R@1 2.6 where 30 reached 17-21 (measured on the demo data; docs/results.md)
+    # val R@1 on a few val images is noisy and climbs slowly from scratch: patience 10 stopped three of six demo runs
+    # at test R@1 2.2-2.6 where patience 30 reached 15.7-21.1 on the same data (docs/results.md)
     epochs: int = 150
     patience: int = 30
     batch_size: int = 32
