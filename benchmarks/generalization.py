@@ -3,7 +3,8 @@
     python benchmarks/generalization.py --work-dir runs/generalization            # 2 collections x 3 seeds
     python benchmarks/generalization.py --work-dir runs/generalization --reuse    # print the table again
 
-Each run is `grace-hf demo` (its own process, one torch thread): captioner pseudo-queries for the val/test images,
+Each run is `grace-hf demo` (its own process; one run at a time by default, on the demo's own threads, so the demo
+seed's figures are `make demo`'s; `--workers N` runs N side by side, the cores shared between them): captioner pseudo-queries for the val/test images,
 the dense baseline (early stopping on val) as the Flamingo's vision tower, BM25 over the same texts, rq identifiers,
 the re-ranking weight fitted on val; every figure is a test caption ranking the collection's test images. Two
 collections, each with three seeds (the data's and the training's):
@@ -36,6 +37,7 @@ from grace_hf.data.synthetic import ORACLE_PSEUDO_QUERIES_JSON, SYNTHETIC_JSON, 
 from grace_hf.evaluation.metrics import METRICS_FILE
 from grace_hf.evaluation.text_baseline import run_text_baseline
 from grace_hf.outputs import is_complete_output
+from grace_hf.runtime import usable_cores
 
 
 @dataclass
@@ -57,8 +59,9 @@ def _log(message: str) -> None:
     print(f"==> [{time.strftime('%H:%M:%S')}] {message}", flush=True)
 
 
-def run_one(name: str, offset: int, work: Path, reuse: bool) -> dict[str, dict[str, Any]]:
-    """One collection at one seed: data, `grace-hf demo` on it, the oracle upper bound; metrics by row."""
+def run_one(name: str, offset: int, work: Path, reuse: bool, num_threads: int | None) -> dict[str, dict[str, Any]]:
+    """One collection at one seed: data, `grace-hf demo` on it (`num_threads`: its every stage's torch threads, None:
+    the demo's defaults), the oracle upper bound; metrics by row."""
     spec, out = COLLECTIONS[name], work / f"{name}-seed{offset}"
     out.mkdir(parents=True, exist_ok=True)
     data, demo, oracle = out / "data", out / "demo", out / "oracle-bm25"
@@ -68,8 +71,10 @@ def run_one(name: str, offset: int, work: Path, reuse: bool) -> dict[str, dict[s
         _log(f"{name} seed {offset}: grace-hf demo -> {demo}")
         command = [sys.executable, "-m", "grace_hf", "demo", "--output-dir", str(demo), "--overwrite"]
         command += ["--karpathy-json", str(data / SYNTHETIC_JSON), "--image-root", str(data), "--seed", str(offset)]
-        with open(out / "demo.log", "w") as log:  # its own process: runs go side by side, one torch thread each
-            subprocess.run([*command, "--num-threads", "1"], check=True, stdout=log, stderr=subprocess.STDOUT)
+        if num_threads is not None:
+            command += ["--num-threads", str(num_threads)]
+        with open(out / "demo.log", "w") as log:  # its own process: runs can go side by side
+            subprocess.run(command, check=True, stdout=log, stderr=subprocess.STDOUT)
     if not (reuse and is_complete_output(oracle)):
         run_text_baseline(data / SYNTHETIC_JSON, data, oracle, data / ORACLE_PSEUDO_QUERIES_JSON, overwrite=True)
     model = json.loads((demo / f"model-{KIND}" / METRICS_FILE).read_text())
@@ -117,7 +122,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--work-dir", default="runs/generalization", help="data, models and results go here")
     parser.add_argument("--collections", nargs="+", default=list(COLLECTIONS), choices=list(COLLECTIONS))
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2], help="seed offsets (data and training)")
-    parser.add_argument("--workers", type=int, default=2, help="runs at once (one torch thread each)")
+    parser.add_argument(
+        "--workers", type=int, default=1, help="runs at once (more than one: the cores shared out between them)"
+    )
     parser.add_argument("--reuse", action="store_true", help="keep finished runs of an earlier call here")
     args = parser.parse_args(argv)
     if args.workers < 1 or not args.seeds:
@@ -125,8 +132,9 @@ def main(argv: list[str] | None = None) -> int:
     output = open_work_dir(parser, args.work_dir, args.reuse)
     work = output.build.resolve()  # built beside --work-dir, which it becomes at the end
     jobs = [(name, seed) for name in args.collections for seed in args.seeds]
+    threads = max(1, usable_cores() // args.workers) if args.workers > 1 else None
     with ThreadPoolExecutor(args.workers) as pool:  # each run is its own process
-        results = list(pool.map(lambda job: run_one(*job, work, args.reuse), jobs))
+        results = list(pool.map(lambda job: run_one(*job, work, args.reuse, threads), jobs))
     rows, verdicts = [], []
     for name in args.collections:
         table_rows, verdict = summary(name, [r for (n, _), r in zip(jobs, results) if n == name])

@@ -13,7 +13,14 @@ from tqdm import autonotebook
 from tqdm.auto import tqdm
 from tqdm.std import tqdm as plain_tqdm
 
-__all__ = ["configure_threads", "default_io_workers", "default_num_threads", "default_processes", "progress_bar"]
+__all__ = [
+    "configure_threads",
+    "default_io_workers",
+    "default_num_threads",
+    "default_processes",
+    "progress_bar",
+    "usable_cores",
+]
 
 LOG_PERCENT_STEP = 5  # off a terminal: a line each time a bar passes another 5% of its total
 LOG_INTERVAL_SECONDS = 60.0  # off a terminal, for a bar without a total: a line a minute
@@ -66,14 +73,15 @@ def progress_bar(iterable: Iterable | None = None, **kwargs: Any) -> tqdm:
     return bar(iterable, dynamic_ncols=True, **kwargs)
 
 
-def _usable_cores() -> int:
+def usable_cores() -> int:
+    """The CPU cores this process may run on."""
     return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
 
 
 def default_num_threads() -> int:
     """Half the CPU cores this process may use (1 on a 2-core machine), at most 8: torch's default of every core
     oversubscribes a busy machine, which ran small models up to 15x slower here."""
-    return max(1, min(8, _usable_cores() // 2))
+    return max(1, min(8, usable_cores() // 2))
 
 
 def default_io_workers() -> int:

@@ -13,6 +13,7 @@ import torch
 from PIL import Image
 from safetensors.torch import load_file
 
+from grace_hf.commands import demo
 from grace_hf.commands.demo import main
 
 
@@ -44,6 +45,13 @@ def test_demo_writes_metrics_gallery_plot_and_table(tmp_path, capsys):
     assert len(pseudo) == 60 and all(queries for queries in pseudo.values())
     quality = json.loads((out / "pseudo-queries" / "quality.json").read_text())
     assert quality["split"] == "val" and quality["num_images"] == 12 and 0.0 < quality["bleu4"] <= 100.0
+
+    # without --num-threads each training runs on its recipe's threads (and the captioner decodes in a worker)
+    def arguments(run):
+        return json.loads((out / run / "training_args.json").read_text())["arguments"]
+
+    assert arguments("model-rq")["torch_num_threads"] == 2
+    assert arguments("captioner")["torch_num_threads"] == 1 and arguments("captioner")["dataloader_num_workers"] == 1
     # the Flamingos' vision tower is the dense baseline's image encoder, copied into each model directory
     tower = load_file(out / "model-rq" / "model.safetensors")["model.vision_model.conv1.weight"]
     assert torch.equal(tower, load_file(out / "dense-clip" / "open_clip_model.safetensors")["visual.conv1.weight"])
@@ -60,3 +68,22 @@ def test_demo_writes_metrics_gallery_plot_and_table(tmp_path, capsys):
     table = (out / "comparison.md").read_text()
     for row in ("| model-rq |", "| model-rq + rerank |", "| dense-clip |", "| bm25 |"):
         assert row in table
+
+
+def test_training_threads_follow_the_recipe_or_the_demo_flag(monkeypatch):
+    """Each training runs on its recipe's `torch_num_threads` unless the demo was given `--num-threads` (then every
+    stage's); either way the demo's own threads are back once it returns."""
+    seen = []
+
+    def fake_train(model_args, data_args, args, command):
+        seen.append(args.torch_num_threads)
+        torch.set_num_threads(args.torch_num_threads)
+
+    monkeypatch.setattr(demo, "train", fake_train)
+    before = torch.get_num_threads()
+    argv = ["--data", "prepared", "--output-dir", "model"]
+    demo._train(demo._recipe("rq"), argv, max_steps=None)
+    demo._train(demo._recipe("rq"), argv, max_steps=None, num_threads=1)
+    demo._train(demo._recipe("captioner"), ["--karpathy-json", "d.json", "--image-root", "d"], None)
+    assert seen == [2, 1, 1]
+    assert torch.get_num_threads() == before

@@ -9,7 +9,7 @@ from grace_hf.commands.baseline_clip import main
 from grace_hf.commands.cli import main as cli_main
 from grace_hf.data.karpathy import load_karpathy
 from grace_hf.data.pseudo_queries import load_pseudo_queries
-from grace_hf.dense import DualEncoder, load_dual_encoder, resolve_model_config
+from grace_hf.dense import DualEncoder, load_dual_encoder, resolve_model_config, training
 from grace_hf.dense.directory import FEATURES_FILE, load_image_features, save_image_features
 from grace_hf.dense.training import DenseTrainingArgs, EarlyStopping, train_dual_encoder, training_texts
 from grace_hf.errors import GraceInputError
@@ -177,10 +177,21 @@ def test_saved_encoder_reproduces_the_features(synthetic, run_dir):
     assert config["tokenizer"] == {"class": "open_clip.SimpleTokenizer", "context_length": 24}
 
 
-def test_same_seed_same_features(synthetic, tmp_path):
-    first, _ = load_image_features(_run(synthetic, tmp_path / "first", epochs=4, patience=1))
-    again, _ = load_image_features(_run(synthetic, tmp_path / "again", epochs=4, patience=1))
+def test_same_seed_same_features_with_or_without_the_pixel_cache(synthetic, tmp_path, monkeypatch):
+    """The training images preprocessed once (they fit) train exactly as images read every epoch."""
+    root, config = synthetic
+    paths = sorted((root / "images").glob("*.png"))[:5]
+    encoder = DualEncoder.from_config(config)
+    pixels = training.preprocessed_images(paths, encoder)
+    assert list(pixels) == paths and torch.equal(pixels[paths[1]], encoder.pixel_values([paths[1]])[0])
+    assert training.preprocessed_images(paths, encoder, max_bytes=100) == {}  # too many bytes: read every epoch
+
+    first, _ = load_image_features(_run(synthetic, tmp_path / "first", epochs=4, patience=0))
+    monkeypatch.setattr(training, "PIXEL_CACHE_BYTES", 0)
+    again, _ = load_image_features(_run(synthetic, tmp_path / "again", epochs=4, patience=0))
     assert torch.equal(again, first)
+    metrics = json.loads((tmp_path / "again" / "metrics.json").read_text())
+    assert metrics["epochs_run"] == 4  # --patience 0: every epoch runs
 
 
 def test_config_presets_and_errors(tmp_path):

@@ -2,6 +2,8 @@
 
 import hashlib
 import json
+import signal
+from multiprocessing import active_children, get_context
 
 import numpy as np
 import pytest
@@ -18,6 +20,7 @@ from grace_hf.data.synthetic import (
     SHAPES,
     SYNTHETIC_JSON,
     SyntheticStyle,
+    _reset_sigterm,
     write_synthetic,
 )
 from grace_hf.errors import GraceInputError
@@ -223,3 +226,14 @@ def test_gray_images_are_captioned_without_colours(tmp_path):
         words = {token for sentence in image["sentences"] for token in sentence["tokens"]}
         assert not words & colour_words, image["filename"]
         assert words & {"dim", "light", "pale", "dark"}, image["filename"]
+
+
+def test_drawing_pool_under_the_cli_sigterm_handler(tmp_path):
+    """Commands turn SIGTERM into KeyboardInterrupt; the drawing pool's forked workers must not inherit that (a worker
+    that survives its pool's SIGTERM left `make demo` waiting forever): they end on SIGTERM and leave on their own."""
+    with cli._sigterm_interrupts():
+        assert signal.getsignal(signal.SIGTERM) is not signal.SIG_DFL
+        with get_context("fork").Pool(1, initializer=_reset_sigterm) as pool:
+            assert pool.apply(signal.getsignal, (signal.SIGTERM,)) is signal.SIG_DFL
+        write_synthetic(tmp_path / "data", 20, seed=3, num_workers=2)
+        assert active_children() == []  # joined, none left behind

@@ -39,7 +39,7 @@ class _Renamed(argparse.Action):
 
 
 # the least value of an integer flag: counts and sizes are >= 1 unless named here
-INT_MINIMUM = {"--seed": 0, "--num-workers": 0, "--subfolders": 0, "--port": 1}
+INT_MINIMUM = {"--seed": 0, "--num-workers": 0, "--subfolders": 0, "--patience": 0, "--port": 1}
 INT_MAXIMUM = {"--port": 65535}
 FLOAT_MINIMUM = {"--lr": 0.0, "--weight-decay": 0.0, "--val-fraction": 0.0, "--test-fraction": 0.0}
 
@@ -100,21 +100,18 @@ def add_overwrite(parser: argparse.ArgumentParser) -> None:
     )
 
 
-def add_num_threads(parser: argparse.ArgumentParser) -> None:
-    """`--num-threads N`: torch CPU threads (default: half the cores, at most 8; 1 on a 2-core machine)."""
-    parser.add_argument(
-        "--num-threads",
-        type=int,
-        default=None,
-        help="torch CPU threads (default: half the cores this process may use, at most 8)",
-    )
+def add_num_threads(
+    parser: argparse.ArgumentParser, default: str = "half the cores this process may use, at most 8"
+) -> None:
+    """`--num-threads N`: torch CPU threads (`default` says what None means: `setup_threads`'s default)."""
+    parser.add_argument("--num-threads", type=int, default=None, help=f"torch CPU threads (default: {default})")
 
 
-def setup_threads(args: argparse.Namespace) -> None:
-    """Apply `--num-threads` (a GraceInputError below 1)."""
+def setup_threads(args: argparse.Namespace, default: int | None = None) -> None:
+    """Apply `--num-threads` (a GraceInputError below 1), or `default` (None: `default_num_threads()`) without it."""
     if args.num_threads is not None and args.num_threads < 1:
         raise GraceInputError(f"--num-threads must be >= 1, got {args.num_threads}")
-    configure_threads(args.num_threads)
+    configure_threads(args.num_threads or default)
 
 
 def add_rerank(parser: argparse.ArgumentParser) -> argparse._ArgumentGroup:

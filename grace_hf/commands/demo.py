@@ -27,6 +27,8 @@ import time
 from pathlib import Path
 from typing import Any
 
+import torch
+
 from grace_hf.commands.common import add_num_threads, add_overwrite, command_parser, setup_threads
 from grace_hf.data.captioning import caption_splits
 from grace_hf.data.karpathy import KarpathyCorpus, load_karpathy
@@ -48,6 +50,7 @@ from grace_hf.model_dir import read_model_dir
 from grace_hf.outputs import DEMO, PSEUDO_QUERIES, output_directory, record_written
 from grace_hf.retrieval.rerank import DEFAULT_RERANK_BEAMS, DenseScorer, fit_or_load
 from grace_hf.retrieval.retriever import GraceRetriever
+from grace_hf.runtime import usable_cores
 from grace_hf.serving.gallery import GALLERY_FILE, CaptionedImage, GalleryEntry, folder_image_loader, write_gallery
 from grace_hf.training.args import parse_args
 from grace_hf.training.loop import train
@@ -90,25 +93,32 @@ def _recipe(name: str) -> Path:
     return path
 
 
-def _train(recipe: Path, argv: list[str], max_steps: int | None) -> None:
-    """Train with `recipe` and the flags `argv` (the demo's own: no evaluation during training, no checkpoints)."""
+def _train(recipe: Path, argv: list[str], max_steps: int | None, num_threads: int | None = None) -> None:
+    """Train with `recipe` and the flags `argv` (the demo's own: no evaluation during training, no checkpoints), on
+    `num_threads` torch threads (None: the recipe's `torch_num_threads`); the demo's own are restored afterwards."""
     argv = ["--config", str(recipe), *argv, "--eval-num-queries", "0", "--report-to", "none", "--save-steps", "0"]
     if max_steps is not None:
         argv += ["--max-steps", str(max_steps)]
-    train(*parse_args(argv), command="grace-hf train " + " ".join(argv))
+    if num_threads is not None:
+        argv += ["--torch-num-threads", str(num_threads)]
+    threads = torch.get_num_threads()
+    try:
+        train(*parse_args(argv), command="grace-hf train " + " ".join(argv))
+    finally:
+        torch.set_num_threads(threads)
 
 
 def write_pseudo_queries_with_captioner(
-    out: Path, corpus: KarpathyCorpus, vision_tower: Path, max_steps: int | None = None
+    out: Path, corpus: KarpathyCorpus, vision_tower: Path, max_steps: int | None = None, num_threads: int | None = None
 ) -> tuple[Path, dict[str, list[str]]]:
     """Train the captioner on the train images' captions (`out/captioner`) and write the val and test images'
     pseudo-queries with it (`out/pseudo-queries`, with their BLEU in `quality.json`); return that file and the
-    queries by image key."""
+    queries by image key. `num_threads`: the captioner's training threads (None: its recipe's)."""
     captioner_dir = out / "captioner"
     _log(f"train the captioner on the train images' captions -> {captioner_dir}")
     karpathy_json, image_root = corpus.json_path, corpus.image_root
     argv = ["--karpathy-json", str(karpathy_json), "--image-root", str(image_root), "--output-dir", str(captioner_dir)]
-    _train(_recipe("captioner"), [*argv, "--vision-tower", str(vision_tower)], max_steps)
+    _train(_recipe("captioner"), [*argv, "--vision-tower", str(vision_tower)], max_steps, num_threads)
 
     pseudo_dir = out / "pseudo-queries"
     _log(f"write five pseudo-queries per val and test image from its pixels -> {pseudo_dir}")
@@ -132,12 +142,13 @@ def train_kind(
     options: dict[str, Any] | None = None,
     name: str | None = None,
     overrides: tuple[str, ...] = (),
+    num_threads: int | None = None,
 ) -> Path:
     """Prepare the collection for one identifier kind (`options`: its prepare options, default `PREPARE_OPTIONS`, and
     for rq and structured the image embeddings of `vision_tower`'s features file)
     into `out/prepared-<name>` and train the tiny Flamingo on it, its vision tower started from `vision_tower`, into
-    `out/model-<name>` (`name` default: the kind; `overrides`: recipe flags, e.g. `("--loss-weight-i2id", "1")`);
-    return the model directory."""
+    `out/model-<name>` (`name` default: the kind; `overrides`: recipe flags, e.g. `("--loss-weight-i2id", "1")`;
+    `num_threads`: training threads, None: the recipe's); return the model directory."""
     name = name or kind
     prepared = out / f"prepared-{name}"
     if options is None:
@@ -150,7 +161,7 @@ def train_kind(
     model_dir = out / f"model-{name}"
     _log(f"train the tiny Flamingo on {kind} identifiers (recipe {_recipe(kind)}) -> {model_dir}")
     argv = ["--data", str(prepared), "--output-dir", str(model_dir), "--vision-tower", str(vision_tower)]
-    _train(_recipe(kind), [*argv, *overrides], max_steps)
+    _train(_recipe(kind), [*argv, *overrides], max_steps, num_threads)
     return model_dir
 
 
@@ -211,14 +222,16 @@ def run_pipeline(
     seed: int = 0,
     max_steps: int | None = None,
     title: str = "",
+    num_threads: int | None = None,
 ) -> tuple[dict[str, Any], list[Path], str]:
     """Every stage after the data (see the module docstring), written into `out` (a build directory); return the
-    first kind's metrics, the model directories and the comparison table."""
+    first kind's metrics, the model directories and the comparison table. `num_threads`: every training's torch
+    threads (None: each recipe's `torch_num_threads`)."""
     corpus = load_karpathy(karpathy_json, image_root)
     dense_dir = out / "dense-clip"
     _log(f"train the dense open_clip baseline on the train images (early stopping on val) -> {dense_dir}")
     dense = run_baseline(karpathy_json, image_root, dense_dir, args=DenseTrainingArgs(seed=seed))
-    pseudo_queries, queries = write_pseudo_queries_with_captioner(out, corpus, dense_dir, max_steps)
+    pseudo_queries, queries = write_pseudo_queries_with_captioner(out, corpus, dense_dir, max_steps, num_threads)
 
     bm25_dir = out / "bm25"
     _log(f"the text-only baseline: BM25 over the same texts -> {bm25_dir}")
@@ -227,7 +240,9 @@ def run_pipeline(
     curves: dict[str, list[float]] = {"dense-clip": dense["recall_curve"], "bm25": bm25["recall_curve"]}
     runs, first = [], None
     for kind in kinds:
-        model_dir = train_kind(kind, out, karpathy_json, image_root, pseudo_queries, dense_dir, max_steps)
+        model_dir = train_kind(
+            kind, out, karpathy_json, image_root, pseudo_queries, dense_dir, max_steps, num_threads=num_threads
+        )
         metrics, records = evaluate_kind(model_dir, out / f"prepared-{kind}", dense_dir)
         curves[kind], curves[f"{kind}{RERANKED_SUFFIX}"] = metrics["recall_curve"], metrics["rerank"]["recall_curve"]
         runs.append(model_dir)
@@ -254,9 +269,11 @@ def run_demo(
     overwrite: bool = False,
     karpathy_json: str | os.PathLike | None = None,
     image_root: str | os.PathLike | None = None,
+    num_threads: int | None = None,
 ) -> dict[str, Any]:
     """The pipeline into `output_dir` (replacing an earlier demo there) on `num_images` synthetic images, or on the
-    collection `karpathy_json` + `image_root`; return the first kind's metrics."""
+    collection `karpathy_json` + `image_root`; return the first kind's metrics. `num_threads`: every training's
+    torch threads (None: each recipe's)."""
     if (karpathy_json is None) != (image_root is None):
         raise GraceInputError("--karpathy-json and --image-root go together")
     if karpathy_json is None:
@@ -276,7 +293,7 @@ def run_demo(
                 Path(image_root).resolve(),
                 Path(karpathy_json).name,
             )
-        first, runs, table = run_pipeline(out, json_path, root, kinds, seed, max_steps, title)
+        first, runs, table = run_pipeline(out, json_path, root, kinds, seed, max_steps, title, num_threads)
     _log(f"done\n\n{table}")
     for name in (METRICS_FILE, GALLERY_FILE, RECALL_PLOT_FILE, TABLE_FILE, QUERIES_FILE):
         print(f"  {final / name}")
@@ -303,10 +320,14 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--image-root", help="the folder the JSON's image paths are relative to")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--max-steps", type=int, default=None, help="override the recipes' training steps")
-    add_num_threads(parser)
+    add_num_threads(
+        parser,
+        default="every core this process may use, at most 8, and each training its recipe's torch_num_threads; "
+        "given, every stage's",
+    )
     add_overwrite(parser)
     args = parser.parse_args(argv)
-    setup_threads(args)
+    setup_threads(args, default=min(8, usable_cores()))
     kinds = args.identifier_kind
     if kinds == ["all"]:  # the best kind first: it fills the gallery
         kinds = [DEFAULT_KIND, *(kind for kind in IDENTIFIER_KINDS if kind != DEFAULT_KIND)]
@@ -321,5 +342,6 @@ def main(argv: list[str] | None = None) -> int:
         args.overwrite,
         args.karpathy_json,
         args.image_root,
+        args.num_threads,  # given: every stage's threads; without it the trainings keep their recipes'
     )
     return 0

@@ -32,6 +32,7 @@ import itertools
 import json
 import math
 import os
+import signal
 from dataclasses import dataclass
 from multiprocessing import get_context
 from pathlib import Path
@@ -370,6 +371,12 @@ def _oracle_pseudo_queries(content: _Content) -> list[str]:
     return [template.format(**words) for template in PSEUDO_QUERY_TEMPLATES]
 
 
+def _reset_sigterm() -> None:
+    """In a pool worker: SIGTERM ends the process (not the parent command's handler, which raises
+    KeyboardInterrupt)."""
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)
+
+
 def _save_image(job: tuple[str, _Content, tuple[int, int], _FileStyle]) -> None:
     path, content, jitter, file_style = job
     image = _draw(content, jitter)  # 64x64 RGB
@@ -469,11 +476,22 @@ def write_synthetic(
             for job in progress_bar(jobs, desc="drawing"):
                 _save_image(job)
         else:
-            with get_context("fork").Pool(workers) as pool:  # fork: callers need no __main__ guard
+            # fork: callers need no __main__ guard. The workers leave by themselves once the jobs are done (close +
+            # join): a pool that terminates them signals SIGTERM, which a forked worker inherits the command's
+            # handler for, so without `_reset_sigterm` a worker can go on waiting for a task and the parent hangs
+            pool = get_context("fork").Pool(workers, initializer=_reset_sigterm)
+            try:
                 for _ in progress_bar(
                     pool.imap_unordered(_save_image, jobs, chunksize=64), total=len(jobs), desc="drawing"
                 ):
                     pass
+            except BaseException:
+                pool.terminate()
+                raise
+            else:
+                pool.close()
+            finally:
+                pool.join()
         # compact like the real Karpathy files (and json's indenting encoder is slow and memory-hungry)
         atomic_write_text(tmp / SYNTHETIC_JSON, json.dumps({"dataset": "synthetic", "images": images}))
         if oracle_pseudo_queries:

@@ -233,7 +233,7 @@ class GraceTrainingArguments:
     dataloader_num_workers: int = field(default=0, metadata={"help": "Worker processes per data stream."})
     torch_num_threads: int = field(
         default=0,
-        metadata={"help": "CPU threads of each process's torch ops (0 = half the cores, at most 8; tiny models: 1)."},
+        metadata={"help": "CPU threads of each process's torch ops (0 = half the cores, at most 8)."},
     )
     report_to: list[str] = field(
         default_factory=lambda: ["tensorboard"],
