@@ -92,7 +92,9 @@ def train(work: Path, kind: str, num_images: int, seed: int, max_steps: int) -> 
     write_synthetic(data, num_images, seed, overwrite=True)
     print(f"==> dense baseline on the train images -> {dense}", flush=True)
     run_baseline(data / SYNTHETIC_JSON, data, dense, overwrite=True)
-    model = train_kind(kind, work, data / SYNTHETIC_JSON, data, None, dense, max_steps, overrides=MEMORIZE_ONLY)
+    model = train_kind(
+        kind, work, data / SYNTHETIC_JSON, data, None, dense, max_steps, overrides=MEMORIZE_ONLY, num_threads=1
+    )
     return model, dense, work / f"prepared-{kind}"
 
 
