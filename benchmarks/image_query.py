@@ -18,7 +18,10 @@ unperturbed images (what the model memorized; the dense cosine finds them by con
 Without `--model`, the script writes a synthetic collection, trains the dense baseline (the vision tower) and then
 the tiny Flamingo with `recipes/synthetic/<kind>.yaml` (default rq, from the tower's embeddings, as in the demo) on
 the memorization task alone, every image's pixels -> its identifier (`--max-steps` of 32 images; no text reaches
-it), in the work directory. One torch thread.
+it), in the work directory, on the recipe's threads. Each step shows the images in changed views (`--crop-scale`,
+`--jpeg-quality`: the training flags `--i2id-crop-scale`, `--i2id-jpeg-quality`; `--crop-scale 1 --jpeg-quality 0`
+memorizes the exact pixels only). The views are of the same family as the copies (crops and JPEG), wider, and drawn
+from the training seed, never from the copies' seed.
 """
 
 from __future__ import annotations
@@ -38,6 +41,11 @@ from benchmarks.common import finish_work_dir, open_work_dir
 
 # image queries need the memorization task (image -> identifier) only: text queries are not measured here
 MEMORIZE_ONLY = ("--loss-weight-i2id", "1", "--loss-weight-t2id", "0", "--batch-size-i2id", "32")
+
+
+def memorize_flags(crop_scale: float, jpeg_quality: int) -> tuple[str, ...]:
+    """The training flags of the memorization task with these i2id views."""
+    return (*MEMORIZE_ONLY, "--i2id-crop-scale", str(crop_scale), "--i2id-jpeg-quality", str(jpeg_quality))
 
 
 def perturb(image: Image.Image, rng: random.Random) -> Image.Image:
@@ -80,9 +88,12 @@ def dense_rankings(dense: Path, copies: list[Image.Image], candidates: list[str]
     return [[candidates[i] for i in row] for row in cosines.topk(min(k, len(candidates)), dim=1).indices.tolist()]
 
 
-def train(work: Path, kind: str, num_images: int, seed: int, max_steps: int) -> tuple[Path, Path, Path]:
+def train(
+    work: Path, kind: str, num_images: int, seed: int, max_steps: int, views: tuple[str, ...]
+) -> tuple[Path, Path, Path]:
     """Synthetic data, the dense baseline (the vision tower) and a model that memorized every image from its pixels
-    alone (i2id only: no text reaches it), as the demo makes them: (model, dense, prepared)."""
+    alone (i2id only, `views`: its training flags; no text reaches it), as the demo makes them: (model, dense,
+    prepared)."""
     from grace_hf.commands.demo import train_kind
     from grace_hf.data.synthetic import SYNTHETIC_JSON, write_synthetic
     from grace_hf.dense.training import run_baseline
@@ -92,9 +103,7 @@ def train(work: Path, kind: str, num_images: int, seed: int, max_steps: int) -> 
     write_synthetic(data, num_images, seed, overwrite=True)
     print(f"==> dense baseline on the train images -> {dense}", flush=True)
     run_baseline(data / SYNTHETIC_JSON, data, dense, overwrite=True)
-    model = train_kind(
-        kind, work, data / SYNTHETIC_JSON, data, None, dense, max_steps, overrides=MEMORIZE_ONLY, num_threads=1
-    )
+    model = train_kind(kind, work, data / SYNTHETIC_JSON, data, None, dense, max_steps, overrides=views)
     return model, dense, work / f"prepared-{kind}"
 
 
@@ -155,7 +164,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--data", type=Path, default=None, help="with --model: its prepared dataset")
     parser.add_argument("--kind", default="rq", help="training: identifier kind (the demo's: rq)")
     parser.add_argument("--num-images", type=int, default=500, help="training: synthetic images")
-    parser.add_argument("--max-steps", type=int, default=3000, help="training: optimizer steps (i2id, 32 images)")
+    parser.add_argument("--max-steps", type=int, default=8000, help="training: optimizer steps (i2id, 32 images)")
+    parser.add_argument("--crop-scale", type=float, default=0.7, help="training: i2id crops keep >= this of a side")
+    parser.add_argument("--jpeg-quality", type=int, default=40, help="training: i2id JPEG quality from this to 95")
     parser.add_argument("--candidates", choices=("all", "test"), default="all", help="every memorized image, or test")
     parser.add_argument("--seed", type=int, default=0, help="seed of the synthetic data and of the perturbations")
     parser.add_argument("--batch-size", type=int, default=32, help="image queries per search")
@@ -163,17 +174,22 @@ def main(argv: list[str] | None = None) -> int:
     given = [args.model, args.dense, args.data]
     if any(given) and not all(given):
         parser.error("--model, --dense and --data go together (or none of them: train)")
-
-    import torch
-
     from grace_hf.errors import GraceInputError
+    from grace_hf.training.views import ImageViews
 
-    torch.set_num_threads(1)
+    try:
+        ImageViews(crop_scale=args.crop_scale, jpeg_quality=args.jpeg_quality)
+    except ValueError as error:
+        parser.error(f"--crop-scale/--jpeg-quality: {error}")
+
     output = open_work_dir(parser, args.work_dir, reuse=False)
     work = output.build.resolve()  # built beside --work-dir, which it becomes at the end
     try:
         if args.model is None:
-            args.model, args.dense, args.data = train(work, args.kind, args.num_images, args.seed, args.max_steps)
+            views = memorize_flags(args.crop_scale, args.jpeg_quality)
+            args.model, args.dense, args.data = train(
+                work, args.kind, args.num_images, args.seed, args.max_steps, views
+            )
         result = measure(args.model, args.dense, args.data, args.candidates, args.seed, args.batch_size)
     except GraceInputError as error:
         output.abandon()

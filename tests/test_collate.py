@@ -1,4 +1,4 @@
-"""The collator: sample texts, the loss mask (exactly the identifier part), images, flips, query cutting."""
+"""The collator: sample texts, the loss mask (exactly the identifier part), images, query cutting."""
 
 import pytest
 import torch
@@ -68,15 +68,6 @@ def test_t2id_image_modes(processor):
     expected = processor(text=["x"], images=[processor.blank_image()])["pixel_values"][0]
     assert torch.equal(blank["pixel_values"][1], expected)
     assert torch.equal(blank["input_ids"], no_image["input_ids"])
-
-
-def test_i2id_flip_mirrors_the_image(processor):
-    rows = _rows()
-    plain = GraceCollator(processor, "i2id")(rows)["pixel_values"]
-    flipped = GraceCollator(processor, "i2id")([dict(rows[0], flip=True), rows[1]])["pixel_values"]
-    assert torch.allclose(flipped[0], plain[0].flip(-1), atol=1e-6)
-    assert not torch.allclose(flipped[0], plain[0])
-    assert torch.equal(flipped[1], plain[1])
 
 
 def test_queries_are_cut_to_max_words(processor):

@@ -245,7 +245,7 @@ def test_served_app_searches_by_uploaded_image_and_by_text(memorized, tmp_path):
         ]
 
 
-def test_benchmark_perturbs_with_a_fixed_seed_and_checks_its_arguments(capsys):
+def test_benchmark_perturbs_with_a_fixed_seed_and_checks_its_arguments(tmp_path, capsys):
     from benchmarks import image_query
 
     original = Image.effect_noise((64, 48), 40).convert("RGB")
@@ -254,6 +254,12 @@ def test_benchmark_perturbs_with_a_fixed_seed_and_checks_its_arguments(capsys):
     with pytest.raises(SystemExit) as exit_:
         image_query.main(["--model", "m"])
     assert exit_.value.code == 2 and "--model, --dense and --data go together" in capsys.readouterr().err
+    for bad, message in ((["--crop-scale", "0"], "crop scale"), (["--jpeg-quality", "99"], "JPEG quality")):
+        with pytest.raises(SystemExit) as exit_:
+            image_query.main(["--work-dir", str(tmp_path / "work"), *bad])
+        assert exit_.value.code == 2 and message in capsys.readouterr().err
+    assert not any(tmp_path.iterdir())  # refused before anything is trained or written
+    assert image_query.memorize_flags(0.7, 40)[-4:] == ("--i2id-crop-scale", "0.7", "--i2id-jpeg-quality", "40")
     result = {
         "queries": 4,
         "candidates": 4,

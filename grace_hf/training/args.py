@@ -23,6 +23,7 @@ from transformers import HfArgumentParser, SchedulerType
 
 from grace_hf.errors import GraceInputError, renamed_flag
 from grace_hf.models.flamingo import FLAMINGO_PRESETS, FlamingoConfig, FlamingoForConditionalGeneration
+from grace_hf.training.views import ImageViews
 
 REPORT_TO_CHOICES = ("all", "none", "tensorboard", "wandb")
 
@@ -104,6 +105,19 @@ class DataArguments:
     )
     max_query_words: int = field(default=25, metadata={"help": "Queries are cut to this many words in training."})
     i2id_flip: bool = field(default=True, metadata={"help": "Random horizontal flip of the images (deterministic)."})
+    i2id_crop_scale: float = field(
+        default=1.0,
+        metadata={
+            "help": "i2id: a random crop keeping between this fraction and all of each side, resized back "
+            "(deterministic; 1 = none). Memorizing varied views is what lets an altered copy find its image."
+        },
+    )
+    i2id_jpeg_quality: int = field(
+        default=0,
+        metadata={
+            "help": "i2id: re-encode as JPEG of a random quality between this and 95 (deterministic; 0 = none)."
+        },
+    )
     eval_num_queries: int = field(
         default=1000, metadata={"help": "Test queries used for Recall@K (evenly spread; 0 = no evaluation)."}
     )
@@ -131,6 +145,14 @@ class DataArguments:
             raise GraceInputError(f"max_query_words must be >= 1, got {self.max_query_words}")
         if self.eval_num_queries < 0:
             raise GraceInputError(f"eval_num_queries must be >= 0, got {self.eval_num_queries}")
+        try:
+            self.i2id_views()
+        except ValueError as error:
+            raise GraceInputError(f"i2id views: {error}") from None
+
+    def i2id_views(self) -> ImageViews:
+        """The views of the i2id images."""
+        return ImageViews(self.i2id_flip, self.i2id_crop_scale, self.i2id_jpeg_quality)
 
 
 @dataclass

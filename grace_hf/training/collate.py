@@ -2,7 +2,7 @@
 
 Three sample kinds share one collator (texts from `grace_hf.prompts`):
 
-- i2id:    `<image>id {identifier}<|endofchunk|>` with the row's image (flipped when the row says so);
+- i2id:    `<image>id {identifier}<|endofchunk|>` with the row's image;
 - t2id:    `caption:{query}<image>id {identifier}<|endofchunk|>`, with no image or the constant blank image;
 - caption: `<image>caption:{caption}<|endofchunk|>` (the pseudo-query captioner).
 
@@ -19,7 +19,7 @@ from typing import Any, Literal
 
 import torch
 import torch.nn.functional as F
-from PIL import Image, ImageOps
+from PIL import Image
 
 from grace_hf.prompts import caption_text, i2id_text, t2id_text
 
@@ -59,8 +59,8 @@ class GraceCollator:
 
     Args:
         processor: a `FlamingoProcessor`.
-        task: "i2id" (rows: image, identifier, optional flip), "t2id" (rows: query, identifier) or
-            "caption" (rows: image, caption, optional flip).
+        task: "i2id" (rows: image, identifier), "t2id" (rows: query, identifier) or "caption" (rows: image,
+            caption); images are used as given (their training views come from `grace_hf.training.views`).
         t2id_image: "none" (t2id batches carry no pixel values) or "blank" (the processor's constant pad image).
         max_query_words: t2id queries and captions are cut to this many words.
 
@@ -97,8 +97,7 @@ class GraceCollator:
     def _images(self, rows: Sequence[dict[str, Any]]) -> list[Image.Image] | None:
         if self.task == "t2id":
             return None
-        images = [row["image"].convert("RGB") for row in rows]
-        return [ImageOps.mirror(image) if row.get("flip") else image for image, row in zip(images, rows)]
+        return [row["image"].convert("RGB") for row in rows]
 
     def __call__(self, rows: Sequence[dict[str, Any]]) -> dict[str, torch.Tensor]:
         batch = self.processor(text=[self._text(row) for row in rows], images=self._images(rows), padding_side="right")

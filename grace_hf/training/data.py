@@ -26,6 +26,7 @@ from grace_hf.prompts import CAPTION_PREFIX, IDENTIFIER_PREFIX
 from grace_hf.training.args import DataArguments, GraceTrainingArguments
 from grace_hf.training.collate import GraceCollator
 from grace_hf.training.sampling import ConcatBatchSampler, EpochRows, StepBatchSampler
+from grace_hf.training.views import ImageViews
 
 __all__ = ["TaskStream", "TrainingData", "data_source", "load_training_data", "spread", "stream_batches"]
 
@@ -191,7 +192,8 @@ def stream_batches(
             replay_rows = replay_rows.cast(rows.features)
         rows = datasets.concatenate_datasets([rows, replay_rows])
     collator = GraceCollator(processor, stream.name, data_args.t2id_image, data_args.max_query_words)
-    rows = EpochRows(rows, seed, flip=data_args.i2id_flip and stream.name != "t2id")
+    views = {"i2id": data_args.i2id_views(), "caption": ImageViews(flip=data_args.i2id_flip)}.get(stream.name)
+    rows = EpochRows(rows, seed, views)
     loader = DataLoader(
         rows, batch_sampler=sampler, collate_fn=collator, num_workers=num_workers, pin_memory=pin_memory
     )

@@ -7,24 +7,20 @@ process `r` takes its `r`-th slice, so the processes see disjoint rows and no sa
 
 from __future__ import annotations
 
-import zlib
 from collections.abc import Iterator
 from typing import Any
 
 import torch
 from torch.utils.data import Dataset, Sampler
 
-__all__ = ["ConcatBatchSampler", "EpochRows", "StepBatchSampler", "flip_decision"]
+from grace_hf.training.views import ImageViews
+
+__all__ = ["ConcatBatchSampler", "EpochRows", "StepBatchSampler"]
 
 
 def _permutation(num_rows: int, seed: int, epoch: int) -> list[int]:
     generator = torch.Generator().manual_seed(seed * 100_003 + epoch)
     return torch.randperm(num_rows, generator=generator).tolist()
-
-
-def flip_decision(seed: int, epoch: int, index: int) -> bool:
-    """Whether row `index` is flipped in `epoch`: a hash, so no random state is involved."""
-    return zlib.crc32(f"{seed}:{epoch}:{index}".encode()) % 2 == 1
 
 
 class StepBatchSampler(Sampler[list[tuple[int, int]]]):
@@ -75,10 +71,12 @@ class ConcatBatchSampler(Sampler[list[tuple[int, int]]]):
 
 
 class EpochRows(Dataset):
-    """Rows of a `datasets.Dataset` addressed by `(index, epoch)`, each with its deterministic `flip` flag."""
+    """Rows of a `datasets.Dataset` addressed by `(index, epoch)`; with `views`, each row's image is replaced by its
+    view in that epoch (deterministic)."""
 
-    def __init__(self, rows: Any, seed: int, flip: bool) -> None:
-        self.rows, self.seed, self.flip = rows, seed, flip
+    def __init__(self, rows: Any, seed: int, views: ImageViews | None = None) -> None:
+        self.rows, self.seed = rows, seed
+        self.views = views if views is not None and views.changes_images else None
 
     def __len__(self) -> int:
         return len(self.rows)
@@ -86,5 +84,6 @@ class EpochRows(Dataset):
     def __getitem__(self, key: tuple[int, int]) -> dict[str, Any]:
         index, epoch = key
         row = dict(self.rows[index])
-        row["flip"] = self.flip and flip_decision(self.seed, epoch, index)
+        if self.views is not None:
+            row["image"] = self.views(row["image"], self.seed, epoch, index)
         return row
