@@ -51,6 +51,7 @@ class ImageViews:
 
     @property
     def changes_images(self) -> bool:
+        """Whether any view differs from the image (else rows can skip the views)."""
         return self.flip or self.crop_scale < 1 or self.jpeg_quality > 0
 
     def __call__(self, image: Image.Image, seed: int, epoch: int, index: int) -> Image.Image:
