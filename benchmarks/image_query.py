@@ -18,10 +18,11 @@ unperturbed images (what the model memorized; the dense cosine finds them by con
 Without `--model`, the script writes a synthetic collection, trains the dense baseline (the vision tower) and then
 the tiny Flamingo with `recipes/synthetic/<kind>.yaml` (default rq, from the tower's embeddings, as in the demo) on
 the memorization task alone, every image's pixels -> its identifier (`--max-steps` of 32 images; no text reaches
-it), in the work directory, on the recipe's threads. Each step shows the images in changed views (`--crop-scale`,
-`--jpeg-quality`: the training flags `--i2id-crop-scale`, `--i2id-jpeg-quality`; `--crop-scale 1 --jpeg-quality 0`
-memorizes the exact pixels only). The views are of the same family as the copies (crops and JPEG), wider, and drawn
-from the training seed, never from the copies' seed.
+it), in the work directory, on the recipe's threads (`--num-threads`: others). Each step shows the images in changed
+views (`--crop-scale`, `--jpeg-quality`, `--original-share`: the training flags `--i2id-crop-scale`,
+`--i2id-jpeg-quality`, `--i2id-original-share`; a quarter of the rows keep their exact pixels by default;
+`--crop-scale 1 --jpeg-quality 0` memorizes the exact pixels only). The views are of the same family as the copies
+(crops and JPEG), wider, and drawn from the training seed, never from the copies' seed.
 """
 
 from __future__ import annotations
@@ -41,11 +42,13 @@ from benchmarks.common import finish_work_dir, open_work_dir
 
 # image queries need the memorization task (image -> identifier) only: text queries are not measured here
 MEMORIZE_ONLY = ("--loss-weight-i2id", "1", "--loss-weight-t2id", "0", "--batch-size-i2id", "32")
+ORIGINAL_SHARE = 0.25  # i2id rows shown with their exact pixels (chosen on another seed's data: docs/serving.md)
 
 
-def memorize_flags(crop_scale: float, jpeg_quality: int) -> tuple[str, ...]:
+def memorize_flags(crop_scale: float, jpeg_quality: int, original_share: float) -> tuple[str, ...]:
     """The training flags of the memorization task with these i2id views."""
-    return (*MEMORIZE_ONLY, "--i2id-crop-scale", str(crop_scale), "--i2id-jpeg-quality", str(jpeg_quality))
+    views = ("--i2id-crop-scale", str(crop_scale), "--i2id-jpeg-quality", str(jpeg_quality))
+    return (*MEMORIZE_ONLY, *views, "--i2id-original-share", str(original_share))
 
 
 def perturb(image: Image.Image, rng: random.Random) -> Image.Image:
@@ -89,11 +92,11 @@ def dense_rankings(dense: Path, copies: list[Image.Image], candidates: list[str]
 
 
 def train(
-    work: Path, kind: str, num_images: int, seed: int, max_steps: int, views: tuple[str, ...]
+    work: Path, kind: str, num_images: int, seed: int, max_steps: int, views: tuple[str, ...], threads: int | None
 ) -> tuple[Path, Path, Path]:
     """Synthetic data, the dense baseline (the vision tower) and a model that memorized every image from its pixels
-    alone (i2id only, `views`: its training flags; no text reaches it), as the demo makes them: (model, dense,
-    prepared)."""
+    alone (i2id only, `views`: its training flags; no text reaches it; `threads`: its torch threads, None: the
+    recipe's), as the demo makes them: (model, dense, prepared)."""
     from grace_hf.commands.demo import train_kind
     from grace_hf.data.synthetic import SYNTHETIC_JSON, write_synthetic
     from grace_hf.dense.training import run_baseline
@@ -103,7 +106,9 @@ def train(
     write_synthetic(data, num_images, seed, overwrite=True)
     print(f"==> dense baseline on the train images -> {dense}", flush=True)
     run_baseline(data / SYNTHETIC_JSON, data, dense, overwrite=True)
-    model = train_kind(kind, work, data / SYNTHETIC_JSON, data, None, dense, max_steps, overrides=views)
+    model = train_kind(
+        kind, work, data / SYNTHETIC_JSON, data, None, dense, max_steps, overrides=views, num_threads=threads
+    )
     return model, dense, work / f"prepared-{kind}"
 
 
@@ -167,6 +172,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--max-steps", type=int, default=8000, help="training: optimizer steps (i2id, 32 images)")
     parser.add_argument("--crop-scale", type=float, default=0.7, help="training: i2id crops keep >= this of a side")
     parser.add_argument("--jpeg-quality", type=int, default=40, help="training: i2id JPEG quality from this to 95")
+    parser.add_argument(
+        "--original-share", type=float, default=ORIGINAL_SHARE, help="training: i2id rows shown unchanged"
+    )
+    parser.add_argument(
+        "--num-threads", type=int, default=None, help="training: torch threads (default: the recipe's)"
+    )
     parser.add_argument("--candidates", choices=("all", "test"), default="all", help="every memorized image, or test")
     parser.add_argument("--seed", type=int, default=0, help="seed of the synthetic data and of the perturbations")
     parser.add_argument("--batch-size", type=int, default=32, help="image queries per search")
@@ -174,21 +185,23 @@ def main(argv: list[str] | None = None) -> int:
     given = [args.model, args.dense, args.data]
     if any(given) and not all(given):
         parser.error("--model, --dense and --data go together (or none of them: train)")
+    if args.num_threads is not None and args.num_threads < 1:
+        parser.error(f"--num-threads must be >= 1, got {args.num_threads}")
     from grace_hf.errors import GraceInputError
     from grace_hf.training.views import ImageViews
 
     try:
-        ImageViews(crop_scale=args.crop_scale, jpeg_quality=args.jpeg_quality)
+        ImageViews(crop_scale=args.crop_scale, jpeg_quality=args.jpeg_quality, original_share=args.original_share)
     except ValueError as error:
-        parser.error(f"--crop-scale/--jpeg-quality: {error}")
+        parser.error(f"--crop-scale/--jpeg-quality/--original-share: {error}")
 
     output = open_work_dir(parser, args.work_dir, reuse=False)
     work = output.build.resolve()  # built beside --work-dir, which it becomes at the end
     try:
         if args.model is None:
-            views = memorize_flags(args.crop_scale, args.jpeg_quality)
+            views = memorize_flags(args.crop_scale, args.jpeg_quality, args.original_share)
             args.model, args.dense, args.data = train(
-                work, args.kind, args.num_images, args.seed, args.max_steps, views
+                work, args.kind, args.num_images, args.seed, args.max_steps, views, args.num_threads
             )
         result = measure(args.model, args.dense, args.data, args.candidates, args.seed, args.batch_size)
     except GraceInputError as error:

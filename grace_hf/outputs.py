@@ -473,9 +473,9 @@ def record_written(directory: PathLike, *names: str) -> None:
 
 def portable_path(target: PathLike, output: PathLike) -> str:
     """How a file written into the output `output` names `target`: relative to `output` when both lie in one build
-    directory (which is renamed when complete, so an absolute path would dangle), else absolute."""
-    target, output = Path(target).resolve(), Path(output).resolve()
+    directory (which is renamed when complete, so the build's name would dangle), else as given."""
+    resolved, output = Path(target).resolve(), Path(output).resolve()
     for ancestor in output.parents:
-        if ancestor.name.endswith(PARTIAL_SUFFIX) and ancestor in target.parents:
-            return os.path.relpath(target, output)
+        if ancestor.name.endswith(PARTIAL_SUFFIX) and ancestor in resolved.parents:
+            return os.path.relpath(resolved, output)
     return str(target)

@@ -7,6 +7,7 @@ import base64
 import io
 import json
 import re
+from pathlib import Path
 
 import pytest
 import torch
@@ -18,8 +19,9 @@ from grace_hf.commands.demo import main
 
 
 @pytest.mark.slow  # about 3 minutes on 2 cores: three models and two baselines
-def test_demo_writes_metrics_gallery_plot_and_table(tmp_path, capsys):
-    out = tmp_path / "demo"
+def test_demo_writes_metrics_gallery_plot_and_table(tmp_path, capsys, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    out = Path("demo")  # relative, as `make demo` gives it
     assert main(["--output-dir", str(out), "--num-images", "120", "--max-steps", "300"]) == 0
     serve = f"grace-hf serve --model {out / 'model-rq'} --rerank {out / 'dense-clip'} --image-root {out / 'data'}"
     assert capsys.readouterr().out.rstrip().endswith(f"{serve} --queries {out / 'queries.jsonl'}")
@@ -32,6 +34,15 @@ def test_demo_writes_metrics_gallery_plot_and_table(tmp_path, capsys):
     assert 0.0 <= reranked["weight"] <= 1.0 and reranked["num_beams"] == 30
     rerank_config = json.loads((out / "model-rq" / "rerank.json").read_text())
     assert rerank_config["weight"] == reranked["weight"] and "val captions" in rerank_config["fitted_on"]
+    # the demo is built in a sibling directory renamed at the end: what its files name is seen from the model
+    recorded_args = json.loads((out / "model-rq" / "training_args.json").read_text())
+    del recorded_args["command"]  # the command line as it ran, in the build directory
+    assert "grace-partial" not in json.dumps([metrics, rerank_config, recorded_args])
+    assert recorded_args["data"] == ["../prepared-rq"]
+    assert recorded_args["arguments"]["vision_tower"] == "../dense-clip"
+    for recorded in (reranked["dense"], rerank_config["dense"]):
+        assert (out / "model-rq" / recorded).resolve() == (out / "dense-clip").resolve()
+    assert rerank_config["fitted_on"].endswith(" of ../prepared-rq")
     dense = json.loads((out / "dense-clip" / "metrics.json").read_text())
     bm25 = json.loads((out / "bm25" / "metrics.json").read_text())
     assert dense["num_queries"] == bm25["num_queries"] == 240 and bm25["method"] == "bm25"

@@ -257,12 +257,15 @@ def test_benchmark_perturbs_with_a_fixed_seed_and_checks_its_arguments(tmp_path,
     with pytest.raises(SystemExit) as exit_:
         image_query.main(["--model", "m"])
     assert exit_.value.code == 2 and "--model, --dense and --data go together" in capsys.readouterr().err
-    for bad, message in ((["--crop-scale", "0"], "crop scale"), (["--jpeg-quality", "99"], "JPEG quality")):
+    bad_flags = {"--crop-scale": ("0", "crop scale"), "--jpeg-quality": ("99", "JPEG quality")}
+    bad_flags.update({"--original-share": ("2", "original share"), "--num-threads": ("0", "--num-threads must be")})
+    for bad, (value, message) in bad_flags.items():
         with pytest.raises(SystemExit) as exit_:
-            image_query.main(["--work-dir", str(tmp_path / "work"), *bad])
+            image_query.main(["--work-dir", str(tmp_path / "work"), bad, value])
         assert exit_.value.code == 2 and message in capsys.readouterr().err
     assert not any(tmp_path.iterdir())  # refused before anything is trained or written
-    assert image_query.memorize_flags(0.7, 40)[-4:] == ("--i2id-crop-scale", "0.7", "--i2id-jpeg-quality", "40")
+    flags = image_query.memorize_flags(0.7, 40, 0.25)
+    assert flags[-6:] == ("--i2id-crop-scale", "0.7", "--i2id-jpeg-quality", "40", "--i2id-original-share", "0.25")
     result = {
         "queries": 4,
         "candidates": 4,

@@ -21,6 +21,7 @@ from grace_hf.outputs import (
     build_path,
     check_output_dir,
     output_directory,
+    portable_path,
     read_marker,
     remove_stale_temporaries,
 )
@@ -302,6 +303,17 @@ def test_long_jobs_keep_an_unfinished_run_beside_the_old_output(tmp_path):
     with pytest.raises(GraceInputError, match="no unfinished evaluation run to resume"):
         begin_output(tmp_path / "nothing", "evaluation", resume=True)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["run"]
+
+
+def test_portable_path_names_the_build_from_inside_it_and_leaves_the_rest_as_given(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    build = build_path("demo")  # relative, as `make demo` gives it: .demo.grace-partial
+    (build / "dense").mkdir(parents=True)
+    assert portable_path(build / "dense", build / "model") == "../dense"
+    assert portable_path(str((build / "dense").resolve()), (build / "model").resolve()) == "../dense"
+    for other in ("data/prepared", str(tmp_path / "elsewhere"), "user/hub-dataset", "cosine"):
+        assert portable_path(other, build / "model") == other
+    assert portable_path("dense", "runs/model") == "dense"  # an output outside any build
 
 
 def test_check_output_dir_accepts_new_and_empty_directories(tmp_path):

@@ -65,8 +65,23 @@ def test_no_change_is_the_image_itself_in_rgb():
     assert np.array_equal(np.asarray(views(image, 0, 0, 0)), np.asarray(image.convert("RGB")))
 
 
+def test_an_original_share_of_the_rows_keeps_its_pixels_and_the_others_their_views():
+    image, changed = _image(), ImageViews(crop_scale=0.6, jpeg_quality=30)
+    mixed = ImageViews(crop_scale=0.6, jpeg_quality=30, original_share=0.25)
+    exact = [np.array_equal(np.asarray(mixed(image, 0, 0, i)), np.asarray(image)) for i in range(400)]
+    assert 70 < sum(exact) < 130
+    for i in range(400):  # a row not kept exact gets the very view it gets without the share
+        if not exact[i]:
+            assert np.array_equal(np.asarray(mixed(image, 0, 0, i)), np.asarray(changed(image, 0, 0, i)))
+    always = ImageViews(crop_scale=0.6, jpeg_quality=30, original_share=1)
+    assert all(
+        np.array_equal(np.asarray(always(image, 0, e, i)), np.asarray(image)) for e in range(3) for i in range(9)
+    )
+
+
 @pytest.mark.parametrize(
-    "fields", [{"crop_scale": 0}, {"crop_scale": 1.5}, {"jpeg_quality": 96}, {"jpeg_quality": -1}]
+    "fields",
+    [{"crop_scale": 0}, {"crop_scale": 1.5}, {"jpeg_quality": 96}, {"jpeg_quality": -1}, {"original_share": 1.5}],
 )
 def test_bad_settings_are_refused(fields):
     with pytest.raises(ValueError):
@@ -76,8 +91,12 @@ def test_bad_settings_are_refused(fields):
 def test_bad_training_flags_are_a_clear_input_error(tmp_path):
     with pytest.raises(GraceInputError, match="i2id views: crop scale"):
         DataArguments(data=str(tmp_path), i2id_crop_scale=0)
-    views = DataArguments(data=str(tmp_path), i2id_flip=False, i2id_crop_scale=0.8, i2id_jpeg_quality=50).i2id_views()
-    assert views == ImageViews(flip=False, crop_scale=0.8, jpeg_quality=50)
+    with pytest.raises(GraceInputError, match="i2id views: original share"):
+        DataArguments(data=str(tmp_path), i2id_original_share=-0.1)
+    views = DataArguments(
+        data=str(tmp_path), i2id_flip=False, i2id_crop_scale=0.8, i2id_jpeg_quality=50, i2id_original_share=0.2
+    ).i2id_views()
+    assert views == ImageViews(flip=False, crop_scale=0.8, jpeg_quality=50, original_share=0.2)
 
 
 def test_epoch_rows_give_each_epoch_its_view():

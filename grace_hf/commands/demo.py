@@ -47,7 +47,7 @@ from grace_hf.evaluation.text_baseline import run_text_baseline
 from grace_hf.identifiers import IDENTIFIER_KINDS, get_identifier_kind
 from grace_hf.io_utils import atomic_write_json, atomic_write_text, read_json
 from grace_hf.model_dir import read_model_dir
-from grace_hf.outputs import DEMO, PSEUDO_QUERIES, output_directory, record_written
+from grace_hf.outputs import DEMO, PSEUDO_QUERIES, output_directory, portable_path, record_written
 from grace_hf.retrieval.rerank import DEFAULT_RERANK_BEAMS, DenseScorer, fit_or_load
 from grace_hf.retrieval.retriever import GraceRetriever
 from grace_hf.runtime import usable_cores
@@ -181,6 +181,7 @@ def evaluate_kind(model_dir: Path, prepared: Path, dense_dir: Path) -> tuple[dic
     train_metrics = read_json(model_dir / METRICS_FILE, "metrics")
     metrics.update(identifier_kind=train_metrics.get("identifier_kind"), train_seconds=train_metrics["train_seconds"])
     metrics["recall_curve"] = curve
+    metrics["rerank"]["dense"] = portable_path(dense_dir, model_dir)  # the build directory is renamed at the end
     atomic_write_json(model_dir / METRICS_FILE, train_metrics | metrics)
     record_written(model_dir, METRICS_FILE)
     return metrics, records

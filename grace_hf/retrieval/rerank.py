@@ -41,7 +41,7 @@ from grace_hf.evaluation.metrics import recall_at_k
 from grace_hf.evaluation.queries import load_eval_queries
 from grace_hf.io_utils import atomic_write_json, read_json, sha256_file
 from grace_hf.model_dir import RERANK_FILE, resolve_model_dir
-from grace_hf.outputs import record_written
+from grace_hf.outputs import portable_path, record_written
 from grace_hf.retrieval.results import RetrievedImage
 
 __all__ = [
@@ -303,10 +303,12 @@ def fit_on_val(
     num_beams: int = DEFAULT_RERANK_BEAMS,
     batch_size: int | None = None,
     distributed: bool = True,
+    model_dir: str | os.PathLike | None = None,
 ) -> RerankConfig:
     """Fit the fusion weight on the val captions of `data` ranking the val images (no test query is read), with the
     model of `retriever` (a `GraceRetriever`) searching `num_beams` beams; returns the config to save as
-    `rerank.json`."""
+    `rerank.json` (in `model_dir`, when given: the dense model and the data are named as seen from there, see
+    `grace_hf.outputs.portable_path`)."""
     queries, gold, candidates = load_eval_queries(data, split="val")
     scorer.check_covers(candidates, f"{data}'s val split")
     val_retriever = retriever.for_candidates(candidates, num_beams=num_beams)
@@ -314,10 +316,14 @@ def fit_on_val(
         queries, top_k=val_retriever.num_beams, batch_size=batch_size, distributed=distributed
     )
     weight, table = fit_fusion_weight(beams, queries, gold, scorer)
+    dense = scorer.directory
+    if model_dir is not None:
+        data = portable_path(data, model_dir)
+        dense = portable_path(dense, model_dir) if dense else dense
     return RerankConfig(
         weight=weight,
         num_beams=num_beams,
-        dense=scorer.directory,
+        dense=dense,
         dense_fingerprint=scorer.fingerprint,
         fitted_on=f"{len(queries)} val captions ranking {len(candidates)} val images of {data}",
         val_grid=table,
@@ -350,7 +356,9 @@ def fit_or_load(
             f"--model {model}: fitting the re-ranking weight writes {RERANK_FILE} into the model directory; "
             "give a local copy of the model, or --rerank-weight"
         )
-    config = fit_on_val(retriever, data, scorer, num_beams or DEFAULT_RERANK_BEAMS, batch_size, distributed)
+    config = fit_on_val(
+        retriever, data, scorer, num_beams or DEFAULT_RERANK_BEAMS, batch_size, distributed, model_dir=model_dir
+    )
     if write:
         write_rerank_config(model_dir, config)
     return Reranker(scorer, config.weight, config.num_beams), config

@@ -118,6 +118,12 @@ class DataArguments:
             "help": "i2id: re-encode as JPEG of a random quality between this and 95 (deterministic; 0 = none)."
         },
     )
+    i2id_original_share: float = field(
+        default=0.0,
+        metadata={
+            "help": "i2id: the share of rows shown without crop or JPEG (deterministic; keeps the exact pixels)."
+        },
+    )
     eval_num_queries: int = field(
         default=1000, metadata={"help": "Test queries used for Recall@K (evenly spread; 0 = no evaluation)."}
     )
@@ -152,7 +158,7 @@ class DataArguments:
 
     def i2id_views(self) -> ImageViews:
         """The views of the i2id images."""
-        return ImageViews(self.i2id_flip, self.i2id_crop_scale, self.i2id_jpeg_quality)
+        return ImageViews(self.i2id_flip, self.i2id_crop_scale, self.i2id_jpeg_quality, self.i2id_original_share)
 
 
 @dataclass

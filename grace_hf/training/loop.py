@@ -339,12 +339,12 @@ class _Trainer:
         index = self.data.index
         grace_config = GraceConfig.for_index(index, self.data_args.t2id_image) if index is not None else None
         hyperparameters = {
-            key: value
+            key: self._portable(value)
             for key, value in _hyperparameters(self.model_args, self.data_args, self.args).items()
             if key not in RUN_SPECIFIC
         }
         arguments = {
-            key: value
+            key: self._portable(value)
             for obj in (self.model_args, self.data_args, self.args)
             for key, value in dataclasses.asdict(obj).items()
             if key not in RUN_SPECIFIC
@@ -375,10 +375,12 @@ class _Trainer:
     def _recorded_sources(self) -> list[str]:
         """The training data as `training_args.json` names it: a local dataset that lies in the same build directory
         as the output (the demo's) relative to the output, so that the name holds once the build is renamed."""
-        return [
-            portable_path(source, self.args.output_dir) if Path(source).is_absolute() else source
-            for source in self.data.sources
-        ]
+        return [self._portable(source) for source in self.data.sources]
+
+    def _portable(self, value: Any) -> Any:
+        """A path in the output's build directory as the saved model names it (`portable_path`: relative to the
+        output); any other value as it is."""
+        return portable_path(value, self.args.output_dir) if isinstance(value, str) and value else value
 
     def _final_metrics(self, last_logs: dict[str, float]) -> dict[str, Any]:
         metrics: dict[str, Any] = {f"train_{key}": value for key, value in last_logs.items()}

@@ -33,21 +33,26 @@ class ImageViews:
         crop_scale: a random crop keeping between this fraction and all of each side, resized back to the image's
             size (1: no crop).
         jpeg_quality: re-encoding as JPEG of a random quality between this and 95 (0: none).
+        original_share: the share of rows (drawn per epoch) that skip the crop and the JPEG, so the exact pixels stay
+            among what is memorized.
 
     Example:
-        >>> views = ImageViews(crop_scale=0.7, jpeg_quality=40)
+        >>> views = ImageViews(crop_scale=0.7, jpeg_quality=40, original_share=0.25)
         >>> view = views(image, seed=0, epoch=3, index=12)  # the same view on every call with these numbers
     """
 
     flip: bool = False
     crop_scale: float = 1.0
     jpeg_quality: int = 0
+    original_share: float = 0.0
 
     def __post_init__(self) -> None:
         if not 0 < self.crop_scale <= 1:
             raise ValueError(f"crop scale must be in (0, 1], got {self.crop_scale}")
         if not (self.jpeg_quality == 0 or 1 <= self.jpeg_quality <= MAX_JPEG_QUALITY):
             raise ValueError(f"JPEG quality must be 0 (off) or 1-{MAX_JPEG_QUALITY}, got {self.jpeg_quality}")
+        if not 0 <= self.original_share <= 1:
+            raise ValueError(f"original share must be in [0, 1], got {self.original_share}")
 
     @property
     def changes_images(self) -> bool:
@@ -59,6 +64,8 @@ class ImageViews:
         image = image.convert("RGB")
         if self.flip and flip_decision(seed, epoch, index):
             image = ImageOps.mirror(image)
+        if zlib.crc32(f"{seed}:{epoch}:{index}:original".encode()) < self.original_share * 2**32:
+            return image
         rng = random.Random(zlib.crc32(f"{seed}:{epoch}:{index}:view".encode()))
         if self.crop_scale < 1:
             width, height = image.size
