@@ -37,7 +37,9 @@ def test_demo_writes_metrics_gallery_plot_and_table(tmp_path, capsys, monkeypatc
     # the demo is built in a sibling directory renamed at the end: what its files name is seen from the model
     recorded_args = json.loads((out / "model-rq" / "training_args.json").read_text())
     del recorded_args["command"]  # the command line as it ran, in the build directory
-    assert "grace-partial" not in json.dumps([metrics, rerank_config, recorded_args])
+    prepare_record = json.loads((out / "prepared-rq" / "prepare.json").read_text())
+    assert "grace-partial" not in json.dumps([metrics, rerank_config, recorded_args, prepare_record])
+    assert prepare_record["inputs"]["image_root"] == "../data"
     assert recorded_args["data"] == ["../prepared-rq"]
     assert recorded_args["arguments"]["vision_tower"] == "../dense-clip"
     for recorded in (reranked["dense"], rerank_config["dense"]):

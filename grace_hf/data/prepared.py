@@ -27,6 +27,7 @@ from grace_hf.data.karpathy import KarpathyCorpus, KarpathyImage, teaching_texts
 from grace_hf.data.pseudo_queries import pseudo_queries_file
 from grace_hf.errors import GraceInputError
 from grace_hf.io_utils import sha256_file
+from grace_hf.outputs import portable_path
 
 __all__ = [
     "EVAL_SPLITS",
@@ -147,15 +148,23 @@ def inputs_record(
     kind: str,
     options: dict[str, Any],
     pseudo_queries: str | os.PathLike | None,
+    output_dir: str | os.PathLike | None = None,
 ) -> dict[str, Any]:
-    """What the dataset was made from (paths, checksums, options), for prepare.json."""
+    """What the dataset was made from (paths, checksums, options), for prepare.json; with `output_dir` (where it is
+    written), inputs in the same build directory are named from there (`portable_path`)."""
+
+    def name(path: Any) -> Any:
+        if isinstance(path, os.PathLike):
+            path = os.fspath(path)
+        return portable_path(path, output_dir) if output_dir is not None and isinstance(path, str) and path else path
+
     return {
-        "karpathy_json": str(karpathy_json),
+        "karpathy_json": name(karpathy_json),
         "karpathy_json_sha256": sha256_file(karpathy_json),
-        "image_root": str(image_root),
+        "image_root": name(image_root),
         "identifier_kind": kind,
-        "identifier_options": {k: os.fspath(v) if isinstance(v, os.PathLike) else v for k, v in options.items()},
-        "pseudo_queries": None if pseudo_queries is None else pseudo_queries_file(pseudo_queries),
+        "identifier_options": {key: name(value) for key, value in options.items()},
+        "pseudo_queries": None if pseudo_queries is None else name(pseudo_queries_file(pseudo_queries)),
         "pseudo_queries_sha256": None if pseudo_queries is None else sha256_file(pseudo_queries_file(pseudo_queries)),
     }
 

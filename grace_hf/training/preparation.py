@@ -61,7 +61,9 @@ def prepare(
     corpus = load_karpathy(karpathy_json, image_root, check_images=check_images, num_workers=num_workers)
     queries = load_pseudo_queries(pseudo_queries, corpus) if pseudo_queries is not None else {}
     index = build_identifiers(identifier_kind, corpus, queries, num_workers, **identifier_options)
-    record_inputs = inputs_record(karpathy_json, image_root, identifier_kind, identifier_options, pseudo_queries)
+    record_inputs = inputs_record(
+        karpathy_json, image_root, identifier_kind, identifier_options, pseudo_queries, output_dir
+    )
     with (
         output_directory(output_dir, PREPARED_DATASET, inputs, overwrite, "grace-hf prepare") as tmp,
         tempfile.TemporaryDirectory(prefix="grace-prepare-") as cache,
