@@ -9,7 +9,8 @@ query: `GraceRetriever.retrieve(images=...)` decodes `<image>` with the copy's p
 memorized image of the prepared dataset's i2id split gets one perturbed copy (a random crop keeping 75-95% of each
 side, resized back to the original size, re-encoded as JPEG of quality 50-90; one fixed seed), and every copy ranks
 the same candidates (default: every memorized image; `--candidates test`: the model's collection, the test images):
-- GRACE: the trie-constrained beam search alone;
+- GRACE: the trie-constrained beam search alone (`--image-views N`: over each copy and N crops of it, the beams'
+  probabilities summed: `retrieve(images=..., image_views=N)`);
 - dense: the dense baseline's image tower, cosine between the copy and each candidate's saved embedding (its
   `image_features.safetensors`).
 The table gives top-1 and top-5 (%) on the copies, GRACE's top-1 as a ratio of the dense one, and top-1 on the
@@ -112,8 +113,11 @@ def train(
     return model, dense, work / f"prepared-{kind}"
 
 
-def measure(model: Path, dense: Path, data: Path, candidates: str, seed: int, batch_size: int) -> dict[str, Any]:
-    """Top-1/top-5 of GRACE and of the dense cosine over the same perturbed copies and candidates."""
+def measure(
+    model: Path, dense: Path, data: Path, candidates: str, seed: int, batch_size: int, image_views: int = 0
+) -> dict[str, Any]:
+    """Top-1/top-5 of GRACE (searching `image_views` crops of each copy too) and of the dense cosine over the same
+    perturbed copies and candidates."""
     from grace_hf.errors import GraceInputError
     from grace_hf.retrieval import GraceRetriever
 
@@ -129,7 +133,8 @@ def measure(model: Path, dense: Path, data: Path, candidates: str, seed: int, ba
     copies = [perturb(originals[key], rng) for key in gold]
     rank = {
         "grace": lambda images: [
-            [hit.image_key for hit in hits] for hits in retriever.retrieve(images=images, top_k=5)
+            [hit.image_key for hit in hits]
+            for hits in retriever.retrieve(images=images, top_k=5, image_views=image_views)
         ],
         "dense": lambda images: dense_rankings(dense, images, retriever.candidates, 5),
     }
@@ -181,12 +186,15 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--candidates", choices=("all", "test"), default="all", help="every memorized image, or test")
     parser.add_argument("--seed", type=int, default=0, help="seed of the synthetic data and of the perturbations")
     parser.add_argument("--batch-size", type=int, default=32, help="image queries per search")
+    parser.add_argument("--image-views", type=int, default=0, help="GRACE also searches this many crops of each copy")
     args = parser.parse_args(argv)
     given = [args.model, args.dense, args.data]
     if any(given) and not all(given):
         parser.error("--model, --dense and --data go together (or none of them: train)")
     if args.num_threads is not None and args.num_threads < 1:
         parser.error(f"--num-threads must be >= 1, got {args.num_threads}")
+    if args.image_views < 0:
+        parser.error(f"--image-views must be >= 0, got {args.image_views}")
     from grace_hf.errors import GraceInputError
     from grace_hf.training.views import ImageViews
 
@@ -203,14 +211,16 @@ def main(argv: list[str] | None = None) -> int:
             args.model, args.dense, args.data = train(
                 work, args.kind, args.num_images, args.seed, args.max_steps, views, args.num_threads
             )
-        result = measure(args.model, args.dense, args.data, args.candidates, args.seed, args.batch_size)
+        result = measure(
+            args.model, args.dense, args.data, args.candidates, args.seed, args.batch_size, args.image_views
+        )
     except GraceInputError as error:
         output.abandon()
         parser.error(str(error))
     text = table(result)
     heading = (
         f"Perturbed copies of {result['queries']} memorized images ranking {result['candidates']} candidates "
-        f"(seed {args.seed}; model {args.model}):"
+        f"(seed {args.seed}; model {args.model}; GRACE searches each image and {args.image_views} crops of it):"
     )
     (work / "image_query.md").write_text(f"{heading}\n\n{text}\n")
     print(f"\n{heading}\n\n{text}")

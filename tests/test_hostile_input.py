@@ -507,6 +507,16 @@ CASES = [
         "--image takes the place of text queries",
     ),
     (
+        "retrieve-image-views-without-images",
+        lambda w: ["retrieve", "--model", "model", "a dog", "--image-views", "2"],
+        "--image-views goes with --image",
+    ),
+    (
+        "retrieve-negative-image-views",
+        lambda w: RETRIEVE_IMAGE + ["data/images/synthetic_000000.png", "--image-views", "-1"],
+        "argument --image-views: must be >= 0, got -1",
+    ),
+    (
         "retrieve-old-flag",
         lambda w: ["retrieve", "--model", "model", "a dog", "--html", "g.html"],
         "--html was renamed",

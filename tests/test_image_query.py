@@ -8,6 +8,7 @@ retriever, `grace-hf retrieve --image`, the pipeline and the app's `/search_imag
 
 import io
 import json
+import math
 import random
 
 import pytest
@@ -19,9 +20,10 @@ from grace_hf.commands import cli
 from grace_hf.dense.model import DualEncoder
 from grace_hf.errors import GraceInputError
 from grace_hf.prompts import image_query_prompt
-from grace_hf.retrieval import GraceRetriever
+from grace_hf.retrieval import GraceRetriever, RetrievedImage
 from grace_hf.retrieval.collection import identifier_token_ids
 from grace_hf.retrieval.rerank import DenseScorer, Reranker
+from grace_hf.retrieval.retriever import merge_views, query_views
 from grace_hf.training.collate import GraceCollator
 from tests.helpers import IMAGES, build_tiny_model_dir
 
@@ -128,6 +130,44 @@ def test_one_image_a_path_and_a_pil_image_give_the_same_ranking(random_retriever
     assert len(by_path) == 1 and by_path == by_image
 
 
+def test_merge_views_sums_each_images_probability_over_a_query_and_its_crops():
+    hits = [
+        [RetrievedImage("a", "1", math.log(0.5)), RetrievedImage("b", "2", math.log(0.3))],  # query 1
+        [RetrievedImage("b", "2", math.log(0.4)), RetrievedImage("c", "3", math.log(0.2))],  # its crop
+        [RetrievedImage("c", "3", math.log(0.9))],  # query 2
+        [RetrievedImage("c", "3", math.log(0.8))],  # its crop
+    ]
+    first, second = merge_views(hits, 2)
+    assert [(h.image_key, h.identifier) for h in first] == [("b", "2"), ("a", "1"), ("c", "3")]
+    assert [h.score for h in first] == pytest.approx([math.log(0.7), math.log(0.5), math.log(0.2)])
+    assert [h.image_key for h in second] == ["c"] and second[0].score == pytest.approx(math.log(1.7))
+    assert merge_views(hits, 1) is hits
+
+
+def test_image_views_search_each_query_image_and_its_crops(memorized, monkeypatch):
+    model_dir, pictures, _ = memorized
+    retriever = GraceRetriever.from_pretrained(model_dir, device="cpu")
+    queries = [pictures[COLLECTION[2]], pictures[COLLECTION[5]]]
+    searched = []
+    search = GraceRetriever._search_all
+    monkeypatch.setattr(GraceRetriever, "_search_all", lambda self, q, *a: searched.append(q) or search(self, q, *a))
+    ranked = retriever.retrieve(images=queries, top_k=3, image_views=2)
+    views = searched[-1]
+    assert len(views) == 6  # each image, then its 2 crops
+    assert views[0].tobytes() == queries[0].tobytes() and views[3].tobytes() == queries[1].tobytes()
+    assert all(view.size == queries[0].size for view in views) and views[1].tobytes() != queries[0].tobytes()
+    assert [view.tobytes() for view in query_views(queries[0], 2)] == [view.tobytes() for view in views[:3]]
+    assert [hits[0].image_key for hits in ranked] == [COLLECTION[2], COLLECTION[5]] and all(
+        len(h) == 3 for h in ranked
+    )
+    alone = retriever.retrieve(images=queries, top_k=3)
+    assert ranked != alone and [h.image_key for h in alone[0]][:1] == [COLLECTION[2]]
+    with pytest.raises(GraceInputError, match="image_views must be >= 0"):
+        retriever.retrieve(images=queries, image_views=-1)
+    with pytest.raises(GraceInputError, match="needs query images"):
+        retriever.retrieve(["a red square"], image_views=2)
+
+
 def test_bad_image_queries_are_refused_naming_the_file(random_retriever, tmp_path):
     (tmp_path / "corrupt.png").write_bytes(b"\x89PNG\r\n\x1a\n not really")
     buffer = io.BytesIO()
@@ -184,6 +224,8 @@ def test_cli_retrieve_by_image(memorized, tmp_path, capsys):
     assert record["image"] == str(copy) and record["results"][0]["image_key"] == COLLECTION[3]
     page = (tmp_path / "out" / "gallery.html").read_text()
     assert page.count("<figcaption>query</figcaption>") == 1 and page.count("data:image/png") == 1  # no image root
+    assert cli.main([*argv, "--image-views", "2", "--num-threads", "1"]) == 0  # the copy and 2 crops of it
+    assert f"1. {COLLECTION[3]}" in capsys.readouterr().out
 
 
 def test_pipeline_takes_an_image_or_an_image_dict(memorized, tmp_path):
@@ -201,6 +243,10 @@ def test_pipeline_takes_an_image_or_an_image_dict(memorized, tmp_path):
     mixed = retrieve(["a red square", copy, {"image": copy}], top_k=2, batch_size=2)
     assert mixed[1] == mixed[2] == ranking
     assert mixed[0] == retrieve("a red square", top_k=2)
+    viewed = retrieve(["a red square", copy], top_k=2, image_views=2, batch_size=2)  # views: image queries only
+    assert viewed[0] == mixed[0] and viewed[1] != ranking and viewed[1][0]["image_key"] == COLLECTION[5]
+    expected = GraceRetriever.from_pretrained(model_dir, device="cpu").retrieve(images=[copy], top_k=2, image_views=2)
+    assert [(r["image_key"], r["score"]) for r in viewed[1]] == [(h.image_key, h.score) for h in expected[0]]
     with pytest.raises(GraceInputError, match="nope.png: no such image file"):
         retrieve({"image": str(tmp_path / "nope.png")})
     with pytest.raises(GraceInputError, match="an image query is a PIL image or"):

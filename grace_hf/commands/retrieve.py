@@ -6,7 +6,7 @@ file and an HTML page of thumbnails.
         --output-dir runs/gallery        # test captions with their gold image marked
     grace-hf retrieve --model runs/synthetic-structured --rerank runs/dense-clip "a red circle"
                                          # the beams' images re-ranked with the dense model (the model's rerank.json)
-    grace-hf retrieve --model runs/synthetic-structured --image photo.jpg crop.png
+    grace-hf retrieve --model runs/synthetic-structured --image photo.jpg crop.png [--image-views 4]
                                          # query by image: the images the model memorized that these show
 """
 
@@ -50,6 +50,13 @@ def build_parser():
         metavar="PATH",
         help="query images instead of text queries: find the memorized images they show",
     )
+    parser.add_argument(
+        "--image-views",
+        type=int,
+        default=0,
+        metavar="N",
+        help="with --image: also search N crops of each query image and sum the beams' probabilities (N+1x the time)",
+    )
     parser.add_argument("--model", required=True, help="trained model directory or Hub id")
     parser.add_argument("--top-k", type=int, default=10, help="images per query (at most --num-beams)")
     parser.add_argument(
@@ -86,6 +93,8 @@ def main(argv: list[str] | None = None) -> int:
     check_rerank_args(args)
     if args.image is not None and (args.queries or args.data is not None):
         raise GraceInputError("--image takes the place of text queries: give query images or text queries (or --data)")
+    if args.image_views and args.image is None:
+        raise GraceInputError("--image-views goes with --image: it searches crops of query images")
     setup_threads(args)
     inputs = [args.model, args.data, args.image_root, args.rerank, *(args.image or [])]
     if args.output_dir:
@@ -102,7 +111,7 @@ def main(argv: list[str] | None = None) -> int:
         raise GraceInputError("no queries: give some on the command line, --image, or --data with --num-queries")
     retriever = load_retriever(args, candidates, args.batch_size)
     if images:
-        results = retriever.retrieve(images=images, top_k=args.top_k)
+        results = retriever.retrieve(images=images, top_k=args.top_k, image_views=args.image_views)
     else:
         results = retriever.retrieve(queries, top_k=args.top_k)
     for query, key, hits in zip(queries, gold, results):

@@ -10,6 +10,7 @@ identifier trie.
 from __future__ import annotations
 
 import logging
+import math
 import os
 from collections.abc import Sequence
 from pathlib import Path
@@ -36,6 +37,7 @@ from grace_hf.retrieval.decoding import GenerateSearch, TrieBeamSearch, choose_d
 from grace_hf.retrieval.rerank import DenseScorer, Reranker, check_reranker_given, load_reranker
 from grace_hf.retrieval.results import RetrievedImage
 from grace_hf.retrieval.trie import IdentifierTrie
+from grace_hf.training.views import ImageViews
 
 __all__ = ["GraceRetriever", "RetrievedImage"]
 
@@ -51,6 +53,8 @@ def _model_limit(processor: Any) -> int | None:
 
 
 MAX_QUERY_CHARS = 1000  # as `grace-hf serve`'s default
+# the crops `retrieve(images=..., image_views=N)` adds to a query image: each keeps 85-100% of a side
+QUERY_VIEWS = ImageViews(crop_scale=0.85)
 
 
 class GraceRetriever:
@@ -352,12 +356,15 @@ class GraceRetriever:
         rerank: bool = True,
         *,
         images: Sequence[QueryImage] | QueryImage | None = None,
+        image_views: int = 0,
     ) -> list[list[RetrievedImage]]:
         """For each query, up to `min(top_k, num_beams)` distinct images, best first.
 
         Give text `queries` or query `images` (PIL images or image files), not both: an image query is the
         memorization prompt `<image>` with the image, decoded under the same trie (finds the images the model
-        memorized from their pixels, e.g. from an edited copy).
+        memorized from their pixels, e.g. from an edited copy). `image_views` > 0 also searches that many crops of
+        each query image (`QUERY_VIEWS`, the same on every call) and ranks the images by the probability of their
+        beams summed over the image and its crops (score: its log); the search costs `1 + image_views` times as much.
 
         `distributed=True` under `accelerate launch`: each process takes a shard of the queries and every process
         gets all results back, in query order; every process must call it (a collective). Under DeepSpeed ZeRO-3
@@ -375,9 +382,13 @@ class GraceRetriever:
             queries = self._check_queries([queries] if isinstance(queries, str) else list(queries))
         if top_k < 1:
             raise GraceInputError(f"top_k must be >= 1, got {top_k}")
+        if image_views < 0 or (image_views and images is None):
+            raise GraceInputError(f"image_views must be >= 0 and needs query images, got {image_views}")
+        searched = [view for image in queries for view in query_views(image, image_views)] if image_views else queries
         if not rerank or self.reranker is None:
-            return self._search_all(queries, top_k, batch_size, distributed)
-        beams = self._search_all(queries, self.num_beams, batch_size, distributed)
+            beams = self._search_all(searched, top_k if not image_views else self.num_beams, batch_size, distributed)
+            return [hits[:top_k] for hits in merge_views(beams, 1 + image_views)]
+        beams = merge_views(self._search_all(searched, self.num_beams, batch_size, distributed), 1 + image_views)
         return [hits[:top_k] for hits in self.reranker.rerank(queries, beams)]
 
     def _search_all(
@@ -407,6 +418,29 @@ class GraceRetriever:
         for start in range(0, len(queries), size):
             results.extend(self._search(queries[start : start + size], top_k))
         return results
+
+
+def query_views(image: Image.Image, count: int) -> list[Image.Image]:
+    """A query image and `count` crops of it (`QUERY_VIEWS`; view `v` is the same crop on every call)."""
+    return [image, *(QUERY_VIEWS(image, seed=0, epoch=view, index=0) for view in range(count))]
+
+
+def merge_views(beams: list[list[RetrievedImage]], views: int) -> list[list[RetrievedImage]]:
+    """One ranking per run of `views` consecutive rankings (a query image and its crops): each image scored by the log
+    of its beams' summed probability, best first (1: the rankings as they are)."""
+    if views == 1:
+        return beams
+    merged = []
+    for start in range(0, len(beams), views):
+        probability: dict[str, float] = {}
+        identifier: dict[str, str] = {}
+        for hits in beams[start : start + views]:
+            for hit in hits:
+                probability[hit.image_key] = probability.get(hit.image_key, 0.0) + math.exp(hit.score)
+                identifier.setdefault(hit.image_key, hit.identifier)
+        ranked = sorted(probability, key=lambda key: -probability[key])
+        merged.append([RetrievedImage(key, identifier[key], math.log(probability[key])) for key in ranked])
+    return merged
 
 
 def _prepare_for_deepspeed_inference(accelerator: Any, model: Any, batch_size: int) -> tuple[Any, Any]:

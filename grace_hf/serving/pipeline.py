@@ -7,6 +7,7 @@ standard pipeline call. Importing `grace_hf` registers the task.
 [{'image_key': 'images/synthetic_000123.png', 'identifier': '3_1-0_2', 'score': -0.12, 'image': <PIL.Image>}, ...]
 >>> retrieve(["a red circle", "two green squares"], batch_size=8)  # a list of queries -> a list of rankings
 >>> retrieve(Image.open("photo.jpg"), top_k=3)  # query by image (or {"image": PIL image or file path})
+>>> retrieve(Image.open("photo.jpg"), image_views=4)  # also search 4 crops of it (5x the time)
 >>> reranked = pipeline("text-to-image-retrieval", model="demo_output/model-structured", reranker="runs/dense-clip")
 """
 
@@ -99,8 +100,12 @@ class TextToImageRetrievalPipeline(Pipeline):
             candidates=candidates,
         )
 
-    def _sanitize_parameters(self, top_k: int | None = None, image_root: str | None = None):
+    def _sanitize_parameters(
+        self, top_k: int | None = None, image_root: str | None = None, image_views: int | None = None
+    ):
         forward_params = {} if top_k is None else {"top_k": top_k}
+        if image_views is not None:
+            forward_params["image_views"] = image_views
         postprocess_params = {} if image_root is None else {"image_root": image_root}
         return {}, forward_params, postprocess_params
 
@@ -116,7 +121,7 @@ class TextToImageRetrievalPipeline(Pipeline):
             )
         return {"query": inputs}
 
-    def _forward(self, model_inputs: dict[str, Any], top_k: int = 5) -> dict[str, list]:
+    def _forward(self, model_inputs: dict[str, Any], top_k: int = 5, image_views: int = 0) -> dict[str, list]:
         # batch_size > 1: the pipeline's collate turns the queries of a batch into a list (texts and images mixed)
         query = model_inputs["query"]
         queries = query if isinstance(query, list) else [query]
@@ -124,10 +129,10 @@ class TextToImageRetrievalPipeline(Pipeline):
         for is_text in (True, False):
             positions = [i for i, q in enumerate(queries) if isinstance(q, str) == is_text]
             if positions:
-                kind = "queries" if is_text else "images"
-                hits = self.retriever.retrieve(
-                    top_k=top_k, batch_size=len(positions), **{kind: [queries[i] for i in positions]}
-                )
+                given = {"queries": [queries[i] for i in positions]}
+                if not is_text:
+                    given = {"images": given["queries"], "image_views": image_views}
+                hits = self.retriever.retrieve(top_k=top_k, batch_size=len(positions), **given)
                 for i, ranking in zip(positions, hits):
                     results[i] = ranking
         return {"hits": results if isinstance(query, list) else results[0]}
