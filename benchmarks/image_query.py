@@ -10,7 +10,7 @@ memorized image of the prepared dataset's i2id split gets one perturbed copy (a 
 side, resized back to the original size, re-encoded as JPEG of quality 50-90; one fixed seed), and every copy ranks
 the same candidates (default: every memorized image; `--candidates test`: the model's collection, the test images):
 - GRACE: the trie-constrained beam search alone (`--image-views N`: over each copy and N crops of it, the beams'
-  probabilities summed: `retrieve(images=..., image_views=N)`);
+  probabilities averaged: `retrieve(images=..., image_views=N)`);
 - dense: the dense baseline's image tower, cosine between the copy and each candidate's saved embedding (its
   `image_features.safetensors`).
 The table gives top-1 and top-5 (%) on the copies, GRACE's top-1 as a ratio of the dense one, and top-1 on the

@@ -130,7 +130,7 @@ def test_one_image_a_path_and_a_pil_image_give_the_same_ranking(random_retriever
     assert len(by_path) == 1 and by_path == by_image
 
 
-def test_merge_views_sums_each_images_probability_over_a_query_and_its_crops():
+def test_merge_views_averages_each_images_probability_over_a_query_and_its_crops():
     hits = [
         [RetrievedImage("a", "1", math.log(0.5)), RetrievedImage("b", "2", math.log(0.3))],  # query 1
         [RetrievedImage("b", "2", math.log(0.4)), RetrievedImage("c", "3", math.log(0.2))],  # its crop
@@ -139,8 +139,8 @@ def test_merge_views_sums_each_images_probability_over_a_query_and_its_crops():
     ]
     first, second = merge_views(hits, 2)
     assert [(h.image_key, h.identifier) for h in first] == [("b", "2"), ("a", "1"), ("c", "3")]
-    assert [h.score for h in first] == pytest.approx([math.log(0.7), math.log(0.5), math.log(0.2)])
-    assert [h.image_key for h in second] == ["c"] and second[0].score == pytest.approx(math.log(1.7))
+    assert [h.score for h in first] == pytest.approx([math.log(0.35), math.log(0.25), math.log(0.1)])
+    assert [h.image_key for h in second] == ["c"] and second[0].score == pytest.approx(math.log(0.85))
     assert merge_views(hits, 1) is hits
 
 

@@ -55,7 +55,7 @@ def build_parser():
         type=int,
         default=0,
         metavar="N",
-        help="with --image: also search N crops of each query image and sum the beams' probabilities (N+1x the time)",
+        help="with --image: also search N crops of each query image and average the beams' probabilities (N+1x the time)",
     )
     parser.add_argument("--model", required=True, help="trained model directory or Hub id")
     parser.add_argument("--top-k", type=int, default=10, help="images per query (at most --num-beams)")

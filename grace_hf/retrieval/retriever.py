@@ -364,7 +364,8 @@ class GraceRetriever:
         memorization prompt `<image>` with the image, decoded under the same trie (finds the images the model
         memorized from their pixels, e.g. from an edited copy). `image_views` > 0 also searches that many crops of
         each query image (`QUERY_VIEWS`, the same on every call) and ranks the images by the probability of their
-        beams summed over the image and its crops (score: its log); the search costs `1 + image_views` times as much.
+        beams averaged over the image and its crops (score: its log); the search costs `1 + image_views` times as
+        much.
 
         `distributed=True` under `accelerate launch`: each process takes a shard of the queries and every process
         gets all results back, in query order; every process must call it (a collective). Under DeepSpeed ZeRO-3
@@ -427,7 +428,8 @@ def query_views(image: Image.Image, count: int) -> list[Image.Image]:
 
 def merge_views(beams: list[list[RetrievedImage]], views: int) -> list[list[RetrievedImage]]:
     """One ranking per run of `views` consecutive rankings (a query image and its crops): each image scored by the log
-    of its beams' summed probability, best first (1: the rankings as they are)."""
+    of its beams' probability averaged over the views (absent from a view's beams: 0 there), best first (1: the
+    rankings as they are)."""
     if views == 1:
         return beams
     merged = []
@@ -439,7 +441,7 @@ def merge_views(beams: list[list[RetrievedImage]], views: int) -> list[list[Retr
                 probability[hit.image_key] = probability.get(hit.image_key, 0.0) + math.exp(hit.score)
                 identifier.setdefault(hit.image_key, hit.identifier)
         ranked = sorted(probability, key=lambda key: -probability[key])
-        merged.append([RetrievedImage(key, identifier[key], math.log(probability[key])) for key in ranked])
+        merged.append([RetrievedImage(key, identifier[key], math.log(probability[key] / views)) for key in ranked])
     return merged
 
 
