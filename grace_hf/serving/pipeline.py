@@ -129,9 +129,8 @@ class TextToImageRetrievalPipeline(Pipeline):
         for is_text in (True, False):
             positions = [i for i, q in enumerate(queries) if isinstance(q, str) == is_text]
             if positions:
-                given = {"queries": [queries[i] for i in positions]}
-                if not is_text:
-                    given = {"images": given["queries"], "image_views": image_views}
+                chosen = [queries[i] for i in positions]
+                given = {"queries": chosen} if is_text else {"images": chosen, "image_views": image_views}
                 hits = self.retriever.retrieve(top_k=top_k, batch_size=len(positions), **given)
                 for i, ranking in zip(positions, hits):
                     results[i] = ranking

@@ -2,7 +2,8 @@
 (seed, epoch, row), so that a resumed run sees exactly the views of an unbroken one.
 
 Memorizing one view of each image teaches the model that view; memorizing varied views (i2id) teaches it the image,
-which is what query by image needs: a photo of a memorized image is rarely its exact pixels.
+which is what query by image needs: a photo of a memorized image is rarely its exact pixels. The retriever's query
+crops (`retrieve(images=..., image_views=N)`) are views too (`grace_hf.retrieval.retriever.QUERY_VIEWS`).
 """
 
 from __future__ import annotations
