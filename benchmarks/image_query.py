@@ -16,7 +16,8 @@ the same candidates (default: every memorized image; `--candidates test`: the mo
 The table gives top-1 and top-5 (%) on the copies, GRACE's top-1 as a ratio of the dense one, and top-1 on the
 unperturbed images (what the model memorized; the dense cosine finds them by construction).
 
-Without `--model`, the script writes a synthetic collection, trains the dense baseline (the vision tower) and then
+Without `--model`, the script writes a synthetic collection, trains the dense baseline (the vision tower, as the demo
+trains it: captions and views of its images) and then
 the tiny Flamingo with `recipes/synthetic/<kind>.yaml` (default rq, from the tower's embeddings, as in the demo) on
 the memorization task alone, every image's pixels -> its identifier (`--max-steps` of 32 images; no text reaches
 it), in the work directory, on the recipe's threads (`--num-threads`: others). Each step shows the images in changed
@@ -218,9 +219,10 @@ def main(argv: list[str] | None = None) -> int:
         output.abandon()
         parser.error(str(error))
     text = table(result)
+    model = output.path / args.model.relative_to(work) if args.model.is_relative_to(work) else args.model
     heading = (
         f"Perturbed copies of {result['queries']} memorized images ranking {result['candidates']} candidates "
-        f"(seed {args.seed}; model {args.model}; GRACE searches each image and {args.image_views} crops of it):"
+        f"(seed {args.seed}; model {model}; GRACE searches each image and {args.image_views} crops of it):"
     )
     (work / "image_query.md").write_text(f"{heading}\n\n{text}\n")
     print(f"\n{heading}\n\n{text}")

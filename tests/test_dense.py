@@ -14,6 +14,7 @@ from grace_hf.dense.directory import FEATURES_FILE, load_image_features, save_im
 from grace_hf.dense.training import DenseTrainingArgs, EarlyStopping, train_dual_encoder, training_texts
 from grace_hf.errors import GraceInputError
 from grace_hf.evaluation.text_baseline import run_text_baseline
+from grace_hf.training.views import ImageViews
 from tests.helpers import MICRO
 
 
@@ -86,7 +87,8 @@ def test_run_stops_on_val_and_keeps_the_best_epoch(synthetic, run_dir):
     per_epoch, best = metrics["val_recall@1_per_epoch"], metrics["best_epoch"]
     assert metrics["stopping"] == "early stopping on val R@1, patience 5, at most 25 epochs"
     assert len(per_epoch) == metrics["epochs_run"] and per_epoch[best - 1] == max(per_epoch)
-    assert metrics["epochs_run"] == best + 5 < 25  # it stopped early (seeded: the same epochs on every run)
+    # it stopped early, 5 epochs after the best one or after the 3 warm-up epochs (seeded: the same on every run)
+    assert metrics["epochs_run"] == max(best, 3) + 5 < 25
     # the saved model is the best epoch's: its val figure is that epoch's
     assert metrics["val"]["recall@1"] == per_epoch[best - 1]
     corpus = load_karpathy(root / "dataset_synthetic.json", root)
@@ -219,3 +221,46 @@ def test_cli_reports_a_bad_config(synthetic, tmp_path, capsys):
     assert cli_main([*argv, "--output-dir", str(tmp_path / "out"), "--model-config", "huge"]) == 2
     assert "grace-hf baseline-clip: error: --model-config 'huge'" in capsys.readouterr().err
     assert not (tmp_path / "out").exists()
+
+
+def test_training_views_change_each_image_per_epoch_and_slip_adds_a_second_view(synthetic):
+    root, config = synthetic
+    paths = sorted((root / "images").glob("*.png"))[:3]
+    encoder = DualEncoder.from_config(config)
+    views = ImageViews(crop_scale=0.7, jpeg_quality=40)
+    images = training.preprocessed_images(paths, encoder, views=views)
+    assert all(image.mode == "RGB" and image.size == (64, 64) for image in images.values())  # kept as read
+    pairs = [(i, path, "a red star") for i, path in enumerate(paths)]
+    dataset = training._PairDataset(pairs, encoder, images, views, seed=0, epoch=3, num_views=2)
+    (first, second), tokens = dataset[1]
+    assert torch.equal(first, encoder.transform(views(images[paths[1]], 0, 3, 1)))
+    assert torch.equal(second, encoder.transform(views(images[paths[1]], 0, 3, -2))) and not torch.equal(first, second)
+    later = training._PairDataset(pairs, encoder, images, views, seed=0, epoch=4)[1][0]
+    assert len(later) == 1 and not torch.equal(later[0], first)  # another epoch, another view
+    plain = training._PairDataset(pairs, encoder, None, ImageViews())[1][0]
+    assert torch.equal(plain[0], encoder.pixel_values([paths[1]])[0]) and torch.equal(tokens, dataset[1][1])
+
+
+def test_views_and_the_image_image_term_train_by_default_and_are_recorded(synthetic, tmp_path, capsys):
+    root, config = synthetic
+    argv = ["--karpathy-json", str(root / "dataset_synthetic.json"), "--image-root", str(root)]
+    argv += ["--model-config", str(config), "--epochs", "3", "--patience", "0", "--batch-size", "20", "--lr", "5e-3"]
+    no_views = ["--crop-scale", "1", "--jpeg-quality", "0"]
+    assert main([*argv, "--output-dir", str(tmp_path / "plain"), *no_views, "--image-loss-weight", "0"]) == 0
+    assert main([*argv, "--output-dir", str(tmp_path / "slip")]) == 0
+    plain, slip = (json.loads((tmp_path / name / "metrics.json").read_text()) for name in ("plain", "slip"))
+    assert slip["views"] == {"flip": False, "crop_scale": 0.7, "jpeg_quality": 40, "original_share": 0.0}
+    assert plain["views"] == {"flip": False, "crop_scale": 1.0, "jpeg_quality": 0, "original_share": 0.0}
+    assert (slip["image_loss_weight"], plain["image_loss_weight"]) == (1.0, 0.0)
+    # the image-image InfoNCE term adds about log(batch) to the first epoch's loss
+    assert slip["epoch_losses"][0] > plain["epoch_losses"][0] + 1.5
+    assert not torch.equal(load_image_features(tmp_path / "slip")[0], load_image_features(tmp_path / "plain")[0])
+    for bad, message in (
+        (no_views, "needs views that change images"),
+        (["--crop-scale", "1.5"], "training views: crop scale must be in"),
+        (["--jpeg-quality", "200"], "training views: JPEG quality must be"),
+        (["--image-loss-weight", "-1"], "--image-loss-weight must be >= 0"),
+    ):
+        capsys.readouterr()
+        assert cli_main(["baseline-clip", *argv, "--output-dir", str(tmp_path / "bad"), *bad]) == 2
+        assert message in capsys.readouterr().err and not (tmp_path / "bad").exists()

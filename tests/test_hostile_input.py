@@ -830,6 +830,21 @@ CASES = [
         "--lr: must be a finite number, got nan",
     ),
     (
+        "baseline-slip-without-views",
+        lambda w: ["baseline-clip", *PREPARE[1:5], "--output-dir", "b", "--crop-scale", "1", "--jpeg-quality", "0"],
+        "--image-loss-weight must be >= 0, and above 0 it needs views that change images",
+    ),
+    (
+        "baseline-negative-jpeg",
+        lambda w: ["baseline-clip", *PREPARE[1:5], "--output-dir", "b", "--jpeg-quality", "-5"],
+        "--jpeg-quality: must be >= 0, got -5",
+    ),
+    (
+        "serve-negative-image-views",
+        lambda w: ["serve", "--model", "model", "--image-views", "-2"],
+        "--image-views: must be >= 0, got -2",
+    ),
+    (
         "synthetic-negative-workers",
         lambda w: ["synthetic", "--output-dir", "s", "--num-workers", "-1"],
         "--num-workers: must be >= 0",

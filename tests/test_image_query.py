@@ -270,6 +270,12 @@ def test_search_image_batch_answers_each_upload(memorized, tmp_path):
     assert "no image" in answers[1]["error"] and "'broken.png' is not a readable image" in answers[2]["error"]
     assert "top-k must be a whole number" in answers[3]["error"]
     assert statuses[1].startswith("⚠️") and galleries[1] == []
+    viewed = SearchService(retriever, image_views=2).search_image_batch([good], [3])[2][0]["results"]
+    expected = retriever.retrieve(images=[tmp_path / "copy.jpg"], top_k=3, image_views=2)[0]
+    assert [r["score"] for r in viewed] == pytest.approx([h.score for h in expected])
+    assert [r["score"] for r in viewed] != pytest.approx([r["score"] for r in answers[0]["results"]])
+    with pytest.raises(GraceInputError, match="image views must be >= 0"):
+        SearchService(retriever, image_views=-1)
 
 
 def test_served_app_searches_by_uploaded_image_and_by_text(memorized, tmp_path):
@@ -280,11 +286,13 @@ def test_served_app_searches_by_uploaded_image_and_by_text(memorized, tmp_path):
     retriever = GraceRetriever.from_pretrained(model_dir, device="cpu")
     copy = tmp_path / "copy.jpg"
     perturbed(pictures[COLLECTION[6]], random.Random(4)).save(copy)
-    argv = ["--model", str(model_dir), "--image-root", str(image_root), "--num-threads", "1"]
+    argv = ["--model", str(model_dir), "--image-root", str(image_root), "--num-threads", "1", "--image-views", "2"]
     with serve_subprocess(argv, env={"GRADIO_TEMP_DIR": str(tmp_path / "gradio"), "OMP_NUM_THREADS": "1"}) as url:
         client = Client(url, verbose=False, download_files=False, analytics_enabled=False)
         gallery, status, answer = client.predict(handle_file(str(copy)), 3, api_name="/search_image")
-        expected = retriever.retrieve(images=[copy], top_k=3)[0]
+        expected = retriever.retrieve(images=[copy], top_k=3, image_views=2)[0]  # the server searches 2 crops too
+        assert [h.score for h in expected] != [h.score for h in retriever.retrieve(images=[copy], top_k=3)[0]]
+        assert [r["score"] for r in answer["results"]] == pytest.approx([h.score for h in expected])
         assert answer["error"] is None and answer["image"] == "copy.jpg"
         assert [r["image_key"] for r in answer["results"]] == [h.image_key for h in expected]
         assert expected[0].image_key == COLLECTION[6] and len(gallery) == 3

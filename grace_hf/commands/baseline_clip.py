@@ -10,6 +10,8 @@ from __future__ import annotations
 from grace_hf.commands.common import add_num_threads, add_overwrite, command_parser, setup_threads
 from grace_hf.dense.model import PRESETS
 from grace_hf.dense.training import DenseTrainingArgs, run_baseline
+from grace_hf.errors import GraceInputError
+from grace_hf.training.views import ImageViews
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -33,11 +35,43 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--weight-decay", type=float, default=defaults.weight_decay)
     parser.add_argument("--seed", type=int, default=defaults.seed, help="initialisation, data order, text choice")
     parser.add_argument("--num-workers", type=int, default=defaults.num_workers, help="image loading processes")
+    parser.add_argument(
+        "--crop-scale",
+        type=float,
+        default=defaults.views.crop_scale,
+        help="training views: a random crop keeping between this fraction and all of each side, resized back "
+        "(1: none)",
+    )
+    parser.add_argument(
+        "--jpeg-quality",
+        type=int,
+        default=defaults.views.jpeg_quality,
+        help="training views: re-encode as JPEG of a random quality between this and 95 (0: none)",
+    )
+    parser.add_argument(
+        "--original-share",
+        type=float,
+        default=defaults.views.original_share,
+        help="training views: the share of images shown without crop or JPEG in an epoch",
+    )
+    parser.add_argument(
+        "--image-loss-weight",
+        type=float,
+        default=defaults.image_loss_weight,
+        help="weight of SLIP's image-image term (two views of each image against the batch's other images), which "
+        "teaches the image tower to find an image from an altered copy; needs views (0: off)",
+    )
     parser.add_argument("--eval-batch-size", type=int, default=32, help="queries encoded per batch at test time")
     add_num_threads(parser)
     add_overwrite(parser)
     args = parser.parse_args(argv)
     setup_threads(args)
+    try:
+        views = ImageViews(
+            crop_scale=args.crop_scale, jpeg_quality=args.jpeg_quality, original_share=args.original_share
+        )
+    except ValueError as error:
+        raise GraceInputError(f"training views: {error}") from None
     training = DenseTrainingArgs(
         epochs=args.epochs,
         patience=args.patience,
@@ -46,6 +80,8 @@ def main(argv: list[str] | None = None) -> int:
         weight_decay=args.weight_decay,
         seed=args.seed,
         num_workers=args.num_workers,
+        views=views,
+        image_loss_weight=args.image_loss_weight,
     )
     metrics = run_baseline(
         args.karpathy_json,

@@ -39,7 +39,15 @@ class _Renamed(argparse.Action):
 
 
 # the least value of an integer flag: counts and sizes are >= 1 unless named here
-INT_MINIMUM = {"--seed": 0, "--num-workers": 0, "--subfolders": 0, "--patience": 0, "--port": 1, "--image-views": 0}
+INT_MINIMUM = {
+    "--seed": 0,
+    "--num-workers": 0,
+    "--subfolders": 0,
+    "--patience": 0,
+    "--port": 1,
+    "--image-views": 0,
+    "--jpeg-quality": 0,
+}
 INT_MAXIMUM = {"--port": 65535}
 FLOAT_MINIMUM = {"--lr": 0.0, "--weight-decay": 0.0, "--val-fraction": 0.0, "--test-fraction": 0.0}
 

@@ -8,8 +8,9 @@ grace-hf demo --output-dir my_demo --karpathy-json my.json --image-root my_image
 The val and test images need no text: as in GRACE, a captioner that looks at their pixels writes their
 pseudo-queries. Stages, each a folder of the output:
 1. `data/`: 500 synthetic images with human-style captions (250 train, 50 val, 200 test), or your collection.
-2. `dense-clip/`: the dense open_clip baseline, trained on the train images' captions until its val R@1 stops
-   improving. It is also the vision tower of every Flamingo below (the role CLIP ViT-L plays for OpenFlamingo).
+2. `dense-clip/`: the dense open_clip baseline, trained on the train images' captions and views of the images (SLIP's
+   image-image term) until its val R@1 stops improving. It is also the vision tower of every Flamingo below (the
+   role CLIP ViT-L plays for OpenFlamingo).
 3. `captioner/`: the tiny Flamingo trained to caption the train images (`recipes/synthetic/captioner.yaml`).
 4. `pseudo-queries/`: its five queries for every val and test image, and their BLEU-4 against the val captions.
 5. `bm25/`: the text-only baseline, BM25 over the same texts the Flamingo is taught with.

@@ -6,7 +6,8 @@
     grace-hf serve --model runs/synthetic-structured --data data/prepared/synthetic-structured --rerank runs/dense-clip
 
 Then open http://127.0.0.1:7860, or call the `/search` endpoint with `gradio_client` or plain HTTP (docs/serving.md);
-`/search_image` takes an uploaded image instead of a query (query by image).
+`/search_image` takes an uploaded image instead of a query (query by image; `--image-views N` also searches N crops of
+it).
 """
 
 from __future__ import annotations
@@ -62,6 +63,14 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--queue-size", type=int, default=64, help="requests that may wait; more are refused (64)")
     parser.add_argument("--max-query-chars", type=int, default=1000, help="longer queries are refused (1000)")
+    parser.add_argument(
+        "--image-views",
+        type=int,
+        default=0,
+        metavar="N",
+        help="/search_image also searches N crops of each uploaded image and averages the beams' probabilities "
+        "(N+1x the time; see `grace-hf retrieve --help`)",
+    )
     add_rerank(parser)
     add_num_threads(parser)
     return parser
@@ -95,6 +104,7 @@ def main(argv: list[str] | None = None) -> int:
         test_captions=test_captions,
         default_top_k=min(args.top_k, retriever.num_beams),
         max_query_chars=args.max_query_chars,
+        image_views=args.image_views,
     )
     app = build_app(
         service,

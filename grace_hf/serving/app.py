@@ -116,6 +116,8 @@ class SearchService:
         thumbnail_size: thumbnail side in pixels.
         rank: `rank(queries, top_k)` -> ranked images per query; default `retriever.retrieve`. A second stage (a
             reranker) wraps this call.
+        image_views: uploaded images are also searched in this many crops of themselves (`retrieve`'s
+            `image_views`: more robust to altered copies, that many more searches).
     """
 
     def __init__(
@@ -127,6 +129,7 @@ class SearchService:
         max_query_chars: int = 1000,
         thumbnail_size: int = 128,
         rank: Rank | None = None,
+        image_views: int = 0,
     ):
         self.retriever = retriever
         self.max_top_k = retriever.num_beams
@@ -137,7 +140,11 @@ class SearchService:
         self.default_top_k, self.max_query_chars = default_top_k, max_query_chars
         retriever.max_query_chars = max_query_chars
         self.rank: Rank = rank or (lambda queries, top_k: retriever.retrieve(queries, top_k=top_k))
-        self.rank_images = lambda images, top_k: retriever.retrieve(images=images, top_k=top_k)
+        if image_views < 0:
+            raise GraceInputError(f"image views must be >= 0, got {image_views}")
+        self.rank_images = lambda images, top_k: retriever.retrieve(
+            images=images, top_k=top_k, image_views=image_views
+        )
         self.thumbnails = _Thumbnails(load_image, thumbnail_size) if load_image is not None else None
         self.gold_of: dict[str, str] = {}
         for query, gold in test_captions:
