@@ -5,7 +5,9 @@ the image in place of the identifier (human captions of train images, pseudo-que
 memorized images); the evaluation queries are the human captions of the test images and the
 candidates are the test images. Trained to convergence: after each epoch the human captions of the val images
 rank the val images (those captions never teach), and training stops when val Recall@1 has not improved for
-`patience` epochs, keeping the best epoch's weights. Stages: seed -> data -> model -> train -> save -> evaluate.
+`patience` epochs, keeping the best epoch's weights. Each epoch shows every image in a changed view (crop, JPEG)
+and adds SLIP's image-image term, so that the image tower also finds an image from an altered copy: it is the vision
+tower of the Flamingo, and query by image needs that. Stages: seed -> data -> model -> train -> save -> evaluate.
 """
 
 from __future__ import annotations
