@@ -38,7 +38,7 @@ from grace_hf.model_dir import read_model_dir
 from grace_hf.models.flamingo import FlamingoProcessor
 from grace_hf.retrieval import GraceRetriever, IdentifierTrie
 from grace_hf.retrieval.collection import identifier_token_ids
-from grace_hf.training.adding import added_training_data, split_batch
+from grace_hf.training.adding import added_training_data, default_replay_ratio, split_batch
 from grace_hf.training.args import ADD_IMAGES_ARGUMENT_CLASSES, parse_args
 from grace_hf.training.modeling import build_model_and_processor
 from grace_hf.training.sampling import ConcatBatchSampler, StepBatchSampler
@@ -186,6 +186,26 @@ def test_atomic_tokens_start_from_their_captions(added, tmp_path, collections):
     row = processor.tokenizer.convert_tokens_to_ids(next(iter(data.token_texts)))
     assert not torch.allclose(reset.get_input_embeddings().weight[row], table[row])
     assert not (tmp_path / "added").exists()
+
+
+@pytest.mark.parametrize("added", ["rq"], indirect=True)
+def test_rq_replays_half_the_collections_proportion_unless_told(added, tmp_path, collections):
+    _, new = collections
+    argv = add_argv(added["model"], new, tmp_path / "added")
+
+    def streams(*flags: str) -> list[tuple[str, int, int]]:
+        model_args, data_args, args = parse_args([*argv, *flags], ADD_IMAGES_ARGUMENT_CLASSES, "grace-hf add-images")
+        data = added_training_data(model_args, data_args, args, str(tmp_path / "cache"))
+        return [(s.name, s.batch_size, s.replay_batch_size) for s in data.streams]
+
+    # 22 old images per 8 new ones, halved: 1.375 old rows per new row (i2id batch 4 = 2 + 2, t2id 8 = 3 + 5)
+    assert default_replay_ratio("rq", 22, 8) == 1.375 and default_replay_ratio("numeric", 22, 8) == 2.75
+    assert streams() == [("i2id", 2, 2), ("t2id", 3, 5)]
+    assert streams("--replay-ratio", "2.75") == [("i2id", 1, 3), ("t2id", 2, 6)]  # the proportion, when asked
+    assert not (tmp_path / "added").exists()
+    # the model that was added with the default records the rows its batches held
+    record = json.loads((added["out"] / "added_images" / "prepare.json").read_text())
+    assert record["batch_rows"] == {"i2id": {"new": 2, "replayed": 2}, "t2id": {"new": 3, "replayed": 5}}
 
 
 @pytest.mark.parametrize("added", ["structured"], indirect=True)

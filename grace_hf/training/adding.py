@@ -5,7 +5,7 @@ the model's kind codes them, no existing one changed (`extend_identifiers`) -> t
 captions and val/test pseudo-queries; the test captions as evaluation queries) -> continued training from the
 model's weights with the `train` loop, every batch mixing new rows with replayed rows of the datasets the model was
 trained on (`replay_ratio` old rows per new row; by default as many as the data holds, so that batches mirror the
-whole collection), so the old images are neither forgotten nor outranked by the new ones -> a new model directory.
+whole collection, and half that for rq models: `default_replay_ratio`), so the old images are neither forgotten nor outranked by the new ones -> a new model directory.
 
 The new directory is a complete retriever whose collection is the old one plus the new test images. It also holds
 the new rows as a prepared dataset, `added_images/` (what a later add-images replays; `grace-hf evaluate --data
@@ -55,9 +55,25 @@ from grace_hf.training.args import AddImagesArguments, GraceTrainingArguments, M
 from grace_hf.training.data import TaskStream, TrainingData, data_source, spread
 from grace_hf.training.loop import train
 
-__all__ = ["add_images", "added_training_data", "new_pseudo_queries", "split_batch"]
+__all__ = ["add_images", "added_training_data", "default_replay_ratio", "new_pseudo_queries", "split_batch"]
 
 TASKS = ("i2id", "t2id")
+# the default replayed rows per new row, as a share of the collection's proportion: at the proportion, rq models
+# see the new images' pseudo-queries too rarely to learn them in 200 steps (half of it was chosen on the demo's val
+# captions: docs/add_images.md); numeric and string models given fewer old rows favour the new images, so the other
+# kinds keep the proportion
+REPLAY_SHARE = {"rq": 0.5}
+
+
+def default_replay_ratio(kind: str, replayed_rows: int, new_rows: int) -> float:
+    """Replayed rows per new row when `--replay-ratio` is not given: the collection's proportion (so batches mirror
+    it), times the kind's `REPLAY_SHARE` (half for rq).
+
+    Example:
+        >>> default_replay_ratio("structured", 480, 120), default_replay_ratio("rq", 480, 120)
+        (4.0, 2.0)
+    """
+    return REPLAY_SHARE.get(kind, 1.0) * replayed_rows / new_rows
 
 
 def split_batch(batch_size: int, replay_ratio: float) -> tuple[int, int]:
@@ -194,8 +210,8 @@ def added_training_data(
         if len(added[name]) == 0:
             raise GraceInputError(f"{data_args.karpathy_json}: the new images give no {name} rows")
         ratio = data_args.replay_ratio
-        if ratio is None:  # each batch mirrors the collection: as many old rows per new row as the data holds
-            ratio = len(replayed[name]) / len(added[name])
+        if ratio is None:
+            ratio = default_replay_ratio(index.kind, len(replayed[name]), len(added[name]))
         new, replay = split_batch(batch_size, ratio)
         replay_rows = replayed[name] if replay > 0 and len(replayed[name]) > 0 else None
         if replay_rows is None:
@@ -211,6 +227,7 @@ def added_training_data(
         "added_to": str(model.path),
         "counts": dataset_counts(corpus, index, pseudo_queries, added),
         "identifiers": index.report,
+        "batch_rows": {s.name: {"new": s.batch_size, "replayed": s.replay_batch_size} for s in streams},
     }
     return TrainingData(
         streams,
