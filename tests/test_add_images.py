@@ -189,7 +189,7 @@ def test_atomic_tokens_start_from_their_captions(added, tmp_path, collections):
 
 
 @pytest.mark.parametrize("added", ["rq"], indirect=True)
-def test_rq_replays_half_the_collections_proportion_unless_told(added, tmp_path, collections):
+def test_rq_and_structured_replay_half_the_collections_proportion_unless_told(added, tmp_path, collections):
     _, new = collections
     argv = add_argv(added["model"], new, tmp_path / "added")
 
@@ -199,7 +199,8 @@ def test_rq_replays_half_the_collections_proportion_unless_told(added, tmp_path,
         return [(s.name, s.batch_size, s.replay_batch_size) for s in data.streams]
 
     # 22 old images per 8 new ones, halved: 1.375 old rows per new row (i2id batch 4 = 2 + 2, t2id 8 = 3 + 5)
-    assert default_replay_ratio("rq", 22, 8) == 1.375 and default_replay_ratio("numeric", 22, 8) == 2.75
+    assert default_replay_ratio("rq", 22, 8) == default_replay_ratio("structured", 22, 8) == 1.375
+    assert default_replay_ratio("numeric", 22, 8) == default_replay_ratio("atomic", 22, 8) == 2.75
     assert streams() == [("i2id", 2, 2), ("t2id", 3, 5)]
     assert streams("--replay-ratio", "2.75") == [("i2id", 1, 3), ("t2id", 2, 6)]  # the proportion, when asked
     assert not (tmp_path / "added").exists()

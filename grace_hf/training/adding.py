@@ -5,7 +5,7 @@ the model's kind codes them, no existing one changed (`extend_identifiers`) -> t
 captions and val/test pseudo-queries; the test captions as evaluation queries) -> continued training from the
 model's weights with the `train` loop, every batch mixing new rows with replayed rows of the datasets the model was
 trained on (`replay_ratio` old rows per new row; by default as many as the data holds, so that batches mirror the
-whole collection, and half that for rq models: `default_replay_ratio`), so the old images are neither forgotten nor outranked by the new ones -> a new model directory.
+whole collection, and half that for rq and structured models: `default_replay_ratio`), so the old images are neither forgotten nor outranked by the new ones -> a new model directory.
 
 The new directory is a complete retriever whose collection is the old one plus the new test images. It also holds
 the new rows as a prepared dataset, `added_images/` (what a later add-images replays; `grace-hf evaluate --data
@@ -58,19 +58,19 @@ from grace_hf.training.loop import train
 __all__ = ["add_images", "added_training_data", "default_replay_ratio", "new_pseudo_queries", "split_batch"]
 
 TASKS = ("i2id", "t2id")
-# the default replayed rows per new row, as a share of the collection's proportion: at the proportion, rq models
-# see the new images' pseudo-queries too rarely to learn them in 200 steps (half of it was chosen on the demo's val
-# captions: docs/add_images.md); numeric and string models given fewer old rows favour the new images, so the other
-# kinds keep the proportion
-REPLAY_SHARE = {"rq": 0.5}
+# the default replayed rows per new row, as a share of the collection's proportion: at the proportion, models with
+# content-based identifiers (rq, structured) see the new images' rows too rarely to learn them in 200 steps (half of
+# it was chosen on val captions: docs/add_images.md); numeric and string models given fewer old rows favour the new
+# images, so the other kinds keep the proportion
+REPLAY_SHARE = {"rq": 0.5, "structured": 0.5}
 
 
 def default_replay_ratio(kind: str, replayed_rows: int, new_rows: int) -> float:
     """Replayed rows per new row when `--replay-ratio` is not given: the collection's proportion (so batches mirror
-    it), times the kind's `REPLAY_SHARE` (half for rq).
+    it), times the kind's `REPLAY_SHARE` (half for rq and structured).
 
     Example:
-        >>> default_replay_ratio("structured", 480, 120), default_replay_ratio("rq", 480, 120)
+        >>> default_replay_ratio("numeric", 480, 120), default_replay_ratio("rq", 480, 120)
         (4.0, 2.0)
     """
     return REPLAY_SHARE.get(kind, 1.0) * replayed_rows / new_rows

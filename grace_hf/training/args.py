@@ -194,8 +194,8 @@ class AddImagesArguments(DataArguments):
         metadata={
             "help": "Replayed old rows per new row in every batch (default: as many as the replayed data holds old "
             "rows per new row, so batches mirror the whole collection and the model does not favour the new "
-            "images; half that for rq models, which then learn the new images better; 0: new rows only, which "
-            "forgets)."
+            "images; half that for rq and structured models, which then learn the new images better; 0: new rows "
+            "only, which forgets)."
         },
     )
     image_features: str | None = field(
