@@ -41,7 +41,6 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repository r
 from benchmarks.common import finish_work_dir, open_work_dir
 from benchmarks.synthetic_split import CHECK_SEED, CHECK_STYLE, write_part
 from grace_hf.commands.demo import (
-    CONTENT_KINDS,
     DEMO_STYLE,
     PREPARE_OPTIONS,
     RECIPES,
@@ -55,7 +54,7 @@ from grace_hf.dense.directory import save_image_features
 from grace_hf.dense.model import load_dual_encoder
 from grace_hf.dense.training import DenseTrainingArgs, run_baseline
 from grace_hf.evaluation.model_recall import evaluate_model
-from grace_hf.identifiers import IDENTIFIER_KINDS
+from grace_hf.identifiers import CONTENT_KINDS, IDENTIFIER_KINDS
 from grace_hf.model_dir import read_model_dir
 from grace_hf.outputs import is_complete_output
 from grace_hf.retrieval.retriever import GraceRetriever

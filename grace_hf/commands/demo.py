@@ -45,7 +45,7 @@ from grace_hf.evaluation.model_recall import QUERIES_FILE, evaluate_model
 from grace_hf.evaluation.plots import RECALL_PLOT_FILE, RERANKED_SUFFIX, write_recall_plot
 from grace_hf.evaluation.queries import load_eval_queries
 from grace_hf.evaluation.text_baseline import run_text_baseline
-from grace_hf.identifiers import IDENTIFIER_KINDS, get_identifier_kind
+from grace_hf.identifiers import CONTENT_KINDS, IDENTIFIER_KINDS, get_identifier_kind
 from grace_hf.io_utils import atomic_write_json, atomic_write_text, read_json
 from grace_hf.model_dir import read_model_dir
 from grace_hf.outputs import DEMO, PSEUDO_QUERIES, output_directory, portable_path, record_written
@@ -58,7 +58,6 @@ from grace_hf.training.loop import train
 from grace_hf.training.preparation import prepare
 
 __all__ = [
-    "CONTENT_KINDS",
     "DEFAULT_KIND",
     "DEMO_STYLE",
     "PREPARE_OPTIONS",
@@ -78,7 +77,6 @@ DEMO_STYLE = SyntheticStyle(val_fraction=0.1, test_fraction=0.4)
 # Content-based identifiers from the seeing vision tower's image embeddings (the dense baseline's features file): on
 # the val captions they ranked far above identifiers from 8x8 pixel thumbnails (R@1 44.4 vs 15.2 or less).
 PREPARE_OPTIONS: dict[str, dict[str, Any]] = {"structured": {"k": 10, "leaf_size": 10}}
-CONTENT_KINDS = ("rq", "structured")
 NUM_GALLERY_QUERIES = 8
 NUM_CAPTIONED_EXAMPLES = 6
 

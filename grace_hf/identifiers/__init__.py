@@ -11,10 +11,17 @@ Example:
 
 from grace_hf.identifiers.codebooks import CODEBOOKS_FILE, Codebooks
 from grace_hf.identifiers.index import IDENTIFIERS_FILE, IdentifierIndex
-from grace_hf.identifiers.registry import IDENTIFIER_KINDS, build_identifiers, extend_identifiers, get_identifier_kind
+from grace_hf.identifiers.registry import (
+    CONTENT_KINDS,
+    IDENTIFIER_KINDS,
+    build_identifiers,
+    extend_identifiers,
+    get_identifier_kind,
+)
 
 __all__ = [
     "CODEBOOKS_FILE",
+    "CONTENT_KINDS",
     "IDENTIFIER_KINDS",
     "IDENTIFIERS_FILE",
     "Codebooks",

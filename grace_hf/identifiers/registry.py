@@ -11,12 +11,14 @@ from grace_hf.identifiers.base import IdentifierInputs, IdentifierKind
 from grace_hf.identifiers.codebooks import CODEBOOKS_FILE, Codebooks
 from grace_hf.identifiers.index import IdentifierIndex
 
-__all__ = ["IDENTIFIER_KINDS", "build_identifiers", "extend_identifiers", "get_identifier_kind"]
+__all__ = ["CONTENT_KINDS", "IDENTIFIER_KINDS", "build_identifiers", "extend_identifiers", "get_identifier_kind"]
 
 _KINDS: dict[str, IdentifierKind] = {
     kind.name: kind for kind in (numeric.KIND, string.KIND, semantic.KIND, structured.KIND, atomic.KIND, rq.KIND)
 }
 IDENTIFIER_KINDS = tuple(_KINDS)
+# the kinds whose identifiers follow the images' embeddings: similar images share a prefix
+CONTENT_KINDS = ("rq", "structured")
 
 
 def get_identifier_kind(name: str) -> IdentifierKind:

@@ -5,7 +5,8 @@ the model's kind codes them, no existing one changed (`extend_identifiers`) -> t
 captions and val/test pseudo-queries; the test captions as evaluation queries) -> continued training from the
 model's weights with the `train` loop, every batch mixing new rows with replayed rows of the datasets the model was
 trained on (`replay_ratio` old rows per new row; by default as many as the data holds, so that batches mirror the
-whole collection, and half that for rq and structured models: `default_replay_ratio`), so the old images are neither forgotten nor outranked by the new ones -> a new model directory.
+whole collection, half that for rq and structured models: `default_replay_ratio`), so the old images are neither
+forgotten nor outranked by the new ones -> a new model directory.
 
 The new directory is a complete retriever whose collection is the old one plus the new test images. It also holds
 the new rows as a prepared dataset, `added_images/` (what a later add-images replays; `grace-hf evaluate --data
@@ -38,7 +39,7 @@ from grace_hf.data.prepared import (
 )
 from grace_hf.data.pseudo_queries import load_pseudo_queries
 from grace_hf.errors import GraceInputError
-from grace_hf.identifiers import IDENTIFIERS_FILE, IdentifierIndex, extend_identifiers
+from grace_hf.identifiers import CONTENT_KINDS, IDENTIFIERS_FILE, IdentifierIndex, extend_identifiers
 from grace_hf.io_utils import atomic_write_json
 from grace_hf.model_dir import (
     ADDED_IMAGES_DIR,
@@ -58,22 +59,23 @@ from grace_hf.training.loop import train
 __all__ = ["add_images", "added_training_data", "default_replay_ratio", "new_pseudo_queries", "split_batch"]
 
 TASKS = ("i2id", "t2id")
-# the default replayed rows per new row, as a share of the collection's proportion: at the proportion, models with
-# content-based identifiers (rq, structured) see the new images' rows too rarely to learn them in 200 steps (half of
-# it was chosen on val captions: docs/add_images.md); numeric and string models given fewer old rows favour the new
-# images, so the other kinds keep the proportion
-REPLAY_SHARE = {"rq": 0.5, "structured": 0.5}
+# the default replayed rows per new row of content-based identifiers (rq, structured), as a share of the
+# collection's proportion: at the proportion they see the new images' rows too rarely to learn them in 200 steps
+# (half was chosen on val captions: docs/add_images.md); numeric and string models given fewer old rows favour the
+# new images, so the other kinds keep the proportion
+CONTENT_REPLAY_SHARE = 0.5
 
 
 def default_replay_ratio(kind: str, replayed_rows: int, new_rows: int) -> float:
     """Replayed rows per new row when `--replay-ratio` is not given: the collection's proportion (so batches mirror
-    it), times the kind's `REPLAY_SHARE` (half for rq and structured).
+    it), times `CONTENT_REPLAY_SHARE` for the content-based kinds (`CONTENT_KINDS`: rq, structured).
 
     Example:
         >>> default_replay_ratio("numeric", 480, 120), default_replay_ratio("rq", 480, 120)
         (4.0, 2.0)
     """
-    return REPLAY_SHARE.get(kind, 1.0) * replayed_rows / new_rows
+    share = CONTENT_REPLAY_SHARE if kind in CONTENT_KINDS else 1.0
+    return share * replayed_rows / new_rows
 
 
 def split_batch(batch_size: int, replay_ratio: float) -> tuple[int, int]:
