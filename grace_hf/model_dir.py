@@ -51,6 +51,7 @@ __all__ = [
     "TRIE_FILE",
     "GraceConfig",
     "ModelDirectory",
+    "read_captioner",
     "read_codebooks",
     "read_model_dir",
     "read_retrieval_files",
@@ -309,6 +310,18 @@ def read_model_dir(
         _check_weights(directory)
         loaded = None
     return ModelDirectory(directory, loaded, processor, index, grace_config)
+
+
+def read_captioner(model: str | os.PathLike, flag: str) -> ModelDirectory:
+    """Check and load a captioner directory (`task: captioner`); a retrieval model is a `GraceInputError` naming
+    `flag`, the option that gave it."""
+    directory = resolve_model_dir(model)
+    if (directory / IDENTIFIERS_FILE).is_file():
+        raise GraceInputError(
+            f"{flag} {model}: a retrieval model (it has {IDENTIFIERS_FILE}), not a captioner; train one with "
+            "`task: captioner`"
+        )
+    return read_model_dir(directory, retriever=False)
 
 
 def read_codebooks(directory: Path) -> Codebooks | None:

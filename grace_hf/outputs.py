@@ -20,15 +20,17 @@ What holds, for every command (`train`, `add-images` and `demo` included):
   A directory with files grace_hf did not write (they are named), a marker without a manifest (older grace_hf), a
   manifest that does not match (a copied or forged marker) or a linked marker is refused and nothing is deleted.
   `overwrite` only allows replacing a grace_hf output of another kind, or an unfinished one; it never lets a command
-  empty a directory grace_hf did not create.
+  empty a directory grace_hf did not create. A run into a finished output of its own kind says on stderr, when it
+  starts, that it will replace it.
 - **No input is an output,** by real path (symbolic links followed): the output may not be, hold or sit inside a
   directory the command reads (model, data, image root, dense model, pseudo-queries folder), nor be or hold a file
   it reads (recipe, Karpathy JSON, checkpoint).
-- **Refused whatever the flags:** a symbolic link or a regular file as output; the working directory or one of its
-  parents; `/` and every top-level directory (`/etc`, `/tmp`, ...); anything under the system trees (`/bin`, `/boot`,
-  `/dev`, `/etc`, `/lib*`, `/proc`, `/run`, `/sbin`, `/snap`, `/sys`, `/usr`) and within three levels of `/var`
-  (but `/var/tmp/...`); the home directory and everything in its dot-folders (`~/.ssh`, `~/.cache`, ...); the root
-  of a git checkout (a directory holding `.git`); a name too long to build beside.
+- **Refused whatever the flags:** a symbolic link or a regular file as output, or a path through a file; the
+  working directory or one of its parents; `/` and every top-level directory (`/etc`, `/tmp`, ...); anything under
+  the system trees (`/bin`, `/boot`, `/dev`, `/etc`, `/lib*`, `/proc`, `/run`, `/sbin`, `/snap`, `/sys`, `/usr`) and
+  within three levels of `/var` (but `/var/tmp/...`); the home directory and everything in its dot-folders
+  (`~/.ssh`, `~/.cache`, ...); the root of a git checkout (a directory holding `.git`); a name too long to build
+  beside.
 
 Each refusal is a `GraceInputError` that names the path and says why.
 """
@@ -41,6 +43,7 @@ import json
 import os
 import re
 import shutil
+import sys
 from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -204,6 +207,9 @@ def check_output_dir(
     where = f"{flag} {os.fspath(path)}"
     if output.is_symlink():
         raise GraceInputError(f"{where}: is a symbolic link; give the directory it points to")
+    for parent in output.parents:
+        if os.path.lexists(parent) and not parent.is_dir():
+            raise GraceInputError(f"{where}: {os.fspath(parent)} is a file, not a directory")
     resolved = output.resolve()
     why = _refused_location(resolved)
     if why is not None:
@@ -420,6 +426,13 @@ def begin_output(
             if marker is None or marker["kind"] != kind:
                 raise GraceInputError(f"{where}: no unfinished {kind} run to resume ({build.build} holds none)")
             return build
+        if is_complete_output(output):
+            made_by = read_marker(output).get("command") or "grace_hf"
+            print(
+                f"note: {where} holds a finished {read_marker(output)['kind']} output ({made_by}); this run replaces "
+                "it when it completes, and leaves it as it is if it fails or is stopped",
+                file=sys.stderr,
+            )
         if marker is not None:
             if resumable and _has_checkpoints(build.build) and not overwrite:
                 raise GraceInputError(

@@ -98,3 +98,13 @@ def test_missing_or_bad_metrics_is_an_input_error(runs, tmp_path):
     (broken / "metrics.json").write_text("[1, 2]")
     with pytest.raises(GraceInputError, match="expected a JSON object, got list"):
         comparison_table([broken])
+    bad_values = {
+        '{"recall@1": "x"}': "recall@1 must be a recall between 0 and 1, got 'x'",
+        '{"recall@1": 0.5, "recall@5": 42}': "recall@5 must be a recall",
+        '{"recall@1": 0.5, "recall_curve": "up"}': "recall_curve must be a list of recalls",
+        '{"recall@1": 0.5, "rerank": {"recall@1": null}}': "rerank.recall@1 must be a recall",
+    }
+    for text, message in bad_values.items():
+        (broken / "metrics.json").write_text(text)
+        with pytest.raises(GraceInputError, match=message):
+            comparison_table([broken])

@@ -6,6 +6,7 @@ import json
 import os
 import re
 import shutil
+import socket
 import struct
 import zlib
 from pathlib import Path
@@ -17,11 +18,13 @@ from safetensors.torch import load_file, save_file
 
 from grace_hf.commands import cli
 from grace_hf.commands import demo as demo_module
+from grace_hf.commands import serve as serve_module
 from grace_hf.dense.directory import FEATURES_FILE, save_image_features
 from grace_hf.dense.model import DualEncoder
 from grace_hf.errors import GraceInputError
 from grace_hf.outputs import DEMO, MARKER_FILE, begin_output, output_directory, read_marker
 from grace_hf.training import loop as train_module
+from grace_hf.training.preparation import prepare
 from tests.helpers import IMAGES, MICRO, QUERIES, reset_accelerate, write_prepared
 
 
@@ -133,6 +136,21 @@ def _truncated_image(work: Path) -> str:
     return "truncated.png"
 
 
+def _broken_image(work: Path, index: int, damage: str) -> str:
+    """The synthetic Karpathy JSON, its image `index` deleted ("missing") or overwritten by bytes that are no image
+    ("garbage")."""
+    image = work / "data" / "images" / f"synthetic_{index:06d}.png"
+    if damage == "missing":
+        image.unlink()
+    else:
+        image.write_bytes(bytes(range(256)) * 2)
+    return "data/dataset_synthetic.json"
+
+
+def _captioner_recipe(work: Path, karpathy_json: str) -> str:
+    return _recipe(work, task="captioner", data=None, karpathy_json=karpathy_json, image_root="data")
+
+
 def _with_rerank_json(work: Path, text: str) -> str:
     """The tiny model with this `rerank.json`."""
     (work / "model" / "rerank.json").write_text(text)
@@ -213,6 +231,12 @@ def _corrupt(work: Path, name: str) -> str:
     return name
 
 
+def _prepared_with_garbage_image(work: Path) -> str:
+    """A dataset prepared with --skip-image-check from the synthetic set whose image 3 is no image."""
+    prepare(_broken_image(work, 3, "garbage"), "data", "numeric", "prepared-bad", check_images=False)
+    return "prepared-bad"
+
+
 PREPARE = ["prepare", "--karpathy-json", "data/dataset_synthetic.json", "--image-root", "data"]
 PREPARE_NUMERIC = [*PREPARE, "--identifier-kind", "numeric"]
 PREPARE_RQ = [*PREPARE, "--identifier-kind", "rq", "--pixel-features"]
@@ -220,6 +244,10 @@ EVALUATE = ["evaluate", "--data", "eval-data"]
 RERANK = [*EVALUATE, "--model", "model", "--output-dir", "e", "--rerank"]
 ADD = ["add-images", "--karpathy-json", "data/dataset_synthetic.json", "--image-root", "data", "--max-steps", "1"]
 
+GARBAGE_IMAGE_5 = (
+    r"data/dataset_synthetic.json: images\[5\] \('images/synthetic_000005.png'\): image does not decode: "
+    r"data/images/synthetic_000005.png: UnidentifiedImageError"
+)
 OTHER_DENSE = {"weight": 0.5, "num_beams": 5, "dense": "runs/old-dense", "dense_fingerprint": "0" * 64}
 
 # (id, argv builder, message the error must contain as a regex)
@@ -307,6 +335,37 @@ CASES = [
         r"images\[3\] \('notes.txt'\): 'filepath' '../../..' leaves the image root",
     ),
     (
+        "prepare-structured-garbage-image-unchecked",
+        lambda w: [
+            *PREPARE[:2],
+            _broken_image(w, 5, "garbage"),
+            *PREPARE[3:],
+            "--identifier-kind",
+            "structured",
+            "--pixel-features",
+            "--k",
+            "3",
+            "--leaf-size",
+            "4",
+            "--skip-image-check",
+            "--output-dir",
+            "out",
+        ],
+        GARBAGE_IMAGE_5,
+    ),
+    (
+        "prepare-rq-garbage-image-unchecked",
+        lambda w: [
+            *PREPARE_RQ[:2],
+            _broken_image(w, 5, "garbage"),
+            *PREPARE_RQ[3:],
+            "--skip-image-check",
+            "--output-dir",
+            "out",
+        ],
+        GARBAGE_IMAGE_5,
+    ),
+    (
         "prepare-unknown-kind",
         lambda w: [*PREPARE, "--identifier-kind", "nope", "--output-dir", "o"],
         "unknown identifier kind 'nope'",
@@ -377,6 +436,16 @@ CASES = [
         "train-old-recipe-key",
         lambda w: ["train", "--config", _recipe(w, data_dir="prepared")],
         "'data_dir' was renamed: use 'data'",
+    ),
+    (
+        "train-captioner-missing-image",
+        lambda w: ["train", "--config", _captioner_recipe(w, _broken_image(w, 3, "missing"))],
+        r"data/dataset_synthetic.json: images\[3\] \('images/synthetic_000003.png'\): image file not found",
+    ),
+    (
+        "train-captioner-garbage-image",
+        lambda w: ["train", "--config", _captioner_recipe(w, _broken_image(w, 3, "garbage"))],
+        r"data/dataset_synthetic.json: images\[3\] \('images/synthetic_000003.png'\): image does not decode",
     ),
     ("train-no-data", lambda w: ["train", "--config", _recipe(w, data="nowhere")], "nowhere: not a prepared dataset"),
     (
@@ -648,6 +717,11 @@ CASES = [
         "add-images-other-query-image",
         lambda w: [*ADD, "--model", "model", "--t2id-image", "blank", "--output-dir", "added"],
         r"t2id_image 'blank': model was trained with 'none' \(grace_config.json\)",
+    ),
+    (
+        "add-images-captioner-is-a-retriever",
+        lambda w: [*ADD, "--model", "model", "--data", "prepared", "--output-dir", "added", "--captioner", "model"],
+        "--captioner model: a retrieval model .it has identifiers.json., not a captioner",
     ),
     (
         "add-images-no-new-images",
@@ -928,6 +1002,63 @@ CASES = [
     ),
     ("demo-user-dir", lambda w: ["demo", "--output-dir", "thesis"], "thesis: exists and is not a grace_hf"),
     ("demo-old-flag", lambda w: ["demo", "--kinds", "all"], "--kinds was renamed: use --identifier-kind"),
+    # a model that is none, an image that does not decode, an output under a file, an image root (serve: below)
+    (
+        "train-model-missing",
+        lambda w: ["train", "--config", _recipe(w, model="nodir", model_preset=None)],
+        "nodir: not a model directory, and not a Hub model that can be fetched",
+    ),
+    (
+        "train-model-not-a-model-directory",
+        lambda w: ["train", "--model", "thesis", "--data", "prepared", "--output-dir", "m", "--report-to", "none"],
+        "thesis: not a complete model directory: missing config.json",
+    ),
+    (
+        "train-model-a-file",
+        lambda w: ["train", "--config", _recipe(w, model="notes.txt", model_preset=None)],
+        r"notes.txt: not a model directory \(a file\)",
+    ),
+    (
+        "train-garbage-image-unchecked",
+        lambda w: ["train", "--config", _recipe(w, data=_prepared_with_garbage_image(w), batch_size_i2id=12)],
+        r"prepared-bad: i2id\[3\] \(image 'images/synthetic_000003.png'\): the image does not decode .*"
+        "prepared with --skip-image-check",
+    ),
+    (
+        "train-garbage-image-unchecked-in-a-worker",
+        lambda w: [
+            "train",
+            "--config",
+            _recipe(w, data=_prepared_with_garbage_image(w), batch_size_i2id=12, dataloader_num_workers=1),
+        ],
+        r"prepared-bad: i2id\[3\] \(image 'images/synthetic_000003.png'\): the image does not decode",
+    ),
+    (
+        "synthetic-output-under-a-file",
+        lambda w: ["synthetic", "--output-dir", "notes.txt/x"],
+        "--output-dir notes.txt/x: notes.txt is a file, not a directory",
+    ),
+    (
+        "prepare-output-under-a-file",
+        lambda w: [*PREPARE_NUMERIC, "--output-dir", "notes.txt/x/y"],
+        "--output-dir notes.txt/x/y: notes.txt is a file",
+    ),
+    (
+        "evaluate-output-under-a-file",
+        lambda w: [*EVALUATE, "--model", "model", "--output-dir", "thesis/chapter1.tex/e"],
+        "--output-dir thesis/chapter1.tex/e: thesis/chapter1.tex is a file",
+    ),
+    ("compare-output-under-a-file", lambda w: ["compare", "model", "--output-dir", "notes.txt/c"], "notes.txt is a"),
+    (
+        "retrieve-no-image-root",
+        lambda w: ["retrieve", "--model", "model", "a red square", "--output-dir", "g", "--image-root", "nodir"],
+        "--image-root nodir: not a directory",
+    ),
+    (
+        "retrieve-image-root-a-file",
+        lambda w: ["retrieve", "--model", "model", "a red square", "--output-dir", "g", "--image-root", "notes.txt"],
+        "--image-root notes.txt: not a directory",
+    ),
 ]
 
 
@@ -1033,3 +1164,23 @@ def test_pseudo_queries_given_as_the_folder_the_command_writes(work, capsys):
     assert code == 0, err[-2000:]
     record = json.loads((work / "p" / "prepare.json").read_text())
     assert record["inputs"]["pseudo_queries"] == os.path.join("data", "pseudo_queries.json")
+
+
+def test_serve_refuses_an_address_or_image_root_before_loading_the_model(work, capsys, monkeypatch):
+    def load_retriever(*args, **kwargs):  # past it, the app would serve until interrupted
+        raise AssertionError("the model was loaded")
+
+    monkeypatch.setattr(serve_module, "load_retriever", load_retriever)
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        port = str(busy.getsockname()[1])
+        for flags, message in (
+            (["--port", port], f"--port {port}: cannot listen on 127.0.0.1 port {port} "),
+            (["--host", "not.a.host.invalid"], "--host not.a.host.invalid: not a host name or address"),
+            (["--image-root", "nodir"], "--image-root nodir: not a directory"),
+            (["--image-root", "notes.txt"], "--image-root notes.txt: not a directory"),
+        ):
+            code, err = _run(["serve", "--model", "model", "--data", "prepared", *flags], capsys)
+            assert code == 2 and "Traceback" not in err
+            assert f"grace-hf serve: error: {message}" in err

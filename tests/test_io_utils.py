@@ -51,11 +51,15 @@ def test_failed_output_leaves_nothing_and_keeps_the_old_one(tmp_path):
     assert _tree(tmp_path) == before
 
 
-def test_completed_output_replaces_its_own_kind_with_ordinary_permissions(tmp_path):
+def test_completed_output_replaces_its_own_kind_with_ordinary_permissions(tmp_path, capsys):
     target = tmp_path / "out"
     with output_directory(target, "evaluation", command="grace-hf evaluate") as tmp:
         (tmp / "old.txt").write_text("old")
+    assert capsys.readouterr().err == ""  # a new output: nothing to say
     with output_directory(target, "evaluation") as tmp:
+        assert (
+            "holds a finished evaluation output (grace-hf evaluate); this run replaces it" in capsys.readouterr().err
+        )
         atomic_write_json(tmp / "metrics.json", {"recall@1": 0.5})
     assert sorted(p.name for p in target.iterdir()) == [MARKER_FILE, "metrics.json"]
     assert read_marker(target)["kind"] == "evaluation" and read_marker(target)["complete"] is True

@@ -18,6 +18,7 @@ from selenium.webdriver.chrome.service import Service
 from selenium.webdriver.common.by import By
 from selenium.webdriver.support.ui import WebDriverWait
 
+from benchmarks.common import free_port
 from benchmarks.serve_clients import run_clients, search_http, serve_subprocess
 from grace_hf.commands import serve
 from grace_hf.errors import GraceInputError
@@ -132,7 +133,7 @@ def test_test_captions_file_and_command_errors(tmp_path, trained_model):
         read_test_captions(tmp_path / "fields.jsonl")
 
     with pytest.raises(GraceInputError, match="not a model directory"):
-        serve.main(["--model", str(tmp_path / "missing")])
+        serve.main(["--model", str(tmp_path / "missing"), "--port", str(free_port())])  # the default may be taken
     model_dir = str(trained_model[0])
     with pytest.raises(SystemExit):  # a usage error before anything is loaded: --top-k must be >= 1
         serve.main(["--model", model_dir, "--top-k", "0"])

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import math
 from collections.abc import Mapping, Sequence
+from pathlib import Path
 from typing import TYPE_CHECKING
 
 from grace_hf.dense.directory import check_dense_directory
@@ -18,6 +19,7 @@ __all__ = [
     "add_num_threads",
     "add_overwrite",
     "add_rerank",
+    "check_directory",
     "check_rerank_args",
     "command_parser",
     "load_retriever",
@@ -120,6 +122,12 @@ def setup_threads(args: argparse.Namespace, default: int | None = None) -> None:
     if args.num_threads is not None and args.num_threads < 1:
         raise GraceInputError(f"--num-threads must be >= 1, got {args.num_threads}")
     configure_threads(args.num_threads or default)
+
+
+def check_directory(path: str | None, flag: str) -> None:
+    """The folder `flag` names (None: not given) is an existing directory; a GraceInputError otherwise."""
+    if path is not None and not Path(path).is_dir():
+        raise GraceInputError(f"{flag} {path}: not a directory")
 
 
 def add_rerank(parser: argparse.ArgumentParser) -> argparse._ArgumentGroup:

@@ -19,7 +19,7 @@ from grace_hf.data.karpathy import MEMORIZED_SPLITS, load_karpathy
 from grace_hf.data.pseudo_queries import PSEUDO_QUERIES_FILE
 from grace_hf.errors import GraceInputError
 from grace_hf.evaluation.captions import write_captioner_output
-from grace_hf.model_dir import IDENTIFIERS_FILE, read_model_dir
+from grace_hf.model_dir import read_captioner
 from grace_hf.outputs import PSEUDO_QUERIES, check_output_dir, output_directory
 
 
@@ -47,12 +47,7 @@ def main(argv: list[str] | None = None) -> int:
     corpus = load_karpathy(args.karpathy_json, args.image_root)
     if args.device.startswith("cuda") and not torch.cuda.is_available():
         raise GraceInputError(f"--device {args.device}: no CUDA GPU is available here; pass --device cpu")
-    captioner = read_model_dir(args.model, retriever=False)
-    if (captioner.path / IDENTIFIERS_FILE).is_file():
-        raise GraceInputError(
-            f"--model {args.model}: a retrieval model (it has {IDENTIFIERS_FILE}), not a captioner; train one with "
-            "`task: captioner`"
-        )
+    captioner = read_captioner(args.model, "--model")
     queries = caption_splits(
         captioner.model.to(args.device),
         captioner.processor,

@@ -18,6 +18,7 @@ from grace_hf.commands.common import (
     add_num_threads,
     add_overwrite,
     add_rerank,
+    check_directory,
     check_rerank_args,
     command_parser,
     load_retriever,
@@ -95,6 +96,7 @@ def main(argv: list[str] | None = None) -> int:
         raise GraceInputError("--image takes the place of text queries: give query images or text queries (or --data)")
     if args.image_views and args.image is None:
         raise GraceInputError("--image-views goes with --image: it searches crops of query images")
+    check_directory(args.image_root, "--image-root")
     setup_threads(args)
     inputs = [args.model, args.data, args.image_root, args.rerank, *(args.image or [])]
     if args.output_dir:

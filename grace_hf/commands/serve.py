@@ -13,12 +13,15 @@ it).
 from __future__ import annotations
 
 import argparse
+import errno
 import importlib.util
+import socket
 from pathlib import Path
 
 from grace_hf.commands.common import (
     add_num_threads,
     add_rerank,
+    check_directory,
     check_rerank_args,
     command_parser,
     load_retriever,
@@ -76,6 +79,21 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _check_address(host: str, port: int) -> None:
+    """`host` is an address of this machine on which `port` is free: a GraceInputError naming the flag otherwise."""
+    try:
+        family, kind, protocol, _, address = socket.getaddrinfo(host.strip("[]"), port, type=socket.SOCK_STREAM)[0]
+    except (socket.gaierror, UnicodeError) as err:
+        raise GraceInputError(f"--host {host}: not a host name or address ({err})") from None
+    with socket.socket(family, kind, protocol) as probe:
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as the server does: a closing port is free
+        try:
+            probe.bind(address)
+        except OSError as err:
+            flag = f"--port {port}" if err.errno in (errno.EADDRINUSE, errno.EACCES) else f"--host {host}"
+            raise GraceInputError(f"{flag}: cannot listen on {host} port {port} ({err.strerror})") from None
+
+
 def _image_loader(args: argparse.Namespace) -> ImageLoader | None:
     if args.image_root:
         return folder_image_loader(args.image_root)
@@ -86,6 +104,8 @@ def main(argv: list[str] | None = None) -> int:
     """Entry point of `grace-hf serve`: load the retriever, build the app, serve until interrupted."""
     args = build_parser().parse_args(argv)
     check_rerank_args(args)
+    check_directory(args.image_root, "--image-root")
+    _check_address(args.host, args.port)
     if importlib.util.find_spec("gradio") is None:
         raise GraceInputError('serve needs Gradio: pip install "grace-hf[app]"')
     from grace_hf.serving.app import SearchService, build_app, read_test_captions  # imports gradio (optional)
@@ -112,5 +132,9 @@ def main(argv: list[str] | None = None) -> int:
         max_batch_size=args.max_batch_size,
         queue_size=args.queue_size,
     )
-    app.launch(server_name=args.host, server_port=args.port, ssr_mode=False, show_error=True)
+    try:
+        app.launch(server_name=args.host, server_port=args.port, ssr_mode=False, show_error=True)
+    except OSError:  # Gradio found no free port: the address was taken while the model loaded
+        _check_address(args.host, args.port)
+        raise
     return 0

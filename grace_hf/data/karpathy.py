@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import os
 import posixpath
-from collections.abc import Mapping
+from collections.abc import Collection, Mapping
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -177,16 +177,17 @@ def _check_one(image: KarpathyImage) -> str | None:
     return None
 
 
-def verify_images(corpus: KarpathyCorpus, num_workers: int | None = None) -> None:
-    """Check in parallel that every image file exists and decodes; the first failure is a GraceInputError."""
+def verify_images(corpus: KarpathyCorpus, num_workers: int | None = None, splits: Collection[str] = SPLITS) -> None:
+    """Check in parallel that every image file (of `splits`) exists and decodes; the first failure is a
+    GraceInputError."""
+    positions = [i for i, image in enumerate(corpus.images) if image.split in splits]
+    images = [corpus.images[i] for i in positions]
     workers = num_workers or default_io_workers()
     with ThreadPoolExecutor(workers) as pool:
         problems = list(
-            progress_bar(
-                pool.map(_check_one, corpus.images, chunksize=64), total=len(corpus.images), desc="checking images"
-            )
+            progress_bar(pool.map(_check_one, images, chunksize=64), total=len(images), desc="checking images")
         )
-    bad = [(i, p) for i, p in enumerate(problems) if p is not None]
+    bad = [(i, p) for i, p in zip(positions, problems) if p is not None]
     if bad:
         i, problem = bad[0]
         more = f" (and {len(bad) - 1} more)" if len(bad) > 1 else ""

@@ -34,7 +34,24 @@ def load_run_metrics(run: str | os.PathLike) -> dict[str, Any]:
         raise GraceInputError(f"{path}: expected a JSON object, got {type(metrics).__name__}")
     if "recall@1" not in metrics:
         raise GraceInputError(f"{path}: not the metrics of an evaluated run (no recall@1)")
+    _check_recalls(path, metrics, "")
+    if isinstance(metrics.get("rerank"), dict):
+        _check_recalls(path, metrics["rerank"], "rerank.")
     return metrics
+
+
+def _is_recall(value: Any) -> bool:
+    return isinstance(value, int | float) and not isinstance(value, bool) and 0.0 <= value <= 1.0
+
+
+def _check_recalls(path: Path, metrics: Mapping[str, Any], prefix: str) -> None:
+    """Every `recall@K` a number in [0, 1] and `recall_curve`, when given, a list of them."""
+    for key, value in metrics.items():
+        if key.startswith("recall@") and not _is_recall(value):
+            raise GraceInputError(f"{path}: {prefix}{key} must be a recall between 0 and 1, got {value!r}")
+    curve = metrics.get("recall_curve")
+    if curve is not None and not (isinstance(curve, list) and curve and all(_is_recall(r) for r in curve)):
+        raise GraceInputError(f"{path}: {prefix}recall_curve must be a list of recalls between 0 and 1")
 
 
 def _number(metrics: Mapping[str, Any], key: str) -> float | None:

@@ -2,9 +2,13 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
 from typing import Any
 
-from grace_hf.data.karpathy import KarpathyCorpus
+from PIL import Image
+
+from grace_hf.data.karpathy import MEMORIZED_SPLITS, KarpathyCorpus, verify_images
 from grace_hf.errors import GraceInputError
 from grace_hf.identifiers import atomic, numeric, rq, semantic, string, structured
 from grace_hf.identifiers.base import IdentifierInputs, IdentifierKind
@@ -28,6 +32,19 @@ def get_identifier_kind(name: str) -> IdentifierKind:
     return _KINDS[name]
 
 
+@contextmanager
+def _naming_unreadable_images(corpus: KarpathyCorpus, num_workers: int | None) -> Iterator[None]:
+    """While a kind embeds the memorized images: an image file that does not read (unchecked, as with `prepare
+    --skip-image-check`) is the `GraceInputError` of `verify_images`, naming the JSON file, the item and the file."""
+    try:
+        yield
+    except GraceInputError:
+        raise
+    except (OSError, ValueError, SyntaxError, Image.DecompressionBombError):
+        verify_images(corpus, num_workers, MEMORIZED_SPLITS)
+        raise
+
+
 def build_identifiers(
     kind: str,
     corpus: KarpathyCorpus,
@@ -48,7 +65,8 @@ def build_identifiers(
     images = corpus.memorized()
     if not images:
         raise GraceInputError(f"{corpus.json_path}: no train, val or test images to memorize")
-    index = spec.build(IdentifierInputs(images, pseudo_queries or {}, num_workers), checked)
+    with _naming_unreadable_images(corpus, num_workers):
+        index = spec.build(IdentifierInputs(images, pseudo_queries or {}, num_workers), checked)
     index.collection = [image.key for image in images if image.split == "test"]
     index.validate(f"{kind} identifiers for {corpus.json_path}")
     return index
@@ -95,7 +113,8 @@ def extend_identifiers(
         )
     recorded = codebooks.metadata.get("options", {}) if codebooks is not None else {}
     checked = spec.make_options({**recorded, **options})
-    extended = spec.extend(index, IdentifierInputs(images, pseudo_queries or {}, num_workers), checked, codebooks)
+    with _naming_unreadable_images(corpus, num_workers):
+        extended = spec.extend(index, IdentifierInputs(images, pseudo_queries or {}, num_workers), checked, codebooks)
     extended.collection = index.collection + [image.key for image in images if image.split == "test"]
     extended.validate(f"{source} with the images of {corpus.json_path}")
     return extended

@@ -46,6 +46,7 @@ from grace_hf.model_dir import (
     GRACE_CONFIG_FILE,
     TRAINING_ARGS_FILE,
     ModelDirectory,
+    read_captioner,
     read_codebooks,
     read_model_dir,
     training_data_sources,
@@ -101,7 +102,7 @@ def new_pseudo_queries(data_args: AddImagesArguments, corpus: KarpathyCorpus) ->
     uncaptioned = [split for split in ("val", "test") if corpus.split(split)]
     if not data_args.captioner or not uncaptioned:
         return {}
-    captioner = read_model_dir(data_args.captioner, retriever=False)
+    captioner = read_captioner(data_args.captioner, "--captioner")
     return caption_splits(captioner.model, captioner.processor, corpus, uncaptioned)
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import os
 import sys
 from collections.abc import Callable, Iterator
@@ -10,9 +11,10 @@ from pathlib import Path
 from typing import Any
 
 import datasets
-from torch.utils.data import DataLoader
+from PIL import Image
+from torch.utils.data import DataLoader, Sampler
 
-from grace_hf.data.karpathy import load_karpathy
+from grace_hf.data.karpathy import load_karpathy, verify_images
 from grace_hf.data.prepared import (
     caption_queries,
     load_prepared,
@@ -145,6 +147,7 @@ def _captioner_data(data_args: DataArguments, args: GraceTrainingArguments) -> T
     pairs = [(str(image.path), caption) for image in corpus.split("train") for caption in image.captions]
     if not pairs:
         raise GraceInputError(f"{data_args.karpathy_json}: no train images to train a captioner on")
+    verify_images(corpus, splits=("train",))  # the only images it reads
     rows = datasets.Dataset.from_dict(
         {"image": [path for path, _ in pairs], "caption": [caption for _, caption in pairs]}
     ).cast_column("image", datasets.Image())
@@ -193,8 +196,38 @@ def stream_batches(
         rows = datasets.concatenate_datasets([rows, replay_rows])
     collator = GraceCollator(processor, stream.name, data_args.t2id_image, data_args.max_query_words)
     views = {"i2id": data_args.i2id_views(), "caption": ImageViews(flip=data_args.i2id_flip)}.get(stream.name)
-    rows = EpochRows(rows, seed, views)
     loader = DataLoader(
-        rows, batch_sampler=sampler, collate_fn=collator, num_workers=num_workers, pin_memory=pin_memory
+        EpochRows(rows, seed, views),
+        batch_sampler=sampler,
+        collate_fn=collator,
+        num_workers=num_workers,
+        pin_memory=pin_memory,
     )
-    return iter(loader)
+    source = data_args.data or data_args.karpathy_json
+    source = ", ".join(source) if isinstance(source, list) else str(source)
+    return _naming_undecodable_images(iter(loader), sampler, rows, stream.name, source)
+
+
+def _naming_undecodable_images(
+    batches: Iterator[dict], sampler: Sampler, rows: Any, name: str, source: str
+) -> Iterator[dict]:
+    """`batches`, but an image of `rows` that does not decode ends them in a `GraceInputError` naming `source`, the
+    row and its image (the loader's own error names neither, and a worker process's comes with its traceback)."""
+    done = 0
+    try:
+        for batch in batches:
+            yield batch
+            done += 1
+    except (OSError, ValueError, SyntaxError, Image.DecompressionBombError):
+        for index, _ in next(itertools.islice(iter(sampler), done, None)):  # the batch that failed
+            try:
+                rows[index]
+            except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as err:
+                row = f"{name}[{index}]"
+                if "image_key" in rows.column_names:
+                    row += f" (image {rows.select_columns('image_key')[index]['image_key']!r})"
+                raise GraceInputError(
+                    f"{source}: {row}: the image does not decode ({err}); was the dataset prepared with "
+                    "--skip-image-check? Prepare it again without it"
+                ) from None
+        raise

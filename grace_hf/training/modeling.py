@@ -11,6 +11,7 @@ from transformers.integrations import is_deepspeed_zero3_enabled
 
 from grace_hf.dense.open_clip_loading import load_open_clip_vision_tower
 from grace_hf.errors import GraceInputError
+from grace_hf.model_dir import read_model_dir
 from grace_hf.models.flamingo import FlamingoConfig, FlamingoForConditionalGeneration, FlamingoProcessor
 from grace_hf.training.args import ModelArguments
 
@@ -88,9 +89,10 @@ def build_model_and_processor(
         if tower is not None:
             _load_vision_tower(model, tower, model_args.vision_tower)
     else:
-        processor = FlamingoProcessor.from_pretrained(model_args.model)
+        pretrained = read_model_dir(model_args.model, retriever=False, weights=False)  # checked, as evaluate does
+        processor = pretrained.processor
         model = FlamingoForConditionalGeneration.from_pretrained(
-            model_args.model, freeze_vision=model_args.freeze_vision
+            pretrained.path, freeze_vision=model_args.freeze_vision
         )
         if (
             processor.add_identifier_tokens(list(new_tokens))
