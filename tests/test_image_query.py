@@ -325,8 +325,27 @@ def test_benchmark_perturbs_with_a_fixed_seed_and_checks_its_arguments(tmp_path,
         "candidates": 4,
         "grace": {1: 0.5, 5: 1.0, "originals": 1.0, "seconds": 0.1},
         "dense": {1: 0.25, 5: 0.5, "originals": 1.0, "seconds": 0.1},
+        "tokens": {1: 0.5, 5: 0.75, "originals": 1.0, "seconds": 0.1},
+        "pixels": {1: 0.75, 5: 1.0, "originals": 1.0, "seconds": 0.0},
     }
-    assert "| GRACE (`<image>` under the trie) | 50.0 | 100.0 | 2.00x | 100.0 | 0.1 |" in image_query.table(result)
+    text = image_query.table(result)
+    assert "| GRACE (`<image>` under the trie) | 50.0 | 100.0 | 2.00x | 100.0 | 0.1 |" in text
+    assert "| nearest 3x3 RGB thumbnail | 75.0 | 100.0 | 3.00x | 100.0 | 0.0 |" in text
+
+
+def test_benchmark_reference_rankings_find_copies_by_thumbnail_and_patch_tokens(random_retriever):
+    from benchmarks import image_query
+
+    pictures = [picture(n) for n in range(len(COLLECTION))]
+    rng = random.Random(0)
+    copies = [perturbed(image, rng) for image in pictures]
+    by_thumbnail = image_query.thumbnail_rankings(pictures, copies, COLLECTION, 3)
+    assert [ranking[0] for ranking in by_thumbnail] == COLLECTION and {len(r) for r in by_thumbnail} == {3}
+    swapped = image_query.thumbnail_rankings(pictures[::-1], copies[:1], COLLECTION[::-1], 8)
+    assert swapped[0][0] == COLLECTION[0] and sorted(swapped[0]) == sorted(COLLECTION)
+    # the random tower's patch tokens find each exact picture first (cosine 1 with itself)
+    by_tokens = image_query.patch_token_rankings(random_retriever, pictures, pictures, COLLECTION, 2)
+    assert [ranking[0] for ranking in by_tokens] == COLLECTION and {len(r) for r in by_tokens} == {2}
 
 
 def test_benchmark_refuses_a_missing_model_and_leaves_no_work_dir(tmp_path, capsys):
