@@ -114,10 +114,11 @@ def thumbnail_rankings(
     import numpy as np
     import torch
 
+    from grace_hf.identifiers.embeddings import image_thumbnail
+
     def thumbnails(images: list[Image.Image]) -> torch.Tensor:
-        side = (THUMBNAIL_SIDE, THUMBNAIL_SIDE)
-        pixels = [np.asarray(image.convert("RGB").resize(side, Image.Resampling.BILINEAR)) for image in images]
-        return torch.from_numpy(np.stack(pixels)).flatten(1).float()
+        rows = [image_thumbnail(image, THUMBNAIL_SIDE, Image.Resampling.BILINEAR) for image in images]
+        return torch.from_numpy(np.stack(rows))
 
     distances = torch.cdist(thumbnails(copies), thumbnails(originals))  # (Q, N)
     top = distances.topk(min(k, len(candidates)), dim=1, largest=False).indices

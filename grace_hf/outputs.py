@@ -426,11 +426,11 @@ def begin_output(
             if marker is None or marker["kind"] != kind:
                 raise GraceInputError(f"{where}: no unfinished {kind} run to resume ({build.build} holds none)")
             return build
-        if is_complete_output(output):
-            made_by = read_marker(output).get("command") or "grace_hf"
+        previous = read_marker(output)
+        if previous is not None and previous.get("complete") is True:
             print(
-                f"note: {where} holds a finished {read_marker(output)['kind']} output ({made_by}); this run replaces "
-                "it when it completes, and leaves it as it is if it fails or is stopped",
+                f"note: {where} holds a finished {previous['kind']} output ({previous.get('command') or 'grace_hf'});"
+                " this run replaces it when it completes, and leaves it as it is if it fails or is stopped",
                 file=sys.stderr,
             )
         if marker is not None:

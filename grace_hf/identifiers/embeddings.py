@@ -34,6 +34,7 @@ __all__ = [
     "embed_images",
     "embed_new_images",
     "embedding_source",
+    "image_thumbnail",
     "pixel_embeddings",
     "pixel_thumbnails",
     "recorded_options",
@@ -43,14 +44,21 @@ PIXEL_MEAN = "pixel_mean"
 PIXEL_SIDE = 16
 
 
+def image_thumbnail(
+    image: Image.Image, side: int = PIXEL_SIDE, resample: Image.Resampling = Image.Resampling.BOX
+) -> np.ndarray:
+    """(3 * side * side,) the RGB thumbnail of `image`, values in [0, 1]."""
+    small = image.convert("RGB").resize((side, side), resample)
+    return np.asarray(small, dtype=np.float32).reshape(-1) / 255.0
+
+
 def pixel_thumbnails(
     paths: Sequence[str | os.PathLike], num_workers: int | None = None, side: int = PIXEL_SIDE
 ) -> np.ndarray:
     """(N, 3 * side * side) RGB thumbnails in [0, 1] (16x16: 768 values): colour and layout without a model."""
 
     def thumbnail(path: str | os.PathLike) -> np.ndarray:
-        small = read_rgb(path).resize((side, side), Image.Resampling.BOX)
-        return np.asarray(small, dtype=np.float32).reshape(-1) / 255.0
+        return image_thumbnail(read_rgb(path), side)
 
     with ThreadPoolExecutor(num_workers or default_io_workers()) as pool:
         rows = list(progress_bar(pool.map(thumbnail, paths), total=len(paths), desc="pixel features"))
