@@ -4,12 +4,13 @@ timing functions only), so that a launcher's `--help` stays quick."""
 from __future__ import annotations
 
 import argparse
+import os
 import shlex
 import socket
 import statistics
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from typing import TYPE_CHECKING
 
 from grace_hf.errors import GraceInputError
@@ -50,12 +51,23 @@ def free_port(host: str = "127.0.0.1") -> int:
         return probe.getsockname()[1]
 
 
-def open_work_dir(parser: argparse.ArgumentParser, path: str, reuse: bool) -> OutputBuild:
-    """The benchmark's `--work-dir`, built beside it under the output policy (never the working directory, home or a
-    folder this script did not write; `.build` is where the run writes); a refusal ends the run as a usage error
-    naming the flag."""
+def open_work_dir(
+    parser: argparse.ArgumentParser, path: str, reuse: bool, inputs: Iterable[str | os.PathLike | None] = ()
+) -> OutputBuild:
+    """The benchmark's `--work-dir`, built beside it under the output policy (never the working directory, home, a
+    folder this script did not write or another kind of grace_hf output, which no flag lets it replace; nor one that
+    is, holds or sits inside one of the run's `inputs`, the paths it reads; `.build` is where the run writes); a
+    refusal ends the run as a usage error naming the flag, before anything is written."""
     try:
-        return begin_output(path, BENCHMARK, resume=reuse, command=shlex.join(sys.argv), flag="--work-dir")
+        return begin_output(
+            path,
+            BENCHMARK,
+            inputs,
+            resume=reuse,
+            command=shlex.join(sys.argv),
+            flag="--work-dir",
+            overwrite_flag=None,
+        )
     except GraceInputError as error:
         parser.error(str(error))
 

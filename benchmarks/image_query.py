@@ -260,7 +260,7 @@ def main(argv: list[str] | None = None) -> int:
     except ValueError as error:
         parser.error(f"--crop-scale/--jpeg-quality/--original-share: {error}")
 
-    output = open_work_dir(parser, args.work_dir, reuse=False)
+    output = open_work_dir(parser, args.work_dir, reuse=False, inputs=given)  # none of them in it
     work = output.build.resolve()  # built beside --work-dir, which it becomes at the end
     try:
         if args.model is None:

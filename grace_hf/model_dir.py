@@ -23,6 +23,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
@@ -31,6 +32,7 @@ import torch
 from huggingface_hub import snapshot_download
 from safetensors import SafetensorError, safe_open
 
+from grace_hf.data.prepared import optional_prepared_file
 from grace_hf.errors import GraceInputError
 from grace_hf.evaluation.metrics import METRICS_FILE
 from grace_hf.identifiers import CODEBOOKS_FILE, IDENTIFIERS_FILE, Codebooks, IdentifierIndex
@@ -51,6 +53,7 @@ __all__ = [
     "TRIE_FILE",
     "GraceConfig",
     "ModelDirectory",
+    "check_prepared_identifiers",
     "read_captioner",
     "read_codebooks",
     "read_model_dir",
@@ -341,3 +344,50 @@ def training_data_sources(directory: Path) -> list[str] | None:
     if not isinstance(sources, list) or not all(isinstance(source, str) for source in sources):
         raise GraceInputError(f"{path}: 'data' must be a list of prepared datasets")
     return [str(directory / source) if source.startswith(("./", "../")) else source for source in sources]
+
+
+def _shown(identifiers: list[str]) -> str:
+    """An image's identifiers as a message shows them: the one, or the list."""
+    return repr(identifiers[0]) if len(identifiers) == 1 else repr(identifiers)
+
+
+def check_prepared_identifiers(
+    model: str | os.PathLike, data: str | os.PathLike, image_keys: Sequence[str], images: str = "images ranked"
+) -> None:
+    """The prepared dataset `data` names the images `image_keys` (those an evaluation ranks) as the model `model`
+    does: its identifiers.json has the model's identifier kind and gives each of them the identifiers the model
+    memorized for it, so that a beam's identifier and a gold image key mean the same image on both sides.
+
+    Only `image_keys` are compared: the model may know more images (add-images grew its collection, and the prepared
+    dataset of the original collection still evaluates it). A dataset without identifiers.json is not checked; a
+    model directory without one is the `read_model_dir` error. Raises a `GraceInputError` naming both files and the
+    first image whose identifiers differ or that one side lacks (e.g. the same file names in another collection).
+    """
+    directory = resolve_model_dir(model)
+    _check_files(directory, retriever=True)
+    data_file = optional_prepared_file(data, IDENTIFIERS_FILE)
+    if data_file is None:
+        return
+    model_file = directory / IDENTIFIERS_FILE
+    ours, theirs = IdentifierIndex.load(model_file), IdentifierIndex.load(data_file)
+    problem = f"--data {data} was not prepared for --model {model}"
+    advice = "evaluate on the prepared dataset the model was trained on (or the added_images/ of add-images)"
+    if theirs.kind != ours.kind:
+        raise GraceInputError(
+            f"{problem}: {data_file} holds {theirs.kind} identifiers, {model_file} {ours.kind} ones; {advice}"
+        )
+    differing = []
+    for key in image_keys:
+        model_ids, data_ids = ours.images.get(key), theirs.images.get(key)
+        if model_ids is None or data_ids is None or set(model_ids) != set(data_ids):
+            differing.append((key, model_ids, data_ids))
+    if not differing:
+        return
+    key, model_ids, data_ids = differing[0]
+    if model_ids is None:
+        detail = f"image {key!r} ({_shown(data_ids)} in {data_file}) is not in {model_file}"
+    elif data_ids is None:
+        detail = f"image {key!r} ({_shown(model_ids)} in {model_file}) is not in {data_file}"
+    else:
+        detail = f"image {key!r} is {_shown(data_ids)} in {data_file} but {_shown(model_ids)} in {model_file}"
+    raise GraceInputError(f"{problem}: {detail} ({len(differing)} of the {len(image_keys)} {images} differ); {advice}")

@@ -200,9 +200,11 @@ def check_output_dir(
     inputs: Iterable[PathLike | None] = (),
     overwrite: bool = False,
     flag: str = "--output-dir",
+    overwrite_flag: str | None = "--overwrite",
 ) -> Path:
     """Refuse an output directory that must not be written or replaced (see the module docstring); return it.
-    `flag`: the command-line flag that named it, for the messages."""
+    `flag`: the command-line flag that named it, for the messages; `overwrite_flag`: the flag that sets `overwrite`,
+    which a refusal it would lift suggests (None: the command has none, e.g. a benchmark's `--work-dir`)."""
     output = Path(path).expanduser()
     where = f"{flag} {os.fspath(path)}"
     if output.is_symlink():
@@ -222,11 +224,13 @@ def check_output_dir(
             raise GraceInputError(f"{where}: {clash} {os.fspath(source)}; choose another directory")
     if output.exists() and not output.is_dir():
         raise GraceInputError(f"{where}: is a file, not a directory")
-    _check_replaceable(output, kind, overwrite, where)
+    _check_replaceable(output, kind, overwrite, where, overwrite_flag)
     return output
 
 
-def _check_replaceable(output: Path, kind: str, overwrite: bool, where: str) -> dict[str, int]:
+def _check_replaceable(
+    output: Path, kind: str, overwrite: bool, where: str, overwrite_flag: str | None = "--overwrite"
+) -> dict[str, int]:
     """The files to remove when the existing `output` is replaced by a `kind` output (none when it is absent or
     empty); a `GraceInputError` when it may not be."""
     if not output.is_dir() or not any(output.iterdir()):
@@ -237,9 +241,9 @@ def _check_replaceable(output: Path, kind: str, overwrite: bool, where: str) -> 
     marker = read_marker(output)
     if not overwrite and (marker["kind"] != kind or marker.get("complete") is not True):
         found = f"a grace_hf {marker['kind']} output" + ("" if marker.get("complete") is True else " (unfinished)")
+        advice = "" if overwrite_flag is None else f", or pass {overwrite_flag} to replace it"
         raise GraceInputError(
-            f"{where}: exists and is {found}, not a complete {kind} output; choose another directory, or pass "
-            "--overwrite to replace it"
+            f"{where}: exists and is {found}, not a complete {kind} output; choose another directory{advice}"
         )
     return files
 
@@ -338,16 +342,28 @@ class OutputBuild:
     """An output being built: `build` (`.NAME.grace-partial`, where everything is written) becomes `path` on
     `commit()`; `abandon()` leaves `path` as it was. Made by `begin_output`; holds the output's lock until either."""
 
-    def __init__(self, path: Path, kind: str, overwrite: bool, command: str | None, lock: int, made: list[Path]):
+    def __init__(
+        self,
+        path: Path,
+        kind: str,
+        overwrite: bool,
+        command: str | None,
+        lock: int,
+        made: list[Path],
+        overwrite_flag: str | None = "--overwrite",
+    ):
         self.path, self.build, self.kind = path, build_path(path), kind
         self.overwrite, self.command, self._lock, self._made = overwrite, command, lock, made
+        self.overwrite_flag = overwrite_flag
 
     def commit(self) -> None:
         """Mark the build complete with its manifest and swap it in for the old output, of which exactly the files
         grace_hf wrote are removed."""
         try:
             try:
-                old_files = _check_replaceable(self.path, self.kind, self.overwrite, str(self.path))
+                old_files = _check_replaceable(
+                    self.path, self.kind, self.overwrite, str(self.path), self.overwrite_flag
+                )
             except GraceInputError as err:
                 raise GraceInputError(
                     f"{err} (it changed during the run); the new output is kept in {self.build}"
@@ -393,16 +409,18 @@ def begin_output(
     resumable: bool = False,
     resume: bool = False,
     flag: str = "--output-dir",
+    overwrite_flag: str | None = "--overwrite",
 ) -> OutputBuild:
     """Check `path` (`check_output_dir`), lock it and open its build directory.
 
     `resume`: continue the build directory a killed run left (it must hold a `kind` build), or else the complete
     `kind` output itself, which is moved back into its build directory (the benchmarks' `--reuse`: the caller asked
     to continue it, so until the commit it is there, not at `path`). Otherwise a build directory left by a dead run
-    is removed; for a `resumable` job, one with checkpoints is kept unless `overwrite`.
+    is removed; for a `resumable` job, one with checkpoints is kept unless `overwrite`. `flag`, `overwrite_flag`: as
+    for `check_output_dir`.
     """
     where = f"{flag} {os.fspath(path)}"
-    output = check_output_dir(path, kind, inputs, overwrite, flag)
+    output = check_output_dir(path, kind, inputs, overwrite, flag, overwrite_flag)
     made = [parent for parent in [output.parent, *output.parent.parents] if not parent.exists()][::-1]
     output.parent.mkdir(parents=True, exist_ok=True)
     try:
@@ -411,7 +429,7 @@ def begin_output(
         for parent in reversed(made):
             parent.rmdir()
         raise
-    build = OutputBuild(output, kind, overwrite, command, lock, made[::-1])
+    build = OutputBuild(output, kind, overwrite, command, lock, made[::-1], overwrite_flag)
     try:
         remove_stale_temporaries(output)
         marker = read_marker(build.build)

@@ -6,6 +6,8 @@
 
 With `--config_file accelerate_configs/deepspeed_zero3.yaml` the model is sharded across the processes (ZeRO-3).
 Writes `metrics.json`, `queries.jsonl` (each query's ranking and the gold rank) and `recall.png` (Recall@K, K = 1..10).
+The prepared dataset must name the images it ranks as the model does (its identifiers.json; the model may know more
+images, e.g. after add-images): one of another collection or identifier kind is refused before the model is loaded.
 
 `--split val` ranks the val images for the val captions (for choosing settings). `--rerank DENSE_DIR` also re-ranks
 the images of the beams with a `grace-hf baseline-clip` model: the fusion weight comes from the model's `rerank.json`,
@@ -33,7 +35,7 @@ from grace_hf.distributed import create_accelerator
 from grace_hf.errors import GraceInputError
 from grace_hf.evaluation.model_recall import KS, evaluate_model, write_evaluation
 from grace_hf.evaluation.queries import load_eval_queries
-from grace_hf.model_dir import RERANK_FILE, resolve_model_dir
+from grace_hf.model_dir import RERANK_FILE, check_prepared_identifiers, resolve_model_dir
 from grace_hf.outputs import EVALUATION, check_output_dir, output_directory
 from grace_hf.retrieval.rerank import DenseScorer, Reranker, fit_or_load
 from grace_hf.retrieval.retriever import GraceRetriever
@@ -107,6 +109,8 @@ def main(argv: list[str] | None = None) -> int:
     check_output_dir(args.output_dir, EVALUATION, inputs, args.overwrite)
     accelerator = create_accelerator()
     queries, gold, candidates = load_eval_queries(args.data, args.limit, args.split)
+    # the same file names in another collection, or other identifiers, would be scored silently: refused here
+    check_prepared_identifiers(args.model, args.data, candidates, f"images the {args.split} split ranks")
     retriever = GraceRetriever.from_pretrained(
         args.model,
         accelerator=accelerator,
