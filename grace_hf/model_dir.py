@@ -371,7 +371,7 @@ def check_prepared_identifiers(
     model_file = directory / IDENTIFIERS_FILE
     ours, theirs = IdentifierIndex.load(model_file), IdentifierIndex.load(data_file)
     problem = f"--data {data} was not prepared for --model {model}"
-    advice = "evaluate on the prepared dataset the model was trained on (or the added_images/ of add-images)"
+    advice = "use the prepared dataset the model was trained on (or the added_images/ of add-images)"
     if theirs.kind != ours.kind:
         raise GraceInputError(
             f"{problem}: {data_file} holds {theirs.kind} identifiers, {model_file} {ours.kind} ones; {advice}"

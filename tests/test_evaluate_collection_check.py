@@ -128,3 +128,17 @@ def test_the_same_file_names_in_another_collection_are_refused(trained_model, pr
     bare = shutil.copytree(data, tmp_path / "bare")
     (bare / IDENTIFIERS_FILE).unlink()
     assert _evaluate(model, bare, tmp_path / "val", "--split", "val", "--limit", "4") == 0
+
+
+@pytest.mark.parametrize("command", ["retrieve", "serve"])
+def test_retrieve_and_serve_refuse_data_of_another_collection(tiny_model, tiny_data, tmp_path, capsys, command):
+    """`retrieve --data` and `serve --data` rank the dataset's test images with the model as evaluate does: the same
+    refusal, before the model loads (or the app starts)."""
+    model = tiny_model()
+    data = shutil.copytree(tiny_data, tmp_path / "data")
+    data_file = _edit_identifiers(data, _swap_two)
+    argv = [command, "--model", str(model), "--data", str(data), "--num-threads", "1"]
+    assert cli_main(argv + (["--num-queries", "2"] if command == "retrieve" else [])) == 2
+    err = capsys.readouterr().err
+    assert f"--data {data} was not prepared for --model {model}: " in err
+    assert f"is '5' in {data_file} but '4' in {model / IDENTIFIERS_FILE}" in err and "Traceback" not in err

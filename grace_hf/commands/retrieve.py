@@ -28,6 +28,7 @@ from grace_hf.data.images import read_query_image
 from grace_hf.errors import GraceInputError
 from grace_hf.evaluation.queries import load_eval_queries
 from grace_hf.io_utils import atomic_write_text
+from grace_hf.model_dir import check_prepared_identifiers
 from grace_hf.outputs import RETRIEVAL, check_output_dir, output_directory
 from grace_hf.retrieval.results import RetrievedImage
 from grace_hf.serving.gallery import (
@@ -107,6 +108,7 @@ def main(argv: list[str] | None = None) -> int:
     candidates = None
     if args.data is not None:
         data_queries, data_gold, candidates = load_eval_queries(args.data, limit=args.num_queries)
+        check_prepared_identifiers(args.model, args.data, candidates, "images the test split ranks")
         queries += data_queries
         gold += data_gold
     if not queries:

@@ -29,6 +29,7 @@ from grace_hf.commands.common import (
 )
 from grace_hf.errors import GraceInputError
 from grace_hf.evaluation.queries import load_eval_queries
+from grace_hf.model_dir import check_prepared_identifiers
 from grace_hf.serving.gallery import ImageLoader, dataset_image_loader, folder_image_loader
 
 __all__ = ["build_parser", "main"]
@@ -114,6 +115,7 @@ def main(argv: list[str] | None = None) -> int:
     test_captions, candidates = [], None
     if args.data:
         queries, gold, candidates = load_eval_queries(args.data)
+        check_prepared_identifiers(args.model, args.data, candidates, "images the test split ranks")
         test_captions = list(zip(queries, gold))
     elif args.queries:
         test_captions = read_test_captions(args.queries)
