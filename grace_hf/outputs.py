@@ -58,6 +58,7 @@ __all__ = [
     "begin_output",
     "build_path",
     "check_output_dir",
+    "final_path",
     "is_complete_output",
     "output_directory",
     "portable_path",
@@ -98,6 +99,13 @@ def build_path(output: PathLike) -> Path:
     """The sibling directory in which `output` is built: `.NAME.grace-partial`."""
     output = Path(output)
     return output.parent / f".{output.name}{PARTIAL_SUFFIX}"
+
+
+def final_path(path: PathLike) -> Path:
+    """`path` as it will be named once the outputs it is being built in are complete: every `.NAME.grace-partial`
+    in it replaced by `NAME` (a record that names a file of its own build must outlive the rename)."""
+    building = re.compile(rf"^\.(?P<name>.+){re.escape(PARTIAL_SUFFIX)}$")
+    return Path(*((match["name"] if (match := building.match(part)) else part) for part in Path(path).parts))
 
 
 def _lock_path(output: Path) -> Path:

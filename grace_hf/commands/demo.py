@@ -5,8 +5,8 @@ grace-hf demo --output-dir demo_output                                          
 grace-hf demo --output-dir demo_output --identifier-kind all                      # every identifier kind
 grace-hf demo --output-dir my_demo --karpathy-json my.json --image-root my_images # your collection
 
-The val and test images need no text: as in GRACE, a captioner that looks at their pixels writes their
-pseudo-queries. Stages, each a folder of the output:
+The val and test images need no text to be learned: as in GRACE, a captioner that looks at their pixels writes
+their pseudo-queries (their own captions are only the val and test queries). Stages, each a folder of the output:
 1. `data/`: 500 synthetic images with human-style captions (250 train, 50 val, 200 test), or your collection.
 2. `dense-clip/`: the dense open_clip baseline, trained on the train images' captions and views of the images (SLIP's
    image-image term) until its val R@1 stops improving. It is also the vision tower of every Flamingo below (the
@@ -62,6 +62,7 @@ __all__ = [
     "DEMO_STYLE",
     "PREPARE_OPTIONS",
     "RECIPES",
+    "check_collection",
     "evaluate_kind",
     "main",
     "run_demo",
@@ -214,6 +215,24 @@ def _gallery(
     )
 
 
+def check_collection(corpus: KarpathyCorpus) -> None:
+    """What the stages need of a collection, checked before the first of them trains: train images with captions
+    (at least 2, to contrast), and val and test images with captions (the queries that fit the re-ranking weight and
+    measure Recall@K; they never teach)."""
+    trained = sum(bool(image.captions) for image in corpus.split("train"))
+    if trained < 2:
+        raise GraceInputError(
+            f"{corpus.json_path}: {trained} train images with captions; the dense baseline and the captioner learn "
+            "from them and need at least 2"
+        )
+    for split, use in (("val", "fit the re-ranking weight"), ("test", "measure Recall@K")):
+        if not corpus.caption_queries(split):
+            raise GraceInputError(
+                f"{corpus.json_path}: no {split} images with captions: the demo needs their captions to {use} "
+                "(as queries only: they never teach the models)"
+            )
+
+
 def run_pipeline(
     out: Path,
     karpathy_json: Path,
@@ -228,6 +247,7 @@ def run_pipeline(
     first kind's metrics, the model directories and the comparison table. `num_threads`: every training's torch
     threads (None: each recipe's `torch_num_threads`)."""
     corpus = load_karpathy(karpathy_json, image_root)
+    check_collection(corpus)
     dense_dir = out / "dense-clip"
     _log(f"train the dense open_clip baseline on the train images (early stopping on val) -> {dense_dir}")
     dense = run_baseline(karpathy_json, image_root, dense_dir, args=DenseTrainingArgs(seed=seed))

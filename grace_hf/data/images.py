@@ -29,15 +29,20 @@ def read_query_image(image: QueryImage, where: str) -> Image.Image:
     """A query image as RGB: a PIL image converted, or the file read; anything else (a missing, corrupt or
     truncated file, not an image) is a `GraceInputError` naming the file (or `where`, for a non-file)."""
     if isinstance(image, Image.Image):
-        return image.convert("RGB")
-    if not isinstance(image, str | os.PathLike):
+        rgb = image.convert("RGB")
+    elif not isinstance(image, str | os.PathLike):
         raise GraceInputError(f"{where}: expected a PIL image or an image file path, got {type(image).__name__}")
-    try:
-        return read_rgb(image)
-    except FileNotFoundError:
-        raise GraceInputError(f"{os.fspath(image)}: no such image file") from None
-    except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as err:
-        raise GraceInputError(f"{os.fspath(image)}: not a readable image ({err})") from None
+    else:
+        try:
+            rgb = read_rgb(image)
+        except FileNotFoundError:
+            raise GraceInputError(f"{os.fspath(image)}: no such image file") from None
+        except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as err:
+            raise GraceInputError(f"{os.fspath(image)}: not a readable image ({err})") from None
+        where = os.fspath(image)
+    if 0 in rgb.size:
+        raise GraceInputError(f"{where}: an empty image ({rgb.width}x{rgb.height} pixels)")
+    return rgb
 
 
 def encode_images(

@@ -401,6 +401,11 @@ def run_baseline(
         raise GraceInputError(f"{karpathy_json}: no test images with captions to evaluate on")
     pseudo = load_pseudo_queries(pseudo_queries, corpus) if pseudo_queries else None
     texts = training_texts(corpus, pseudo)
+    if len(texts) < 2:
+        raise GraceInputError(
+            f"{karpathy_json}: {len(texts)} images with texts to learn from (train captions, or pseudo-queries); the "
+            "contrastive loss needs at least 2"
+        )
     image_paths = {image.key: image.path for image in memorized}
 
     encoder = DualEncoder.from_config(model_config)

@@ -23,6 +23,7 @@ from grace_hf.data.karpathy import KarpathyImage
 from grace_hf.dense.directory import FEATURES_FILE, OPEN_CLIP_CONFIG_FILE, OPEN_CLIP_WEIGHTS_FILE, load_image_features
 from grace_hf.dense.open_clip_loading import open_clip_image_encoder
 from grace_hf.errors import GraceInputError
+from grace_hf.outputs import final_path
 from grace_hf.runtime import default_io_workers, progress_bar
 
 __all__ = [
@@ -127,13 +128,14 @@ def check_same_source(kind: str, built: EmbeddingOptions, options: EmbeddingOpti
 
 
 def recorded_options(options: EmbeddingOptions) -> dict:
-    """`options` as a kind's codebooks record them: files as absolute paths, so they resolve from anywhere."""
+    """`options` as a kind's codebooks record them: files as absolute paths, so they resolve from anywhere, and by
+    their final names when they lie in an output still being built (e.g. the demo's `dense-clip/`)."""
     recorded = dataclasses.asdict(options)
     for name in ("image_features", "clip_pretrained"):
         if recorded[name]:
-            recorded[name] = os.path.abspath(recorded[name])
+            recorded[name] = os.fspath(final_path(os.path.abspath(recorded[name])))
     if recorded["clip_model"] and recorded["clip_model"].endswith(".json"):
-        recorded["clip_model"] = os.path.abspath(recorded["clip_model"])
+        recorded["clip_model"] = os.fspath(final_path(os.path.abspath(recorded["clip_model"])))
     return recorded
 
 

@@ -11,8 +11,9 @@ from __future__ import annotations
 
 import logging
 import math
+import numbers
 import os
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -376,6 +377,17 @@ class GraceRetriever:
         """
         if (queries is None) == (images is None):
             raise GraceInputError("retrieve: give either text queries or query images (images=...), exactly one")
+        for name, given, expected in (
+            ("queries", queries, "a string or a list of strings"),
+            ("images", images, "a PIL image, an image file path or a list of them"),
+        ):
+            if given is not None and (
+                isinstance(given, bytes | bytearray) or not isinstance(given, Iterable | os.PathLike | Image.Image)
+            ):
+                raise GraceInputError(f"{name}: expected {expected}, got {type(given).__name__}")
+        for name, value in (("top_k", top_k), ("image_views", image_views)):
+            if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+                raise GraceInputError(f"{name} must be an integer, got {type(value).__name__} {value!r}")
         if images is not None:
             single = isinstance(images, str | os.PathLike | Image.Image)
             queries = self._check_images([images] if single else list(images))

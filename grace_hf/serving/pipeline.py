@@ -103,11 +103,18 @@ class TextToImageRetrievalPipeline(Pipeline):
     def _sanitize_parameters(
         self, top_k: int | None = None, image_root: str | None = None, image_views: int | None = None
     ):
+        if image_root is not None and not os.path.isdir(image_root):
+            raise GraceInputError(f"{TASK}: image_root {image_root}: not a directory")
         forward_params = {} if top_k is None else {"top_k": top_k}
         if image_views is not None:
             forward_params["image_views"] = image_views
         postprocess_params = {} if image_root is None else {"image_root": image_root}
         return {}, forward_params, postprocess_params
+
+    def __call__(self, inputs: Any, *args: Any, **kwargs: Any) -> Any:
+        if isinstance(inputs, list) and not inputs:  # no queries, no rankings (the base pipeline indexes the first)
+            return []
+        return super().__call__(inputs, *args, **kwargs)
 
     def preprocess(self, inputs: str | Image.Image | dict[str, Any]) -> dict[str, str | Image.Image]:
         if isinstance(inputs, dict) and set(inputs) == {"image"}:

@@ -177,8 +177,11 @@ def load_state_dict_file(path: Path) -> dict[str, torch.Tensor]:
             raise GraceInputError(f"{path}: not a readable safetensors file ({err})") from None
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as err:  # a pickle with non-tensor objects, or a corrupt file
-        raise GraceInputError(f"{path}: cannot read as a tensor state dict with weights_only=True ({err})") from err
+    except Exception as err:  # a pickle with non-tensor objects, or a corrupt file: torch's text runs many lines
+        raise GraceInputError(
+            f"{path}: not a PyTorch checkpoint of tensors ({type(err).__name__}; read with torch.load(weights_only=True), "
+            "which never unpickles other objects)"
+        ) from err
     for wrapper in ("model_state_dict", "state_dict", "model"):
         if isinstance(state, dict) and isinstance(state.get(wrapper), dict):
             state = state[wrapper]
