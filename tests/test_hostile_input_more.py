@@ -8,11 +8,14 @@ import shutil
 from pathlib import Path
 
 import pytest
+import torch
 from PIL import Image
 from transformers import pipeline
 
+from grace_hf.data.karpathy import KarpathyImage
+from grace_hf.dense.directory import save_image_features
 from grace_hf.errors import GraceInputError
-from grace_hf.identifiers.embeddings import EmbeddingOptions, recorded_options
+from grace_hf.identifiers.embeddings import EmbeddingOptions, embed, recorded_options
 from grace_hf.retrieval import GraceRetriever
 from grace_hf.serving.pipeline import TASK
 from tests.test_hostile_input import ADD, _corrupt, _recipe, _run, _tree, assets, work  # noqa: F401  (fixtures)
@@ -121,14 +124,22 @@ def test_add_images_warns_of_new_images_that_no_query_teaches(work, capsys):  # 
     )
 
 
-def test_codebooks_name_a_features_file_of_an_unfinished_output_by_its_final_path(tmp_path):
+def test_a_features_file_recorded_in_an_unfinished_output_is_found_after_it_completes(tmp_path):
     # the demo prepares from `.OUT.grace-partial/dense-clip/`, renamed to `OUT/dense-clip/` when complete: add-images
-    # on its model read the codebooks' record and failed with "image features file not found"
+    # on its model read the codebooks' record and failed with "image features file not found"; a run still building
+    # (a benchmark adding images inside its work directory) reads the file where it was recorded
+    images = [KarpathyImage(key, tmp_path / key, "train", [], n) for n, key in enumerate(["a.png", "b.png"])]
+    features = torch.tensor([[1.0, 0.0], [0.0, 1.0]])
     built = tmp_path / ".demo_output.grace-partial" / "dense-clip" / "image_features.safetensors"
     recorded = recorded_options(EmbeddingOptions(image_features=str(built)))
-    assert recorded["image_features"] == str(tmp_path / "demo_output" / "dense-clip" / "image_features.safetensors")
-    kept = tmp_path / "features" / "image_features.safetensors"
-    assert recorded_options(EmbeddingOptions(image_features=str(kept)))["image_features"] == str(kept)
+    assert recorded["image_features"] == str(built)
+    built.parent.mkdir(parents=True)
+    save_image_features(built, features, ["a.png", "b.png"])
+    assert embed(EmbeddingOptions(**recorded), images).features.tolist() == features.tolist()  # still building
+    (tmp_path / ".demo_output.grace-partial").rename(tmp_path / "demo_output")
+    assert embed(EmbeddingOptions(**recorded), images[::-1]).features.tolist() == features.flip(0).tolist()
+    with pytest.raises(GraceInputError, match="image features file not found"):
+        embed(EmbeddingOptions(image_features=str(tmp_path / "elsewhere.safetensors")), images)
 
 
 @pytest.fixture(scope="module")

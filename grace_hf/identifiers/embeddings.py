@@ -128,15 +128,24 @@ def check_same_source(kind: str, built: EmbeddingOptions, options: EmbeddingOpti
 
 
 def recorded_options(options: EmbeddingOptions) -> dict:
-    """`options` as a kind's codebooks record them: files as absolute paths, so they resolve from anywhere, and by
-    their final names when they lie in an output still being built (e.g. the demo's `dense-clip/`)."""
+    """`options` as a kind's codebooks record them: files as absolute paths, so they resolve from anywhere."""
     recorded = dataclasses.asdict(options)
     for name in ("image_features", "clip_pretrained"):
         if recorded[name]:
-            recorded[name] = os.fspath(final_path(os.path.abspath(recorded[name])))
+            recorded[name] = os.path.abspath(recorded[name])
     if recorded["clip_model"] and recorded["clip_model"].endswith(".json"):
-        recorded["clip_model"] = os.fspath(final_path(os.path.abspath(recorded["clip_model"])))
+        recorded["clip_model"] = os.path.abspath(recorded["clip_model"])
     return recorded
+
+
+def _found(path: str | None) -> str | None:
+    """A recorded file, or the same file under its final name when it was recorded inside an output that was still
+    being built and has since been completed (`final_path`: the demo prepares from `.OUT.grace-partial/dense-clip/`,
+    which becomes `OUT/dense-clip/`); the path as given when neither exists (its reader names it)."""
+    if path is None or os.path.exists(path):
+        return path
+    final = final_path(path)
+    return os.fspath(final) if final.exists() else path
 
 
 @dataclass
@@ -200,6 +209,13 @@ def embed(
 ) -> Embeddings:
     """Embeddings of `images`, in their order, from the source `options` name; `saved`: the `tensors` of an earlier
     call, to embed more images in its space."""
+    clip_model = _found(options.clip_model) if (options.clip_model or "").endswith(".json") else options.clip_model
+    options = dataclasses.replace(
+        options,
+        image_features=_found(options.image_features),
+        clip_model=clip_model,
+        clip_pretrained=_found(options.clip_pretrained),
+    )
     if options.image_features is not None:
         return Embeddings(_file_features(options, images, num_workers))
     paths = [image.path for image in images]
