@@ -131,9 +131,17 @@ def test_the_same_file_names_in_another_collection_are_refused(trained_model, pr
 
 
 @pytest.mark.parametrize("command", ["retrieve", "serve"])
-def test_retrieve_and_serve_refuse_data_of_another_collection(tiny_model, tiny_data, tmp_path, capsys, command):
+def test_retrieve_and_serve_refuse_data_of_another_collection(
+    tiny_model, tiny_data, tmp_path, capsys, monkeypatch, command
+):
     """`retrieve --data` and `serve --data` rank the dataset's test images with the model as evaluate does: the same
     refusal, before the model loads (or the app starts)."""
+    import grace_hf.serving.app
+
+    def never_served(*args, **kwargs):
+        raise AssertionError("serve built its app on a dataset of another collection")
+
+    monkeypatch.setattr(grace_hf.serving.app, "build_app", never_served)  # a missing check fails, never serves
     model = tiny_model()
     data = shutil.copytree(tiny_data, tmp_path / "data")
     data_file = _edit_identifiers(data, _swap_two)
