@@ -74,6 +74,23 @@ CASES = [
         r"data/onetrain.json: 1 images with texts to learn from \(train captions, or pseudo-queries\); the contrastive",
     ),
     (
+        "pseudo-queries-unknown-split",  # used to say "no images in split(s) ['foo']"
+        lambda w: [
+            "pseudo-queries",
+            "--model",
+            "runs/m",
+            "--karpathy-json",
+            "data/dataset_synthetic.json",
+            "--image-root",
+            "data",
+            "--output-dir",
+            "pq",
+            "--splits",
+            "foo",
+        ],
+        r"argument --splits: invalid choice: 'foo' \(choose from 'train', 'val', 'test', 'restval'\)",
+    ),
+    (
         "convert-checkpoint-not-a-pickle",  # torch's own text ran many lines and suggested weights_only=False
         lambda w: [
             "convert-openflamingo",

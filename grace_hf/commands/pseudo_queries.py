@@ -15,7 +15,7 @@ import torch
 
 from grace_hf.commands.common import add_num_threads, add_overwrite, command_parser, setup_threads
 from grace_hf.data.captioning import caption_splits
-from grace_hf.data.karpathy import MEMORIZED_SPLITS, load_karpathy
+from grace_hf.data.karpathy import MEMORIZED_SPLITS, SPLITS, load_karpathy
 from grace_hf.data.pseudo_queries import PSEUDO_QUERIES_FILE
 from grace_hf.errors import GraceInputError
 from grace_hf.evaluation.captions import write_captioner_output
@@ -29,7 +29,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--karpathy-json", required=True, help="dataset_flickr30k.json, dataset_coco.json, ...")
     parser.add_argument("--image-root", required=True, help="directory the image keys (filepath/filename) are under")
     parser.add_argument("--output-dir", required=True, help=f"where {PSEUDO_QUERIES_FILE} is written")
-    parser.add_argument("--splits", nargs="+", default=[s for s in MEMORIZED_SPLITS if s != "train"])
+    parser.add_argument(
+        "--splits",
+        nargs="+",
+        choices=SPLITS,
+        default=[s for s in MEMORIZED_SPLITS if s != "train"],
+        help="the splits whose images get pseudo-queries",
+    )
     parser.add_argument("--num-queries", type=int, default=5, help="queries per image (beams returned)")
     parser.add_argument("--num-beams", type=int, default=5)
     parser.add_argument("--max-new-tokens", type=int, default=20)
