@@ -18,7 +18,7 @@ from grace_hf.errors import GraceInputError
 from grace_hf.identifiers.embeddings import EmbeddingOptions, embed, recorded_options
 from grace_hf.retrieval import GraceRetriever
 from grace_hf.serving.pipeline import TASK
-from tests.test_hostile_input import ADD, _corrupt, _recipe, _run, _tree, assets, work  # noqa: F401  (fixtures)
+from tests.test_hostile_input import ADD, PREPARE, PREPARE_NUMERIC, _corrupt, _recipe, _run, _tree, assets, work  # noqa: F401  (fixtures)
 
 
 def _collection(root: Path, name: str, keep) -> str:
@@ -66,8 +66,7 @@ CASES = [
             "baseline-clip",
             "--karpathy-json",
             _collection(w, "onetrain.json", _first_train_only()),
-            "--image-root",
-            "data",
+            *PREPARE[3:5],
             "--output-dir",
             "b",
         ],
@@ -75,19 +74,7 @@ CASES = [
     ),
     (
         "pseudo-queries-unknown-split",  # used to say "no images in split(s) ['foo']"
-        lambda w: [
-            "pseudo-queries",
-            "--model",
-            "runs/m",
-            "--karpathy-json",
-            "data/dataset_synthetic.json",
-            "--image-root",
-            "data",
-            "--output-dir",
-            "pq",
-            "--splits",
-            "foo",
-        ],
+        lambda w: ["pseudo-queries", "--model", "runs/m", *PREPARE[1:5], "--output-dir", "pq", "--splits", "foo"],
         r"argument --splits: invalid choice: 'foo' \(choose from 'train', 'val', 'test', 'restval'\)",
     ),
     (
@@ -123,7 +110,14 @@ def test_bad_input_exits_2_in_one_line_and_loses_nothing(build_argv, message, wo
     assert _tree(work.parent) == before
 
 
-def test_add_images_warns_of_new_images_that_no_query_teaches(work, capsys):  # noqa: F811
+def test_prepare_and_add_images_warn_of_images_that_no_query_teaches(work, capsys):  # noqa: F811
+    code, err = _run([*PREPARE_NUMERIC, "--output-dir", "unqueried"], capsys)  # val/test images without pseudo-queries
+    assert code == 0, err[-2000:]
+    assert re.search(
+        r"warning: data/dataset_synthetic.json: \d+ memorized images have no query \(val/test images need "
+        r"--pseudo-queries\); they are memorized \(i2id\) but never learned from a query",
+        err,
+    ), err
     images = work / "data" / "images"
     entries = []
     for name, split, captions in (("new_train.png", "train", ["a new red square"]), ("new_val.png", "val", [])):
@@ -136,8 +130,7 @@ def test_add_images_warns_of_new_images_that_no_query_teaches(work, capsys):  # 
     code, err = _run([*ADD[:2], "new.json", *ADD[3:], "--model", "runs/new", "--output-dir", "added"], capsys)
     assert code == 0, err[-2000:]
     assert (
-        "warning: new.json: 1 new images have no query (new val/test images need --pseudo-queries or --captioner)"
-        in err
+        "warning: new.json: 1 new images have no query (val/test images need --pseudo-queries or --captioner)" in err
     )
 
 

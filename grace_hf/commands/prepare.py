@@ -9,12 +9,11 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import sys
 import typing
 from pathlib import Path
 
 from grace_hf.commands.common import add_num_threads, add_overwrite, command_parser, setup_threads
-from grace_hf.data.prepared import PREPARE_FILE, push_prepared_to_hub
+from grace_hf.data.prepared import PREPARE_FILE, push_prepared_to_hub, warn_images_without_queries
 from grace_hf.errors import GraceInputError
 from grace_hf.identifiers import CODEBOOKS_FILE, IDENTIFIER_KINDS, IDENTIFIERS_FILE, get_identifier_kind
 from grace_hf.training.preparation import prepare
@@ -74,12 +73,7 @@ def main(argv: list[str] | None = None) -> int:
         **options,
     )
     counts = record["counts"]
-    if counts["memorized_images_without_queries"]:
-        print(
-            f"warning: {counts['memorized_images_without_queries']} memorized images have no query (val/test images "
-            "need --pseudo-queries); they are memorized (i2id) but never learned from a query",
-            file=sys.stderr,
-        )
+    warn_images_without_queries(counts, args.karpathy_json, "memorized images", "--pseudo-queries")
     print(
         f"wrote {args.output_dir}: i2id {counts['i2id_rows']}, t2id {counts['t2id_rows']}, "
         f"queries {counts['eval_queries']}, val_queries {counts['val_queries']}, "

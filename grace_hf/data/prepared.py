@@ -16,6 +16,7 @@ On the Hub each split is its own config (their columns differ) and the side file
 from __future__ import annotations
 
 import os
+import sys
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any, Protocol
@@ -44,6 +45,7 @@ __all__ = [
     "prepared_file",
     "push_prepared_to_hub",
     "val_candidates",
+    "warn_images_without_queries",
 ]
 
 PREPARE_FILE = "prepare.json"
@@ -140,6 +142,17 @@ def dataset_counts(
         "val_queries": dataset[VAL_QUERIES].num_rows,
         "new_tokens": len(index.new_tokens),
     }
+
+
+def warn_images_without_queries(counts: dict[str, int], source: str | os.PathLike, images: str, flags: str) -> None:
+    """Say on stderr how many memorized `images` of `source` no query teaches (val/test images need `flags` to get
+    pseudo-queries): they are memorized (i2id) but never learned from a query."""
+    if counts["memorized_images_without_queries"]:
+        print(
+            f"warning: {os.fspath(source)}: {counts['memorized_images_without_queries']} {images} have no query "
+            f"(val/test images need {flags}); they are memorized (i2id) but never learned from a query",
+            file=sys.stderr,
+        )
 
 
 def inputs_record(

@@ -20,7 +20,6 @@ that lists every dataset the model has now learned. The old model directory is o
 
 from __future__ import annotations
 
-import sys
 import tempfile
 from pathlib import Path
 from typing import Any
@@ -37,6 +36,7 @@ from grace_hf.data.prepared import (
     inputs_record,
     load_prepared,
     save_prepared,
+    warn_images_without_queries,
 )
 from grace_hf.data.pseudo_queries import load_pseudo_queries
 from grace_hf.errors import GraceInputError
@@ -233,13 +233,8 @@ def added_training_data(
         "identifiers": index.report,
         "batch_rows": {s.name: {"new": s.batch_size, "replayed": s.replay_batch_size} for s in streams},
     }
-    without_queries = record["counts"]["memorized_images_without_queries"]
-    if without_queries:
-        print(
-            f"warning: {data_args.karpathy_json}: {without_queries} new images have no query (new val/test images "
-            "need --pseudo-queries or --captioner); they are memorized (i2id) but never learned from a query",
-            file=sys.stderr,
-        )
+    flags = "--pseudo-queries or --captioner"
+    warn_images_without_queries(record["counts"], data_args.karpathy_json, "new images", flags)
     return TrainingData(
         streams,
         tokenizer_texts=[],
