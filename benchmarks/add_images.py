@@ -69,6 +69,22 @@ GOALS = {"new_ratio": 0.9, "forgetting": 0.02, "time_ratio": 0.25}
 # with `--texts oracle`, content-based identifiers come from 8x8 pixel thumbnails: no trained encoder needed
 PIXEL_FEATURES = {"pixel_features": True, "pixel_side": 8}
 COLLECTIONS = {"demo": (0, DEMO_STYLE), "check": (CHECK_SEED, CHECK_STYLE)}  # data seed, style
+# the train and add-images flags that name a file or folder: the benchmark sets every path its runs read and write
+# (inside --work-dir), so `--train-args` and `--add-args` may not
+PATH_FLAGS = (
+    "--config",
+    "--output-dir",
+    "--model",
+    "--data",
+    "--karpathy-json",
+    "--image-root",
+    "--pseudo-queries",
+    "--captioner",
+    "--image-features",
+    "--vision-tower",
+    "--vision-tower-weights",
+    "--resume-from-checkpoint",
+)
 
 
 @dataclass
@@ -274,6 +290,23 @@ def table(results: list[dict[str, Any]]) -> str:
     return "\n".join(lines) + "\n"
 
 
+def pass_through(parser: argparse.ArgumentParser, option: str, value: str) -> list[str]:
+    """The flags `option` (`--train-args`, `--add-args`) passes on, split as a shell would; a flag naming a path
+    (`PATH_FLAGS`, in either spelling) is a usage error, before anything is written."""
+    try:
+        flags = shlex.split(value)
+    except ValueError as error:
+        parser.error(f"{option}: {error}")
+    for flag in flags:
+        name = flag.split("=", 1)[0]
+        if name.replace("_", "-") in PATH_FLAGS:
+            parser.error(
+                f"{option}: {name} names a path; the benchmark sets every path its runs read and write (inside "
+                "--work-dir): pass settings only"
+            )
+    return flags
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--work-dir", default="runs/bench-add-images", help="data, models and results go here")
@@ -287,12 +320,17 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--num-added", type=int, default=120, help="the last images: collection B")
     parser.add_argument("--split", default="test", choices=("test", "val"), help="whose captions are scored")
     parser.add_argument("--reuse", action="store_true", help="keep finished outputs of an earlier run here")
-    parser.add_argument("--add-args", default="", help="more add-images flags, e.g. '--learning-rate 3e-4'")
     parser.add_argument(
-        "--train-args", default="", help="more train flags for A and A+B (smoke runs: '--max-steps 5')"
+        "--add-args", default="", help="more add-images settings, e.g. '--learning-rate 3e-4' (no paths)"
+    )
+    parser.add_argument(
+        "--train-args", default="", help="more train settings for A and A+B (smoke runs: '--max-steps 5'; no paths)"
     )
     parser.add_argument("--tag", default="", help="names the add path's output (to compare settings)")
     args = parser.parse_args(argv)
+    seed = ["--seed", str(args.seed)]
+    train_args = [*seed, *pass_through(parser, "--train-args", args.train_args)]
+    add_args = [*seed, *pass_through(parser, "--add-args", args.add_args)]
     torch.set_num_threads(1)
 
     output = open_work_dir(parser, args.work_dir, args.reuse)
@@ -309,8 +347,6 @@ def main(argv: list[str] | None = None) -> int:
     write_part(raw, work / "ab", 0)
     texts = captioner_texts(work, work / "a", work / "ab", args.seed) if args.texts == "captioner" else Texts()
 
-    seed = ["--seed", str(args.seed)]
-    train_args, add_args = [*seed, *shlex.split(args.train_args)], [*seed, *shlex.split(args.add_args)]
     results = [
         run_kind(kind, work, args.split, args.reuse, args.tag, train_args, add_args, texts) for kind in args.kinds
     ]

@@ -44,6 +44,7 @@ from PIL import Image
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repository root, for `python benchmarks/<name>.py`
 from benchmarks.common import finish_work_dir, open_work_dir
+from grace_hf.retrieval.retriever import MAX_IMAGE_VIEWS, check_image_views
 
 if TYPE_CHECKING:
     from grace_hf.retrieval import GraceRetriever
@@ -243,18 +244,25 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--candidates", choices=("all", "test"), default="all", help="every memorized image, or test")
     parser.add_argument("--seed", type=int, default=0, help="seed of the synthetic data and of the perturbations")
     parser.add_argument("--batch-size", type=int, default=32, help="image queries per search")
-    parser.add_argument("--image-views", type=int, default=0, help="GRACE also searches this many crops of each copy")
+    parser.add_argument(
+        "--image-views",
+        type=int,
+        default=0,
+        help=f"GRACE also searches this many crops of each copy (at most {MAX_IMAGE_VIEWS})",
+    )
     args = parser.parse_args(argv)
     given = [args.model, args.dense, args.data]
     if any(given) and not all(given):
         parser.error("--model, --dense and --data go together (or none of them: train)")
     if args.num_threads is not None and args.num_threads < 1:
         parser.error(f"--num-threads must be >= 1, got {args.num_threads}")
-    if args.image_views < 0:
-        parser.error(f"--image-views must be >= 0, got {args.image_views}")
     from grace_hf.errors import GraceInputError
     from grace_hf.training.views import ImageViews
 
+    try:
+        check_image_views(args.image_views, "--image-views")
+    except GraceInputError as error:
+        parser.error(str(error))
     try:
         ImageViews(crop_scale=args.crop_scale, jpeg_quality=args.jpeg_quality, original_share=args.original_share)
     except ValueError as error:

@@ -583,7 +583,7 @@ CASES = [
     (
         "retrieve-negative-image-views",
         lambda w: RETRIEVE_IMAGE + ["data/images/synthetic_000000.png", "--image-views", "-1"],
-        "argument --image-views: must be >= 0, got -1",
+        r"argument --image-views: must be in \[0, 32\], got -1",
     ),
     (
         "retrieve-old-flag",
@@ -916,7 +916,7 @@ CASES = [
     (
         "serve-negative-image-views",
         lambda w: ["serve", "--model", "model", "--image-views", "-2"],
-        "--image-views: must be >= 0, got -2",
+        r"--image-views: must be in \[0, 32\], got -2",
     ),
     (
         "synthetic-negative-workers",

@@ -1,7 +1,8 @@
 """`grace-hf <command>`: one entry point; each command is a module of `grace_hf.commands` with `main(argv) -> int`.
 
-Bad input ends in a message naming the file and item, exit status 2, no traceback; `--debug` (anywhere on the line)
-or `GRACE_HF_DEBUG=1` shows the traceback instead.
+Bad input ends in a message naming the file and item, exit status 2, no traceback; Ctrl-C (or SIGTERM) in one line,
+exit status 130 (while `grace_hf` itself imports: `grace_hf_cli`, the script's entry point); `--debug` (anywhere on
+the line) or `GRACE_HF_DEBUG=1` shows the traceback instead.
 """
 
 from __future__ import annotations
@@ -77,9 +78,9 @@ def main(argv: list[str] | None = None) -> int:
     if command not in COMMANDS:
         print(f"grace-hf: unknown command {command!r}\n\n{_usage()}", file=sys.stderr)
         return 2
-    module = importlib.import_module(f"grace_hf.commands.{COMMANDS[command][0]}")
-    configure_threads()  # a safe default for every command; `--num-threads` (train: `torch_num_threads`) overrides
-    try:
+    try:  # Ctrl-C while the command's module imports ends the same way as in the command
+        module = importlib.import_module(f"grace_hf.commands.{COMMANDS[command][0]}")
+        configure_threads()  # a safe default for every command; `--num-threads` (train: `torch_num_threads`) overrides
         with _sigterm_interrupts():
             return module.main(rest) or 0
     except GraceInputError as err:

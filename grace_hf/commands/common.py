@@ -6,14 +6,11 @@ import argparse
 import math
 from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 from grace_hf.dense.directory import check_dense_directory
 from grace_hf.errors import GraceInputError, renamed_flag
+from grace_hf.retrieval.retriever import MAX_IMAGE_VIEWS, GraceRetriever
 from grace_hf.runtime import configure_threads
-
-if TYPE_CHECKING:
-    from grace_hf.retrieval.retriever import GraceRetriever
 
 __all__ = [
     "add_num_threads",
@@ -50,7 +47,7 @@ INT_MINIMUM = {
     "--image-views": 0,
     "--jpeg-quality": 0,
 }
-INT_MAXIMUM = {"--port": 65535}
+INT_MAXIMUM = {"--port": 65535, "--image-views": MAX_IMAGE_VIEWS}
 FLOAT_MINIMUM = {"--lr": 0.0, "--weight-decay": 0.0, "--val-fraction": 0.0, "--test-fraction": 0.0}
 
 
@@ -68,8 +65,8 @@ def _bad_number(flag: str, value: float) -> str | None:
 
 
 class _CheckedParser(argparse.ArgumentParser):
-    """Every numeric flag bounded: floats finite, integers >= 1 (`INT_MINIMUM`: the exceptions), ports in
-    [1, 65535]; another value is a usage error (exit status 2) that names the flag."""
+    """Every numeric flag bounded: floats finite, integers >= 1 (`INT_MINIMUM`: the exceptions) and at most
+    `INT_MAXIMUM` (ports, query crops); another value is a usage error (exit status 2) that names the flag."""
 
     def parse_known_args(self, args=None, namespace=None):  # noqa: ANN001, ANN201 (argparse's signature)
         namespace, extras = super().parse_known_args(args, namespace)
@@ -154,8 +151,6 @@ def add_rerank(parser: argparse.ArgumentParser) -> argparse._ArgumentGroup:
 def load_retriever(args: argparse.Namespace, candidates: Sequence[str] | None, batch_size: int) -> GraceRetriever:
     """The retriever of `--model` with the search flags (`--num-beams`, default max(10, `--top-k`);
     `--length-penalty`) and the re-ranking ones (`add_rerank`), ranking `candidates` (None: the collection)."""
-    from grace_hf.retrieval.retriever import GraceRetriever  # the model stack: only the commands that search
-
     return GraceRetriever.from_pretrained(
         args.model,
         num_beams=args.num_beams or max(10, args.top_k),

@@ -31,6 +31,7 @@ from grace_hf.io_utils import atomic_write_text
 from grace_hf.model_dir import check_prepared_identifiers
 from grace_hf.outputs import RETRIEVAL, check_output_dir, output_directory
 from grace_hf.retrieval.results import RetrievedImage
+from grace_hf.retrieval.retriever import MAX_IMAGE_VIEWS
 from grace_hf.serving.gallery import (
     GALLERY_FILE,
     GalleryEntry,
@@ -57,7 +58,8 @@ def build_parser():
         type=int,
         default=0,
         metavar="N",
-        help="with --image: also search N crops of each query image and average the beams' probabilities (N+1x the time)",
+        help="with --image: also search N crops of each query image and average the beams' probabilities (N+1x the "
+        f"time; at most {MAX_IMAGE_VIEWS})",
     )
     parser.add_argument("--model", required=True, help="trained model directory or Hub id")
     parser.add_argument("--top-k", type=int, default=10, help="images per query (at most --num-beams)")

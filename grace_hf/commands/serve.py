@@ -30,6 +30,7 @@ from grace_hf.commands.common import (
 from grace_hf.errors import GraceInputError
 from grace_hf.evaluation.queries import load_eval_queries
 from grace_hf.model_dir import check_prepared_identifiers
+from grace_hf.retrieval.retriever import MAX_IMAGE_VIEWS
 from grace_hf.serving.gallery import ImageLoader, dataset_image_loader, folder_image_loader
 
 __all__ = ["build_parser", "main"]
@@ -73,7 +74,7 @@ def build_parser() -> argparse.ArgumentParser:
         default=0,
         metavar="N",
         help="/search_image also searches N crops of each uploaded image and averages the beams' probabilities "
-        "(N+1x the time; see `grace-hf retrieve --help`)",
+        f"(N+1x the time; at most {MAX_IMAGE_VIEWS}; see `grace-hf retrieve --help`)",
     )
     add_rerank(parser)
     add_num_threads(parser)

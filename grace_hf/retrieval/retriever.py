@@ -40,7 +40,7 @@ from grace_hf.retrieval.results import RetrievedImage
 from grace_hf.retrieval.trie import IdentifierTrie
 from grace_hf.training.views import ImageViews
 
-__all__ = ["GraceRetriever", "RetrievedImage"]
+__all__ = ["MAX_IMAGE_VIEWS", "GraceRetriever", "RetrievedImage", "check_image_views"]
 
 logger = logging.getLogger(__name__)
 
@@ -56,6 +56,18 @@ def _model_limit(processor: Any) -> int | None:
 MAX_QUERY_CHARS = 1000  # as `grace-hf serve`'s default
 # the crops `retrieve(images=..., image_views=N)` adds to a query image: each keeps 85-100% of a side
 QUERY_VIEWS = ImageViews(crop_scale=0.85)
+# the most crops a query image may add (`image_views`, `--image-views`): each is one more search of the image
+MAX_IMAGE_VIEWS = 32
+
+
+def check_image_views(views: Any, name: str = "image_views") -> None:
+    """`views` is a number of query crops, an integer in [0, `MAX_IMAGE_VIEWS`]: a GraceInputError naming `name`
+    otherwise."""
+    if isinstance(views, bool) or not isinstance(views, numbers.Integral) or not 0 <= views <= MAX_IMAGE_VIEWS:
+        raise GraceInputError(
+            f"{name} must be an integer in [0, {MAX_IMAGE_VIEWS}] (each view is one more search of the query "
+            f"image), got {views!r}"
+        )
 
 
 class GraceRetriever:
@@ -363,10 +375,10 @@ class GraceRetriever:
 
         Give text `queries` or query `images` (PIL images or image files), not both: an image query is the
         memorization prompt `<image>` with the image, decoded under the same trie (finds the images the model
-        memorized from their pixels, e.g. from an edited copy). `image_views` > 0 also searches that many crops of
-        each query image (`QUERY_VIEWS`, the same on every call) and ranks the images by the probability of their
-        beams averaged over the image and its crops (score: its log); the search costs `1 + image_views` times as
-        much.
+        memorized from their pixels, e.g. from an edited copy). `image_views` > 0 (at most `MAX_IMAGE_VIEWS`) also
+        searches that many crops of each query image (`QUERY_VIEWS`, the same on every call) and ranks the images
+        by the probability of their beams averaged over the image and its crops (score: its log); the search costs
+        `1 + image_views` times as much.
 
         `distributed=True` under `accelerate launch`: each process takes a shard of the queries and every process
         gets all results back, in query order; every process must call it (a collective). Under DeepSpeed ZeRO-3
@@ -385,9 +397,9 @@ class GraceRetriever:
                 isinstance(given, bytes | bytearray) or not isinstance(given, Iterable | os.PathLike | Image.Image)
             ):
                 raise GraceInputError(f"{name}: expected {expected}, got {type(given).__name__}")
-        for name, value in (("top_k", top_k), ("image_views", image_views)):
-            if isinstance(value, bool) or not isinstance(value, numbers.Integral):
-                raise GraceInputError(f"{name} must be an integer, got {type(value).__name__} {value!r}")
+        if isinstance(top_k, bool) or not isinstance(top_k, numbers.Integral):
+            raise GraceInputError(f"top_k must be an integer, got {type(top_k).__name__} {top_k!r}")
+        check_image_views(image_views)
         if images is not None:
             single = isinstance(images, str | os.PathLike | Image.Image)
             queries = self._check_images([images] if single else list(images))
@@ -395,8 +407,8 @@ class GraceRetriever:
             queries = self._check_queries([queries] if isinstance(queries, str) else list(queries))
         if top_k < 1:
             raise GraceInputError(f"top_k must be >= 1, got {top_k}")
-        if image_views < 0 or (image_views and images is None):
-            raise GraceInputError(f"image_views must be >= 0 and needs query images, got {image_views}")
+        if image_views and images is None:
+            raise GraceInputError(f"image_views needs query images (images=...), got {image_views}")
         searched = [view for image in queries for view in query_views(image, image_views)] if image_views else queries
         if not rerank or self.reranker is None:
             beams = self._search_all(searched, top_k if not image_views else self.num_beams, batch_size, distributed)

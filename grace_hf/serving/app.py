@@ -34,7 +34,7 @@ from grace_hf.data.images import read_query_image
 from grace_hf.errors import GraceInputError
 from grace_hf.io_utils import atomic_write_bytes
 from grace_hf.retrieval.results import RetrievedImage
-from grace_hf.retrieval.retriever import GraceRetriever
+from grace_hf.retrieval.retriever import GraceRetriever, check_image_views
 from grace_hf.serving.gallery import ImageLoader
 
 __all__ = ["API_NAME", "IMAGE_API_NAME", "SearchService", "build_app", "read_test_captions"]
@@ -117,7 +117,7 @@ class SearchService:
         rank: `rank(queries, top_k)` -> ranked images per query; default `retriever.retrieve`. A second stage (a
             reranker) wraps this call.
         image_views: uploaded images are also searched in this many crops of themselves (`retrieve`'s
-            `image_views`: more robust to altered copies, that many more searches).
+            `image_views`, at most `MAX_IMAGE_VIEWS`: more robust to altered copies, that many more searches).
     """
 
     def __init__(
@@ -140,8 +140,7 @@ class SearchService:
         self.default_top_k, self.max_query_chars = default_top_k, max_query_chars
         retriever.max_query_chars = max_query_chars
         self.rank: Rank = rank or (lambda queries, top_k: retriever.retrieve(queries, top_k=top_k))
-        if image_views < 0:
-            raise GraceInputError(f"image views must be >= 0, got {image_views}")
+        check_image_views(image_views)
         self.rank_images = lambda images, top_k: retriever.retrieve(
             images=images, top_k=top_k, image_views=image_views
         )
