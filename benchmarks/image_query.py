@@ -147,20 +147,28 @@ def patch_token_rankings(
 
 
 def train(
-    work: Path, kind: str, num_images: int, seed: int, max_steps: int, views: tuple[str, ...], threads: int | None
+    work: Path,
+    kind: str,
+    num_images: int,
+    seed: int,
+    max_steps: int,
+    views: tuple[str, ...],
+    threads: int | None,
+    every_image: bool = False,
 ) -> tuple[Path, Path, Path]:
-    """Synthetic data, the dense baseline (the vision tower) and a model that memorized every image from its pixels
-    alone (i2id only, `views`: its training flags; no text reaches it; `threads`: its torch threads, None: the
-    recipe's), as the demo makes them: (model, dense, prepared)."""
+    """Synthetic data, the dense baseline (the vision tower; `every_image`: its image-image term over every memorized
+    image) and a model that memorized every image from its pixels alone (i2id only, `views`: its training flags; no
+    text reaches it; `threads`: its torch threads, None: the recipe's), as the demo makes them: (model, dense,
+    prepared)."""
     from grace_hf.commands.demo import train_kind
     from grace_hf.data.synthetic import SYNTHETIC_JSON, write_synthetic
-    from grace_hf.dense.training import run_baseline
+    from grace_hf.dense.training import DenseTrainingArgs, run_baseline
 
     data, dense = work / "data", work / "dense-clip"
     print(f"==> {num_images} synthetic images (seed {seed}) -> {data}", flush=True)
     write_synthetic(data, num_images, seed, overwrite=True)
     print(f"==> dense baseline on the train images -> {dense}", flush=True)
-    run_baseline(data / SYNTHETIC_JSON, data, dense, overwrite=True)
+    run_baseline(data / SYNTHETIC_JSON, data, dense, args=DenseTrainingArgs(every_image=every_image), overwrite=True)
     model = train_kind(
         kind, work, data / SYNTHETIC_JSON, data, None, dense, max_steps, overrides=views, num_threads=threads
     )
@@ -241,6 +249,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--num-threads", type=int, default=None, help="training: torch threads (default: the recipe's)"
     )
+    parser.add_argument(
+        "--every-image",
+        action="store_true",
+        help="training: the tower's image-image term over every memorized image (`baseline-clip --every-image`)",
+    )
     parser.add_argument("--candidates", choices=("all", "test"), default="all", help="every memorized image, or test")
     parser.add_argument("--seed", type=int, default=0, help="seed of the synthetic data and of the perturbations")
     parser.add_argument("--batch-size", type=int, default=32, help="image queries per search")
@@ -274,7 +287,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.model is None:
             views = memorize_flags(args.crop_scale, args.jpeg_quality, args.original_share)
             args.model, args.dense, args.data = train(
-                work, args.kind, args.num_images, args.seed, args.max_steps, views, args.num_threads
+                work, args.kind, args.num_images, args.seed, args.max_steps, views, args.num_threads, args.every_image
             )
         result = measure(
             args.model, args.dense, args.data, args.candidates, args.seed, args.batch_size, args.image_views

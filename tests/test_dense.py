@@ -232,7 +232,8 @@ def test_training_views_change_each_image_per_epoch_and_slip_adds_a_second_view(
     assert all(image.mode == "RGB" and image.size == (64, 64) for image in images.values())  # kept as read
     pairs = [(i, path, "a red star") for i, path in enumerate(paths)]
     dataset = training._PairDataset(pairs, encoder, images, views, seed=0, epoch=3, num_views=2)
-    (first, second), tokens = dataset[1]
+    (first, second), tokens, has_text = dataset[1]
+    assert has_text
     assert torch.equal(first, encoder.transform(views(images[paths[1]], 0, 3, 1)))
     assert torch.equal(second, encoder.transform(views(images[paths[1]], 0, 3, -2))) and not torch.equal(first, second)
     later = training._PairDataset(pairs, encoder, images, views, seed=0, epoch=4)[1][0]
@@ -260,7 +261,46 @@ def test_views_and_the_image_image_term_train_by_default_and_are_recorded(synthe
         (["--crop-scale", "1.5"], "training views: crop scale must be in"),
         (["--jpeg-quality", "200"], "training views: JPEG quality must be"),
         (["--image-loss-weight", "-1"], "--image-loss-weight must be >= 0"),
+        (["--every-image", "--image-loss-weight", "0"], "--every-image extends the image-image term"),
     ):
         capsys.readouterr()
         assert cli_main(["baseline-clip", *argv, "--output-dir", str(tmp_path / "bad"), *bad]) == 2
         assert message in capsys.readouterr().err and not (tmp_path / "bad").exists()
+
+
+def test_every_image_joins_each_batch_of_captioned_images_with_as_many_without_text(synthetic):
+    root, _ = synthetic
+    paths = {f"k{i}": path for i, path in enumerate(sorted((root / "images").glob("*.png"))[:8])}
+    keys, image_only = ["k0", "k1", "k2", "k3", "k4"], ["k5", "k6", "k7"]
+    texts = {key: [f"text {key}"] for key in keys}
+    plain = training._epoch_pairs(keys, paths, texts, torch.Generator().manual_seed(0), 2)
+    assert len(plain) == 4 and all(text is not None for _, _, text in plain)  # a last batch of one left out
+    mixed = training._epoch_pairs(keys, paths, texts, torch.Generator().manual_seed(0), 2, image_only)
+    assert mixed[0:2] == plain[0:2] and mixed[4:6] == plain[2:4]  # the captioned halves, in the same order
+    extra = mixed[2:4] + mixed[6:8]
+    assert all(text is None and index >= len(keys) for index, _, text in extra)
+    assert {path for _, path, _ in extra} == {paths[key] for key in image_only}  # each one, then again from the top
+    assert all(path == paths[image_only[index - len(keys)]] for index, path, _ in extra)
+    dataset = training._PairDataset(mixed, DualEncoder.from_config(synthetic[1]))
+    assert [dataset[i][2] for i in range(4)] == [True, True, False, False]
+
+
+def test_every_image_trains_the_image_term_on_images_without_text_and_is_recorded(synthetic, tmp_path):
+    """The val and test images have no text without pseudo-queries: --every-image adds them to the image-image
+    term; with pseudo-queries every memorized image has text, and the flag changes nothing."""
+    root, config = synthetic
+    argv = ["--karpathy-json", str(root / "dataset_synthetic.json"), "--image-root", str(root)]
+    argv += ["--model-config", str(config), "--epochs", "2", "--patience", "0", "--batch-size", "20"]
+    features = {}
+    for name, flags in {
+        "plain": [],
+        "every": ["--every-image"],
+        "texts": ["--pseudo-queries", str(root / "oracle_pseudo_queries.json")],
+        "texts-every": ["--pseudo-queries", str(root / "oracle_pseudo_queries.json"), "--every-image"],
+    }.items():
+        assert main([*argv, *flags, "--output-dir", str(tmp_path / name)]) == 0
+        features[name] = load_image_features(tmp_path / name)[0]
+    assert json.loads((tmp_path / "every" / "metrics.json").read_text())["every_image"] is True
+    assert json.loads((tmp_path / "plain" / "metrics.json").read_text())["every_image"] is False
+    assert not torch.equal(features["every"], features["plain"])
+    assert torch.equal(features["texts-every"], features["texts"])

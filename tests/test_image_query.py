@@ -357,3 +357,21 @@ def test_benchmark_refuses_a_missing_model_and_leaves_no_work_dir(tmp_path, caps
         image_query.main([*argv, "--data", str(missing)])
     assert exit_.value.code == 2 and str(missing) in capsys.readouterr().err
     assert not any(tmp_path.iterdir())  # neither the work directory nor its partial build is left
+
+
+def test_benchmark_trains_the_tower_on_every_image_when_asked(tmp_path, monkeypatch, capsys):
+    from benchmarks import image_query
+    from grace_hf.errors import GraceInputError
+
+    asked = []
+
+    def stop_at_training(*args):
+        asked.append(args[-1])  # every_image
+        raise GraceInputError("stopped before training")
+
+    monkeypatch.setattr(image_query, "train", stop_at_training)
+    for flags in ([], ["--every-image"]):
+        with pytest.raises(SystemExit) as exit_:
+            image_query.main(["--work-dir", str(tmp_path / "work"), *flags])
+        assert exit_.value.code == 2 and "stopped before training" in capsys.readouterr().err
+    assert asked == [False, True] and not (tmp_path / "work").exists()

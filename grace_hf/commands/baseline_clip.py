@@ -61,6 +61,11 @@ def main(argv: list[str] | None = None) -> int:
         help="weight of SLIP's image-image term (two views of each image against the batch's other images), which "
         "teaches the image tower to find an image from an altered copy; needs views (0: off)",
     )
+    parser.add_argument(
+        "--every-image",
+        action="store_true",
+        help="the image-image term also over the memorized images without texts (val/test images, by their pixels)",
+    )
     parser.add_argument("--eval-batch-size", type=int, default=32, help="queries encoded per batch at test time")
     add_num_threads(parser)
     add_overwrite(parser)
@@ -82,6 +87,7 @@ def main(argv: list[str] | None = None) -> int:
         num_workers=args.num_workers,
         views=views,
         image_loss_weight=args.image_loss_weight,
+        every_image=args.every_image,
     )
     metrics = run_baseline(
         args.karpathy_json,

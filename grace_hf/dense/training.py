@@ -52,7 +52,9 @@ class DenseTrainingArgs:
     training image per epoch (crops, JPEG: `ImageViews`, decided by seed, epoch and image), as open_clip's training
     crops do; the saved features and every evaluation use the unchanged images. `image_loss_weight` > 0 adds SLIP's
     image-image term (Mu et al., 2022): a second view of each image must find the first among the batch's images,
-    which teaches the image tower to find an image from an altered copy (query by image).
+    which teaches the image tower to find an image from an altered copy (query by image). `every_image` extends that
+    term to the memorized images without texts (val and test images, known by their pixels): each batch of
+    captioned images is joined by as many of them.
     """
 
     # val R@1 on a few val images is noisy and climbs slowly from scratch: patience 10 stopped three of six demo runs
@@ -69,12 +71,15 @@ class DenseTrainingArgs:
     # collection nothing else was chosen on (docs/serving.md, query by image)
     views: ImageViews = field(default_factory=lambda: ImageViews(crop_scale=0.7, jpeg_quality=40))
     image_loss_weight: float = 1.0
+    every_image: bool = False
 
     def __post_init__(self) -> None:
         if self.epochs < 1 or self.batch_size < 2 or self.lr <= 0 or self.patience < 0:
             raise GraceInputError("--epochs must be >= 1, --batch-size >= 2, --lr > 0 and --patience >= 0")
         if self.image_loss_weight < 0 or (self.image_loss_weight > 0 and not self.views.changes_images):
             raise GraceInputError("--image-loss-weight must be >= 0, and above 0 it needs views that change images")
+        if self.every_image and not self.image_loss_weight:
+            raise GraceInputError("--every-image extends the image-image term: it needs --image-loss-weight above 0")
 
 
 def training_texts(corpus: KarpathyCorpus, pseudo_queries: Mapping[str, list[str]] | None) -> dict[str, list[str]]:
@@ -84,13 +89,13 @@ def training_texts(corpus: KarpathyCorpus, pseudo_queries: Mapping[str, list[str
 
 
 class _PairDataset(Dataset):
-    """((pixel values (3, H, W), ...), token ids (L,)) of a fixed list of (image index, image path, text) triples; an
-    image found in `pixels` (path -> its preprocessed pixels, or its RGB image when `views` change images) is not
+    """((pixel values (3, H, W), ...), token ids (L,), has text) of a fixed list of (image index, image path, text)
+    triples (text None: an image for the image-image term only); an image found in `pixels` (path -> its preprocessed pixels, or its RGB image when `views` change images) is not
     read again. With views, image `index` is shown in its view of `epoch`, and `num_views` 2 adds a second view."""
 
     def __init__(
         self,
-        pairs: list[tuple[int, Path, str]],
+        pairs: list[tuple[int, Path, str | None]],
         encoder: DualEncoder,
         pixels: Mapping[Path, torch.Tensor | Image.Image] | None = None,
         views: ImageViews | None = None,
@@ -106,16 +111,17 @@ class _PairDataset(Dataset):
     def __len__(self) -> int:
         return len(self.pairs)
 
-    def __getitem__(self, index: int) -> tuple[tuple[torch.Tensor, ...], torch.Tensor]:
+    def __getitem__(self, index: int) -> tuple[tuple[torch.Tensor, ...], torch.Tensor, bool]:
         image_index, path, text = self.pairs[index]
         pixels = self.pixels.get(path)
+        tokens = self.tokenizer([text or ""])[0]
         if self.views is None:
-            return (self.transform(read_rgb(path)) if pixels is None else pixels,), self.tokenizer([text])[0]
+            return (self.transform(read_rgb(path)) if pixels is None else pixels,), tokens, text is not None
         image = read_rgb(path) if pixels is None else pixels
         # a second view is the view of a negative row, which no image has
         rows = (image_index, -1 - image_index)[: self.num_views]
         views = tuple(self.transform(self.views(image, self.seed, self.epoch, row)) for row in rows)
-        return views, self.tokenizer([text])[0]
+        return views, tokens, text is not None
 
 
 def preprocessed_images(
@@ -195,24 +201,41 @@ class EarlyStopping:
 
 
 def _epoch_pairs(
-    keys: list[str], image_paths: Mapping[str, Path], texts: Mapping[str, list[str]], generator: torch.Generator
-) -> list[tuple[int, Path, str]]:
-    """Every image once (its index in `keys`, its path), in a random order, each with one of its texts drawn at
-    random."""
-    pairs = []
+    keys: list[str],
+    image_paths: Mapping[str, Path],
+    texts: Mapping[str, list[str]],
+    generator: torch.Generator,
+    batch_size: int,
+    image_only: Sequence[str] = (),
+) -> list[tuple[int, Path, str | None]]:
+    """Every image of `keys` once (its index in `keys`, its path), in a random order, each with one of its texts drawn
+    at random, in batches of `batch_size` (a last batch of one, which has no negatives, left out). With `image_only`
+    (images without texts, indexed after `keys`), each batch is followed by as many of them (text None), drawn in a
+    random order, so a loader of twice the batch size sees both halves together."""
+    pairs: list[tuple[int, Path, str | None]] = []
     for i in torch.randperm(len(keys), generator=generator).tolist():
         choices = texts[keys[i]]
         pairs.append((i, image_paths[keys[i]], choices[int(torch.randint(len(choices), (1,), generator=generator))]))
-    return pairs
+    if len(pairs) % batch_size == 1:
+        pairs.pop()
+    if not image_only:
+        return pairs
+    order = torch.randperm(len(image_only), generator=generator).tolist()
+    extra = [(len(keys) + j, image_paths[image_only[j]], None) for j in order]
+    mixed = []
+    for start in range(0, len(pairs), batch_size):
+        chunk = pairs[start : start + batch_size]
+        mixed += chunk + [extra[(start + k) % len(extra)] for k in range(len(chunk))]
+    return mixed
 
 
 def _train_epoch(
     encoder: DualEncoder,
-    pairs: list[tuple[int, Path, str]],
+    pairs: list[tuple[int, Path, str | None]],
     pixels: Mapping[Path, torch.Tensor | Image.Image],
     args: DenseTrainingArgs,
     epoch: int,
-    drop_last: bool,
+    batch_size: int,
     optimizer: torch.optim.Optimizer,
     schedule: torch.optim.lr_scheduler.LRScheduler,
     progress: Any,
@@ -220,16 +243,15 @@ def _train_epoch(
     """One pass over `pairs`; returns the mean loss and the number of optimizer steps."""
     loader = DataLoader(
         _PairDataset(pairs, encoder, pixels, args.views, args.seed, epoch, 2 if args.image_loss_weight else 1),
-        batch_size=args.batch_size,
+        batch_size=batch_size,
         num_workers=args.num_workers,
-        drop_last=drop_last,
     )
     loss_fn = open_clip.ClipLoss()
     encoder.model.train()
     losses = []
-    for pixel_values, input_ids in loader:
+    for pixel_values, input_ids, has_text in loader:
         image_features, text_features, logit_scale = encoder.model(pixel_values[0], input_ids)  # (B, D), (B, D), ()
-        loss = loss_fn(image_features, text_features, logit_scale)
+        loss = loss_fn(image_features[has_text], text_features[has_text], logit_scale)
         if len(pixel_values) > 1:  # SLIP's image-image term: two views of an image against the batch's other images
             second = encoder.model.encode_image(pixel_values[1], normalize=True)  # (B, D)
             loss = loss + args.image_loss_weight * loss_fn(image_features, second, IMAGE_LOGIT_SCALE)
@@ -265,7 +287,7 @@ def train_dual_encoder(
     if len(keys) < 2:
         raise GraceInputError(f"{len(keys)} training images with texts: the contrastive loss needs at least 2")
     generator = torch.Generator().manual_seed(args.seed)
-    drop_last = len(keys) % args.batch_size == 1  # a batch of one has no negatives
+    image_only = sorted(set(image_paths) - set(texts)) if args.every_image else []
     total_steps = args.epochs * (len(keys) // args.batch_size + (len(keys) % args.batch_size > 1))
     optimizer = torch.optim.AdamW(_param_groups(encoder.model, args.weight_decay), lr=args.lr, betas=(0.9, 0.98))
     schedule = torch.optim.lr_scheduler.LambdaLR(
@@ -276,11 +298,12 @@ def train_dual_encoder(
     stopping = EarlyStopping(args.patience, warmup_epochs) if validate is not None and args.patience > 0 else None
     result = TrainingResult(epoch_losses=[], steps=0, seconds=0.0)
     start = time.perf_counter()
-    pixels = preprocessed_images([image_paths[key] for key in keys], encoder, views=args.views)
+    pixels = preprocessed_images([image_paths[key] for key in keys + image_only], encoder, views=args.views)
     progress = progress_bar(total=total_steps, desc="baseline-clip", unit="step")
     for epoch in range(1, args.epochs + 1):
-        pairs = _epoch_pairs(keys, image_paths, texts, generator)
-        loss, steps = _train_epoch(encoder, pairs, pixels, args, epoch, drop_last, optimizer, schedule, progress)
+        pairs = _epoch_pairs(keys, image_paths, texts, generator, args.batch_size, image_only)
+        batch_size = args.batch_size * (2 if image_only else 1)
+        loss, steps = _train_epoch(encoder, pairs, pixels, args, epoch, batch_size, optimizer, schedule, progress)
         result.epoch_losses.append(loss)
         result.steps += steps
         if stopping is not None:
@@ -372,6 +395,7 @@ def _training_record(result: TrainingResult, texts: Mapping[str, list[str]], arg
         "seed": args.seed,
         "views": asdict(args.views),
         "image_loss_weight": args.image_loss_weight,
+        "every_image": args.every_image,
         "epoch_losses": result.epoch_losses,
     }
 
