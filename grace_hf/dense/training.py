@@ -251,7 +251,11 @@ def _train_epoch(
     losses = []
     for pixel_values, input_ids, has_text in loader:
         image_features, text_features, logit_scale = encoder.model(pixel_values[0], input_ids)  # (B, D), (B, D), ()
-        loss = loss_fn(image_features[has_text], text_features[has_text], logit_scale)
+        if has_text.all():
+            loss = loss_fn(image_features, text_features, logit_scale)
+        else:  # images without text (`every_image`) are in the image-image term only; indexing every batch would
+            # change the float rounding of the others
+            loss = loss_fn(image_features[has_text], text_features[has_text], logit_scale)
         if len(pixel_values) > 1:  # SLIP's image-image term: two views of an image against the batch's other images
             second = encoder.model.encode_image(pixel_values[1], normalize=True)  # (B, D)
             loss = loss + args.image_loss_weight * loss_fn(image_features, second, IMAGE_LOGIT_SCALE)
