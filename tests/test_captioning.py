@@ -4,6 +4,7 @@ import json
 from types import SimpleNamespace
 
 import pytest
+import torch
 
 from grace_hf.commands import pseudo_queries as pseudo_queries_command
 from grace_hf.data.karpathy import load_karpathy
@@ -60,6 +61,31 @@ def test_pseudo_queries_for_every_val_and_test_image(trained_captioner, tmp_path
     assert set(raw_file) == {key.rsplit("/", 1)[-1] for key in expected}  # keyed by file name, as the original
     quality = json.loads((output / "quality.json").read_text())  # BLEU-4 against the held-out val captions
     assert quality["split"] == "val" and 0.0 <= quality["bleu4"] <= 100.0
+
+
+def test_sampled_queries_follow_the_beams_and_repeat_for_a_seed(trained_captioner, tmp_path):
+    """--num-sampled draws more queries after the beams by top-k sampling: seeded (the same file twice, another
+    seed another file), and the global random state is left as it was."""
+    raw, model_dir = trained_captioner
+    argv = ["--model", str(model_dir), "--karpathy-json", str(raw / "dataset_synthetic.json")]
+    argv += ["--image-root", str(raw), "--max-new-tokens", "8", "--batch-size", "4"]
+    written, states = {}, {}
+    for name, flags in {
+        "beams": [],
+        "sampled": ["--num-sampled", "6", "--top-k", "50"],
+        "again": ["--num-sampled", "6", "--top-k", "50"],
+        "seed": ["--num-sampled", "6", "--top-k", "50", "--seed", "1"],
+    }.items():
+        torch.manual_seed(0)
+        assert pseudo_queries_command.main([*argv, *flags, "--output-dir", str(tmp_path / name)]) == 0
+        written[name] = json.loads((tmp_path / name / "pseudo_queries.json").read_text())
+        states[name] = torch.random.get_rng_state()
+    assert torch.equal(states["sampled"], states["beams"])  # sampling drew from its own seeded state
+    assert written["sampled"] == written["again"] and written["sampled"] != written["seed"]
+    for image, beams in written["beams"].items():
+        sampled = written["sampled"][image]
+        assert sampled[: len(beams)] == beams and len(beams) < len(sampled) <= len(beams) + 6
+        assert len(set(sampled)) == len(sampled)
 
 
 def test_more_queries_than_beams_is_refused(trained_captioner, tmp_path):

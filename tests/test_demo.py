@@ -36,9 +36,12 @@ def test_demo_writes_metrics_gallery_plot_and_table(tmp_path, capsys, monkeypatc
     assert rerank_config["weight"] == reranked["weight"] and "val captions" in rerank_config["fitted_on"]
     # the demo is built in a sibling directory renamed at the end: what its files name is seen from the model
     recorded_args = json.loads((out / "model-rq" / "training_args.json").read_text())
-    del recorded_args["command"]  # the command line as it ran, in the build directory
+    captioner_args = json.loads((out / "captioner" / "training_args.json").read_text())
     prepare_record = json.loads((out / "prepared-rq" / "prepare.json").read_text())
-    assert "grace-partial" not in json.dumps([metrics, rerank_config, recorded_args, prepare_record])
+    markers = [json.loads((out / run / ".grace_hf_output.json").read_text()) for run in ("model-rq", "captioner")]
+    records = [metrics, rerank_config, recorded_args, captioner_args, prepare_record, *markers]
+    assert "grace-partial" not in json.dumps(records)
+    assert f"--output-dir {out / 'model-rq'} " in recorded_args["command"]  # the command line, by the final names
     assert prepare_record["inputs"]["image_root"] == "../data"
     assert recorded_args["data"] == ["../prepared-rq"]
     assert recorded_args["arguments"]["vision_tower"] == "../dense-clip"

@@ -128,7 +128,16 @@ sys.exit(grace_hf_cli.main())
 def test_ctrl_c_while_grace_hf_imports_ends_in_one_line_and_status_130(tmp_path):
     env = {**os.environ, "PYTHONPATH": str(ROOT), "HF_HUB_OFFLINE": "1"}
     argv = [sys.executable, "-c", BLOCKED_IMPORT, "retrieve", "--help"]
-    process = subprocess.Popen(argv, cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    # a shell's background job ignores SIGINT and its children inherit that: give the child the default disposition
+    process = subprocess.Popen(
+        argv,
+        cwd=tmp_path,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
+    )
     try:
         assert process.stdout.readline() == "importing torch\n"  # grace_hf is importing: no handler of its own yet
         process.send_signal(signal.SIGINT)

@@ -46,6 +46,7 @@ INT_MINIMUM = {
     "--port": 1,
     "--image-views": 0,
     "--jpeg-quality": 0,
+    "--num-sampled": 0,
 }
 INT_MAXIMUM = {"--port": 65535, "--image-views": MAX_IMAGE_VIEWS}
 FLOAT_MINIMUM = {"--lr": 0.0, "--weight-decay": 0.0, "--val-fraction": 0.0, "--test-fraction": 0.0}

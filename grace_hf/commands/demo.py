@@ -48,7 +48,15 @@ from grace_hf.evaluation.text_baseline import run_text_baseline
 from grace_hf.identifiers import CONTENT_KINDS, IDENTIFIER_KINDS, get_identifier_kind
 from grace_hf.io_utils import atomic_write_json, atomic_write_text, read_json
 from grace_hf.model_dir import read_model_dir
-from grace_hf.outputs import DEMO, PSEUDO_QUERIES, output_directory, portable_path, record_written
+from grace_hf.outputs import (
+    DEMO,
+    PARTIAL_SUFFIX,
+    PSEUDO_QUERIES,
+    final_path,
+    output_directory,
+    portable_path,
+    record_written,
+)
 from grace_hf.retrieval.rerank import DEFAULT_RERANK_BEAMS, DenseScorer, fit_or_load
 from grace_hf.retrieval.retriever import GraceRetriever
 from grace_hf.runtime import usable_cores
@@ -103,7 +111,9 @@ def _train(recipe: Path, argv: list[str], max_steps: int | None, num_threads: in
         argv += ["--torch-num-threads", str(num_threads)]
     threads = torch.get_num_threads()
     try:
-        train(*parse_args(argv), command="grace-hf train " + " ".join(argv))
+        # the record names the paths as they will be once the demo's build folder is renamed
+        command = " ".join(str(final_path(arg)) if PARTIAL_SUFFIX in arg else arg for arg in argv)
+        train(*parse_args(argv), command=f"grace-hf train {command}")
     finally:
         torch.set_num_threads(threads)
 

@@ -38,6 +38,11 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("--num-queries", type=int, default=5, help="queries per image (beams returned)")
     parser.add_argument("--num-beams", type=int, default=5)
+    parser.add_argument(
+        "--num-sampled", type=int, default=0, help="more queries per image drawn by top-k sampling (0: beams only)"
+    )
+    parser.add_argument("--top-k", type=int, default=3, help="with --num-sampled: sample among the k likeliest tokens")
+    parser.add_argument("--seed", type=int, default=0, help="with --num-sampled: the sampling seed")
     parser.add_argument("--max-new-tokens", type=int, default=20)
     parser.add_argument("--batch-size", type=int, default=8, help="images per generate call")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
@@ -63,6 +68,9 @@ def main(argv: list[str] | None = None) -> int:
         num_beams=args.num_beams,
         max_new_tokens=args.max_new_tokens,
         batch_size=args.batch_size,
+        num_sampled=args.num_sampled,
+        top_k=args.top_k,
+        seed=args.seed,
     )
     with output_directory(args.output_dir, PSEUDO_QUERIES, inputs, args.overwrite, "grace-hf pseudo-queries") as tmp:
         quality = write_captioner_output(tmp, corpus, queries)
