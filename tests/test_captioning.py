@@ -82,6 +82,10 @@ def test_sampled_queries_follow_the_beams_and_repeat_for_a_seed(trained_captione
         states[name] = torch.random.get_rng_state()
     assert torch.equal(states["sampled"], states["beams"])  # sampling drew from its own seeded state
     assert written["sampled"] == written["again"] and written["sampled"] != written["seed"]
+    for bad in (["--num-sampled", "-1"], ["--num-sampled", "101"], ["--num-sampled", "2", "--top-k", "0"]):
+        with pytest.raises(SystemExit) as exit_:
+            pseudo_queries_command.main([*argv, *bad, "--output-dir", str(tmp_path / "bad")])
+        assert exit_.value.code == 2 and not (tmp_path / "bad").exists()
     for image, beams in written["beams"].items():
         sampled = written["sampled"][image]
         assert sampled[: len(beams)] == beams and len(beams) < len(sampled) <= len(beams) + 6

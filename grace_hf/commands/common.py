@@ -48,7 +48,7 @@ INT_MINIMUM = {
     "--jpeg-quality": 0,
     "--num-sampled": 0,
 }
-INT_MAXIMUM = {"--port": 65535, "--image-views": MAX_IMAGE_VIEWS}
+INT_MAXIMUM = {"--port": 65535, "--image-views": MAX_IMAGE_VIEWS, "--num-sampled": 100}  # 100: queries per image
 FLOAT_MINIMUM = {"--lr": 0.0, "--weight-decay": 0.0, "--val-fraction": 0.0, "--test-fraction": 0.0}
 
 

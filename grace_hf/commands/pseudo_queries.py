@@ -39,7 +39,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--num-queries", type=int, default=5, help="queries per image (beams returned)")
     parser.add_argument("--num-beams", type=int, default=5)
     parser.add_argument(
-        "--num-sampled", type=int, default=0, help="more queries per image drawn by top-k sampling (0: beams only)"
+        "--num-sampled",
+        type=int,
+        default=0,
+        help="more queries per image drawn by top-k sampling (0: beams only; at most 100)",
     )
     parser.add_argument("--top-k", type=int, default=3, help="with --num-sampled: sample among the k likeliest tokens")
     parser.add_argument("--seed", type=int, default=0, help="with --num-sampled: the sampling seed")
