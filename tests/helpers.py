@@ -5,6 +5,7 @@ import copy
 import json
 from pathlib import Path
 
+import pytest
 import torch
 import yaml
 from accelerate.state import AcceleratorState, GradientState, PartialState
@@ -166,3 +167,13 @@ def add_argv(model, new, output, *extra) -> list[str]:
         "--logging-steps", "1", "--save-steps", "0", "--eval-num-queries", "4", "--num-beams", "2",
         "--report-to", "none", "--torch-num-threads", "1", *extra,
     ]  # fmt: skip
+
+
+def usage_error(main, argv: list[str], capsys) -> str:
+    """`main(argv)` ends as a usage error (exit status 2, no traceback); its stderr."""
+    with pytest.raises(SystemExit) as exit_:
+        main(argv)
+    err = capsys.readouterr().err
+    assert exit_.value.code == 2, err
+    assert "Traceback" not in err
+    return err

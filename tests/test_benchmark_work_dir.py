@@ -11,6 +11,7 @@ import pytest
 from benchmarks.common import open_work_dir
 from grace_hf.commands import cli
 from grace_hf.outputs import BENCHMARK, output_directory
+from tests.helpers import usage_error
 
 
 def _tree(root):
@@ -48,15 +49,6 @@ def runs(tmp_path, monkeypatch):
     return runs
 
 
-def _refused(main, argv, capsys) -> str:
-    with pytest.raises(SystemExit) as exit_:
-        main(argv)
-    err = capsys.readouterr().err
-    assert exit_.value.code == 2, err
-    assert "Traceback" not in err
-    return err
-
-
 @pytest.mark.parametrize("script", ["image_query", "generalization", "add_images"])
 def test_a_work_dir_of_another_kind_is_refused_without_advice_to_pass_overwrite(script, runs, tmp_path, capsys):
     """The benchmarks have no --overwrite: their refusal of another kind of output says to choose another directory
@@ -64,7 +56,7 @@ def test_a_work_dir_of_another_kind_is_refused_without_advice_to_pass_overwrite(
     main = importlib.import_module(f"benchmarks.{script}").main
     before = _tree(tmp_path)
     for work_dir in ("runs/m", str(runs / "m")):
-        err = _refused(main, ["--work-dir", work_dir], capsys)
+        err = usage_error(main, ["--work-dir", work_dir], capsys)
         assert f"--work-dir {work_dir}: exists and is a grace_hf model output, not a complete benchmark output" in err
         assert "choose another directory" in err and "--overwrite" not in err
     assert _tree(tmp_path) == before
@@ -109,7 +101,7 @@ def test_image_query_refuses_a_work_dir_that_clashes_with_its_inputs(work_dir, i
     if work_dir == "ABSOLUTE":
         work_dir = str(runs / "m" / "results")
     before = _tree(runs.parent)
-    err = _refused(image_query.main, ["--work-dir", work_dir, *inputs], capsys)
+    err = usage_error(image_query.main, ["--work-dir", work_dir, *inputs], capsys)
     assert message in err and "choose another directory" in err
     assert _tree(runs.parent) == before  # no work directory, build directory, lock or parent made; nothing removed
 

@@ -20,19 +20,10 @@ from grace_hf.errors import GraceInputError
 from grace_hf.retrieval import GraceRetriever
 from grace_hf.retrieval.retriever import MAX_IMAGE_VIEWS, check_image_views
 from grace_hf.serving.pipeline import TASK
+from tests.helpers import usage_error
 
 ROOT = Path(__file__).resolve().parents[1]
 TOO_MANY = re.escape(f"image_views must be an integer in [0, {MAX_IMAGE_VIEWS}]")
-
-
-def _exit_2(main, argv, capsys) -> str:
-    """`main(argv)` ends as a usage error (exit status 2, no traceback); its stderr."""
-    with pytest.raises(SystemExit) as exit_:
-        main(argv)
-    err = capsys.readouterr().err
-    assert exit_.value.code == 2, err
-    assert "Traceback" not in err
-    return err
 
 
 def _not_reached(*args, **kwargs):
@@ -87,7 +78,7 @@ def test_the_commands_refuse_more_image_views_than_the_bound(command, tmp_path, 
     argv = [command, "--model", "model", "--image-views", "100000"]
     if command == "retrieve":
         argv += ["--image", "query.png"]
-    err = _exit_2(cli.main, argv, capsys)
+    err = usage_error(cli.main, argv, capsys)
     limit = f"argument --image-views: must be in [0, {MAX_IMAGE_VIEWS}], got 100000"
     assert f"grace-hf {command}: error: {limit}" in err.splitlines()
     assert sorted(os.listdir(tmp_path)) == ["query.png"]
@@ -101,7 +92,7 @@ def test_the_image_query_benchmark_refuses_more_image_views_than_the_bound(tmp_p
 
     monkeypatch.chdir(tmp_path)
     monkeypatch.setattr(image_query, "open_work_dir", _not_reached)
-    err = _exit_2(image_query.main, ["--work-dir", "w", "--image-views", str(MAX_IMAGE_VIEWS + 1)], capsys)
+    err = usage_error(image_query.main, ["--work-dir", "w", "--image-views", str(MAX_IMAGE_VIEWS + 1)], capsys)
     assert f"--image-views must be an integer in [0, {MAX_IMAGE_VIEWS}]" in err
     assert os.listdir(tmp_path) == []
 
@@ -188,7 +179,7 @@ def test_the_add_images_benchmark_refuses_a_path_passed_through(option, value, n
 
     monkeypatch.chdir(tmp_path)
     monkeypatch.setattr(add_images, "open_work_dir", _not_reached)
-    err = _exit_2(add_images.main, ["--work-dir", "w", f"{option}={value}"], capsys)
+    err = usage_error(add_images.main, ["--work-dir", "w", f"{option}={value}"], capsys)
     assert f"{option}: {named} names a path; the benchmark sets every path" in err
     assert os.listdir(tmp_path) == []
 
@@ -203,5 +194,5 @@ def test_the_add_images_benchmark_passes_settings_on_and_names_a_bad_quote(capsy
         "--replay-ratio=0.5",
     ]
     assert pass_through(parser, "--train-args", "") == []
-    err = _exit_2(lambda argv: pass_through(parser, *argv), ["--add-args", "--learning-rate '3e-4"], capsys)
+    err = usage_error(lambda argv: pass_through(parser, *argv), ["--add-args", "--learning-rate '3e-4"], capsys)
     assert "--add-args: No closing quotation" in err

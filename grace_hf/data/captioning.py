@@ -12,6 +12,7 @@ from __future__ import annotations
 
 from collections import Counter
 from collections.abc import Sequence
+from typing import Any
 
 import torch
 
@@ -23,6 +24,21 @@ from grace_hf.prompts import caption_prompt
 from grace_hf.runtime import progress_bar
 
 __all__ = ["caption_splits", "file_names", "generate_pseudo_queries"]
+
+
+def _written(
+    model: FlamingoForConditionalGeneration, processor: FlamingoProcessor, inputs: Any, count: int, **generation: Any
+) -> list[list[str]]:
+    """`count` captions per image of the batch `inputs` (`generation`: `generate` options), decoded, image by image."""
+    sequences = model.generate(
+        **inputs,
+        num_return_sequences=count,
+        eos_token_id=processor.end_of_chunk_token_id,
+        pad_token_id=processor.pad_token_id,
+        **generation,
+    )  # (B * count, prompt + new)
+    texts = processor.batch_decode(sequences[:, inputs["input_ids"].shape[1] :], skip_special_tokens=True)
+    return [texts[i : i + count] for i in range(0, len(texts), count)]
 
 
 @torch.no_grad()
@@ -48,32 +64,16 @@ def generate_pseudo_queries(
         chunk = images[start : start + batch_size]
         pictures = [read_rgb(image.path) for image in chunk]
         inputs = processor(text=[caption_prompt()] * len(chunk), images=pictures, padding_side="left").to(device)
-        sequences = model.generate(
-            **inputs,
-            num_beams=num_beams,
-            num_return_sequences=num_queries,
-            max_new_tokens=max_new_tokens,
-            do_sample=False,
-            eos_token_id=processor.end_of_chunk_token_id,
-            pad_token_id=processor.pad_token_id,
-        )  # (B * num_queries, prompt + new)
-        written = processor.batch_decode(sequences[:, inputs["input_ids"].shape[1] :], skip_special_tokens=True)
-        per_image = [written[i * num_queries : (i + 1) * num_queries] for i in range(len(chunk))]
+        per_image = _written(
+            model, processor, inputs, num_queries, num_beams=num_beams, do_sample=False, max_new_tokens=max_new_tokens
+        )
         if num_sampled:
             with torch.random.fork_rng(devices=[]):
                 torch.manual_seed(seed + start)
-                sequences = model.generate(
-                    **inputs,
-                    do_sample=True,
-                    top_k=top_k,
-                    num_return_sequences=num_sampled,
-                    max_new_tokens=max_new_tokens,
-                    eos_token_id=processor.end_of_chunk_token_id,
-                    pad_token_id=processor.pad_token_id,
-                )  # (B * num_sampled, prompt + new)
-            written = processor.batch_decode(sequences[:, inputs["input_ids"].shape[1] :], skip_special_tokens=True)
-            for i in range(len(chunk)):
-                per_image[i] += written[i * num_sampled : (i + 1) * num_sampled]
+                sampled = _written(
+                    model, processor, inputs, num_sampled, do_sample=True, top_k=top_k, max_new_tokens=max_new_tokens
+                )
+            per_image = [beams + drawn for beams, drawn in zip(per_image, sampled)]
         for image, texts in zip(chunk, per_image):
             queries[image.key] = list(dict.fromkeys(text.strip() for text in texts if text.strip()))
     return queries
