@@ -39,12 +39,12 @@ test-fast: install browser
 	HF_HUB_OFFLINE=1 $(BIN)/python -m pytest -q -m "not slow"
 
 lint: install
-	$(BIN)/ruff check grace_hf grace_hf_cli.py tests benchmarks recipes
-	$(BIN)/ruff format --check grace_hf grace_hf_cli.py tests benchmarks recipes
+	$(BIN)/ruff check grace_hf tests benchmarks recipes
+	$(BIN)/ruff format --check grace_hf tests benchmarks recipes
 
 format: install
-	$(BIN)/ruff check --fix grace_hf grace_hf_cli.py tests benchmarks recipes
-	$(BIN)/ruff format grace_hf grace_hf_cli.py tests benchmarks recipes
+	$(BIN)/ruff check --fix grace_hf tests benchmarks recipes
+	$(BIN)/ruff format grace_hf tests benchmarks recipes
 
 clean:
 	rm -rf $(VENV) $(DEMO_DIR) .pytest_cache .ruff_cache *.egg-info

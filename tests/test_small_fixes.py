@@ -99,8 +99,8 @@ def test_the_image_query_benchmark_refuses_more_image_views_than_the_bound(tmp_p
 
 # 2. Ctrl-C at any moment of a command
 
-# the script's entry point, with `import torch` (the first heavy import of `grace_hf`) held until interrupted
-BLOCKED_IMPORT = """
+# `import torch` (the first heavy import of `grace_hf`) held until interrupted, from Python's start-up
+HOLD_TORCH = """
 import sys, time
 
 class HoldTorch:
@@ -111,17 +111,18 @@ class HoldTorch:
         return None
 
 sys.meta_path.insert(0, HoldTorch())
-import grace_hf_cli
-sys.exit(grace_hf_cli.main())
 """
+# what pip's `grace-hf` script runs, its path in sys.argv[0]
+SCRIPT = "import sys; sys.argv[0] = '/venv/bin/grace-hf'; from grace_hf.commands.cli import main; sys.exit(main())"
 
 
-def test_ctrl_c_while_grace_hf_imports_ends_in_one_line_and_status_130(tmp_path):
-    env = {**os.environ, "PYTHONPATH": str(ROOT), "HF_HUB_OFFLINE": "1"}
-    argv = [sys.executable, "-c", BLOCKED_IMPORT, "retrieve", "--help"]
+def interrupt_while_importing_torch(argv: list[str], tmp_path) -> tuple[int, str, str]:
+    """Run `python *argv` with `import torch` held, send Ctrl-C once it is held: (status, stdout, stderr)."""
+    (tmp_path / "sitecustomize.py").write_text(HOLD_TORCH)
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(tmp_path), str(ROOT)]), "HF_HUB_OFFLINE": "1"}
     # a shell's background job ignores SIGINT and its children inherit that: give the child the default disposition
     process = subprocess.Popen(
-        argv,
+        [sys.executable, *argv],
         cwd=tmp_path,
         env=env,
         stdout=subprocess.PIPE,
@@ -135,15 +136,25 @@ def test_ctrl_c_while_grace_hf_imports_ends_in_one_line_and_status_130(tmp_path)
         out, err = process.communicate(timeout=60)
     finally:
         process.kill()
-    assert process.returncode == 130, err
+    return process.returncode, out, err
+
+
+@pytest.mark.parametrize("entry", [["-c", SCRIPT], ["-m", "grace_hf"]], ids=["grace-hf", "python -m grace_hf"])
+def test_ctrl_c_while_grace_hf_imports_ends_in_one_line_and_status_130(entry, tmp_path):
+    status, out, err = interrupt_while_importing_torch([*entry, "retrieve", "--help"], tmp_path)
+    assert status == 130, err
     assert err == "grace-hf: interrupted\n" and out == ""
 
 
-def test_the_grace_hf_script_enters_through_the_launcher():
+def test_a_program_that_imports_grace_hf_gets_its_interrupt_as_usual(tmp_path):
+    status, _, err = interrupt_while_importing_torch(["-c", "import grace_hf"], tmp_path)
+    assert status == -signal.SIGINT and err.rstrip().endswith("KeyboardInterrupt")  # Python re-raises the signal
+
+
+def test_the_grace_hf_script_is_the_command_line():
     tomllib = pytest.importorskip("tomllib")  # Python 3.11+
     project = tomllib.loads((ROOT / "pyproject.toml").read_text())
-    assert project["project"]["scripts"]["grace-hf"] == "grace_hf_cli:main"
-    assert "grace_hf_cli" in project["tool"]["setuptools"]["py-modules"]
+    assert project["project"]["scripts"]["grace-hf"] == "grace_hf.commands.cli:main"
 
 
 def test_ctrl_c_while_the_command_module_imports_ends_in_one_line(monkeypatch, capsys):

@@ -1,7 +1,7 @@
 """`grace-hf <command>`: one entry point; each command is a module of `grace_hf.commands` with `main(argv) -> int`.
 
 Bad input ends in a message naming the file and item, exit status 2, no traceback; Ctrl-C (or SIGTERM) in one line,
-exit status 130 (while `grace_hf` itself imports: `grace_hf_cli`, the script's entry point); `--debug` (anywhere on
+exit status 130 (while `grace_hf` itself imports: `grace_hf/__init__.py`); `--debug` (anywhere on
 the line) or `GRACE_HF_DEBUG=1` shows the traceback instead.
 """
 
