@@ -11,8 +11,8 @@ retraining path).
 The val/test images' texts (`--texts`):
 - `captioner` (default), as `grace-hf demo` makes them: the dense baseline trained on A's train images is the vision
   tower and embeds every image (the rq/structured identifiers); a captioner trained on A's train captions writes the
-  pseudo-queries of A's val/test images, and of B's from their pixels (`add-images --captioner`; the retraining path
-  captions B's the same way, within its time). Both are trained once, before either path, like a pretrained CLIP.
+  pseudo-queries of A's val/test images, and of B's from their pixels, kept by the tower's dense model
+  (`add-images --captioner --captioner-filter`; the retraining path captions B's the same way, within its time). Both are trained once, before either path, like a pretrained CLIP.
 - `oracle`: the generator's oracle pseudo-queries and 8x8 pixel thumbnails (an upper bound on the texts; no tower).
 
 The figures: Recall@10 of the human captions of A's and of B's test images
@@ -52,6 +52,7 @@ from grace_hf.data.pseudo_queries import load_pseudo_queries, write_pseudo_queri
 from grace_hf.data.synthetic import ORACLE_PSEUDO_QUERIES_JSON, SYNTHETIC_JSON, write_synthetic
 from grace_hf.dense.directory import save_image_features
 from grace_hf.dense.model import load_dual_encoder
+from grace_hf.dense.query_filter import filtered_captioning
 from grace_hf.dense.training import DenseTrainingArgs, run_baseline
 from grace_hf.evaluation.model_recall import evaluate_model
 from grace_hf.identifiers import CONTENT_KINDS, IDENTIFIER_KINDS
@@ -167,7 +168,7 @@ def _add(model: Path, collection: Path, output: Path, extra: list[str], texts: T
     if texts.captioner is None:
         argv += ["--pseudo-queries", str(texts.of(collection))]
     else:  # the new images come with no text: the captioner writes it from their pixels
-        argv += ["--captioner", str(texts.captioner)]
+        argv += ["--captioner", str(texts.captioner), "--captioner-filter", str(texts.tower)]
     argv += [*COMMON, *extra]
     parsed = parse_args([*argv, "--overwrite"], ADD_IMAGES_ARGUMENT_CLASSES, "grace-hf add-images")
     add_images(*parsed, command=shlex.join(["grace-hf", "add-images", *argv]))
@@ -178,7 +179,10 @@ def _caption_new_images(texts: Texts, a: Path, b: Path, ab: Path) -> None:
     captioner = read_model_dir(texts.captioner, retriever=False)
     old = load_pseudo_queries(texts.pseudo_queries[a.name], load_karpathy(a / SYNTHETIC_JSON, a.parent / "raw"))
     new = load_karpathy(b / SYNTHETIC_JSON, b.parent / "raw")
-    merged = old | caption_splits(captioner.model, captioner.processor, new, ["val", "test"])  # by image key
+    written = caption_splits(
+        captioner.model, captioner.processor, new, ["val", "test"], **filtered_captioning(texts.tower)
+    )
+    merged = old | written  # by image key
     texts.pseudo_queries[ab.name] = ab / "captioner_pseudo_queries.json"
     write_pseudo_queries(texts.pseudo_queries[ab.name], merged)
 

@@ -7,12 +7,15 @@ import pytest
 import torch
 
 from grace_hf.commands import pseudo_queries as pseudo_queries_command
+from grace_hf.data import captioning
 from grace_hf.data.karpathy import load_karpathy
 from grace_hf.data.pseudo_queries import load_pseudo_queries
+from grace_hf.dense.model import DualEncoder, load_dual_encoder
+from grace_hf.dense.query_filter import PROPOSED_SAMPLES, DenseQueryFilter
 from grace_hf.errors import GraceInputError
 from grace_hf.training.adding import new_pseudo_queries
 from grace_hf.training.args import AddImagesArguments
-from tests.helpers import run_training, write_recipe
+from tests.helpers import MICRO, run_training, write_recipe
 
 
 @pytest.fixture(scope="module")
@@ -104,9 +107,107 @@ def test_add_images_has_its_captioner_write_the_new_images_queries(trained_capti
     """New images with no text at all: the captioner writes their val/test queries from their pixels."""
     raw, model_dir = trained_captioner
     corpus = load_karpathy(raw / "dataset_synthetic.json", raw)
-    arguments = SimpleNamespace(pseudo_queries=None, captioner=str(model_dir))
+    arguments = SimpleNamespace(pseudo_queries=None, captioner=str(model_dir), captioner_filter=None)
     queries = new_pseudo_queries(arguments, corpus)
     assert sorted(queries) == sorted(image.key for image in corpus.images if image.split in ("val", "test"))
-    assert new_pseudo_queries(SimpleNamespace(pseudo_queries=None, captioner=None), corpus) == {}
+    none = SimpleNamespace(pseudo_queries=None, captioner=None, captioner_filter=None)
+    assert new_pseudo_queries(none, corpus) == {}
     with pytest.raises(GraceInputError, match="not both"):
         AddImagesArguments(karpathy_json="a.json", image_root="r", pseudo_queries="p.json", captioner=str(model_dir))
+
+
+def test_add_images_captioner_filter_keeps_the_closest_of_more_queries(trained_captioner, dense_dir, monkeypatch):
+    """With `captioner_filter`, add-images writes the new images' queries as the demo does: beams and samples
+    proposed, the dense model's closest five kept."""
+    raw, model_dir = trained_captioner
+    corpus = load_karpathy(raw / "dataset_synthetic.json", raw)
+    proposed = {}
+    generate = captioning.generate_pseudo_queries
+
+    def recorded(*args, **kwargs):
+        proposed.update(kwargs)
+        return generate(*args, **kwargs)
+
+    monkeypatch.setattr(captioning, "generate_pseudo_queries", recorded)
+    arguments = SimpleNamespace(pseudo_queries=None, captioner=str(model_dir), captioner_filter=str(dense_dir))
+    queries = new_pseudo_queries(arguments, corpus)
+    assert proposed["num_sampled"] == PROPOSED_SAMPLES and isinstance(proposed["query_filter"], DenseQueryFilter)
+    assert sorted(queries) == sorted(image.key for image in corpus.images if image.split in ("val", "test"))
+    assert all(1 <= len(texts) <= 5 for texts in queries.values())
+
+
+def test_add_images_refuses_a_captioner_filter_without_a_captioner():
+    with pytest.raises(GraceInputError, match="captioner_filter keeps some of a captioner's queries"):
+        AddImagesArguments(karpathy_json="a.json", image_root="r", captioner_filter="dense")
+
+
+@pytest.fixture(scope="module")
+def dense_dir(tmp_path_factory):
+    """A dual encoder directory (random MICRO weights): what `--filter` reads of a `baseline-clip` output."""
+    directory = tmp_path_factory.mktemp("dense")
+    torch.manual_seed(0)
+    DualEncoder.from_config(MICRO).save(directory)
+    return directory
+
+
+def test_the_filter_keeps_each_images_queries_closest_to_it_under_the_dense_model(trained_captioner, dense_dir):
+    raw, _ = trained_captioner
+    corpus = load_karpathy(raw / "dataset_synthetic.json", raw)
+    images = corpus.split("test")[:3]
+    texts = ["a red circle", "a blue square on white", "a big green star", "a small dot", "a red circle"[::-1]]
+    queries = {image.key: list(texts) for image in images}
+    query_filter = DenseQueryFilter.from_directory(dense_dir, keep=2)
+    kept = query_filter(images, queries)
+    encoder = load_dual_encoder(dense_dir)
+    for image in images:
+        cosines = (encoder.encode_texts(texts) @ encoder.encode_images([image.path])[0]).tolist()
+        best = sorted(texts, key=lambda text: -cosines[texts.index(text)])[:2]
+        assert kept[image.key] == best
+    assert query_filter(images[:1], {images[0].key: []}) == {images[0].key: []}
+    with pytest.raises(GraceInputError, match="whole number >= 1"):
+        DenseQueryFilter(encoder, keep=0)
+
+
+def test_pseudo_queries_filter_keeps_the_closest_of_the_beams_and_samples(trained_captioner, dense_dir, tmp_path):
+    raw, model_dir = trained_captioner
+    argv = ["--model", str(model_dir), "--karpathy-json", str(raw / "dataset_synthetic.json")]
+    argv += ["--image-root", str(raw), "--max-new-tokens", "8", "--batch-size", "4", "--num-sampled", "6"]
+    argv += ["--top-k", "50"]
+    assert pseudo_queries_command.main([*argv, "--output-dir", str(tmp_path / "all")]) == 0
+    filtered = [*argv, "--filter", str(dense_dir), "--keep", "2", "--output-dir", str(tmp_path / "kept")]
+    assert pseudo_queries_command.main(filtered) == 0
+    written = json.loads((tmp_path / "all" / "pseudo_queries.json").read_text())
+    kept = json.loads((tmp_path / "kept" / "pseudo_queries.json").read_text())
+    assert kept.keys() == written.keys()
+    assert all(len(kept[name]) == min(2, len(texts)) for name, texts in written.items())
+    assert all(set(kept[name]) <= set(texts) for name, texts in written.items())
+    assert any(kept[name] != texts[:2] for name, texts in written.items())  # not simply the first beams
+
+
+def test_pseudo_queries_names_a_filter_directory_that_is_not_a_dense_model(trained_captioner, tmp_path, capsys):
+    raw, model_dir = trained_captioner
+    argv = ["--model", str(model_dir), "--karpathy-json", str(raw / "dataset_synthetic.json")]
+    argv += ["--image-root", str(raw), "--output-dir", str(tmp_path / "p"), "--filter", str(model_dir)]
+    with pytest.raises(GraceInputError, match=f"{model_dir}: not a dual encoder directory"):
+        pseudo_queries_command.main(argv)
+    assert not (tmp_path / "p").exists()
+
+
+def test_pseudo_queries_samples_more_for_the_filter_by_default(trained_captioner, dense_dir, tmp_path, monkeypatch):
+    raw, model_dir = trained_captioner
+    asked = []
+    monkeypatch.setattr(pseudo_queries_command, "caption_splits", lambda *args, **options: asked.append(options) or {})
+    argv = [
+        "--model",
+        str(model_dir),
+        "--karpathy-json",
+        str(raw / "dataset_synthetic.json"),
+        "--image-root",
+        str(raw),
+    ]
+    assert pseudo_queries_command.main([*argv, "--output-dir", str(tmp_path / "plain")]) == 0
+    assert (
+        pseudo_queries_command.main([*argv, "--output-dir", str(tmp_path / "kept"), "--filter", str(dense_dir)]) == 0
+    )
+    assert asked[0]["num_sampled"] == 0 and asked[0]["query_filter"] is None
+    assert asked[1]["num_sampled"] == PROPOSED_SAMPLES and asked[1]["query_filter"].keep == 5

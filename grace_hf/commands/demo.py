@@ -12,7 +12,9 @@ their pseudo-queries (their own captions are only the val and test queries). Sta
    image-image term) until its val R@1 stops improving. It is also the vision tower of every Flamingo below (the
    role CLIP ViT-L plays for OpenFlamingo).
 3. `captioner/`: the tiny Flamingo trained to caption the train images (`recipes/synthetic/captioner.yaml`).
-4. `pseudo-queries/`: its five queries for every val and test image, and their BLEU-4 against the val captions.
+4. `pseudo-queries/`: five queries for every val and test image: the captioner proposes its beams and 20 sampled
+   queries, the dense baseline keeps the five closest to the image (BLIP's CapFilt); their BLEU-4 against the val
+   captions.
 5. `bm25/`: the text-only baseline, BM25 over the same texts the Flamingo is taught with.
 6. `prepared-<kind>/`, `model-<kind>/`: identifiers, then the Flamingo trained on i2id (image -> identifier) and
    t2id (query -> identifier) with `recipes/synthetic/<kind>.yaml`; the re-ranking weight fitted on the val
@@ -36,6 +38,7 @@ from grace_hf.data.karpathy import KarpathyCorpus, load_karpathy
 from grace_hf.data.pseudo_queries import PSEUDO_QUERIES_FILE
 from grace_hf.data.synthetic import SYNTHETIC_JSON, SyntheticStyle, check_synthetic_size, write_synthetic
 from grace_hf.dense.directory import FEATURES_FILE
+from grace_hf.dense.query_filter import PROPOSED_SAMPLES, filtered_captioning
 from grace_hf.dense.training import DenseTrainingArgs, run_baseline
 from grace_hf.errors import GraceInputError
 from grace_hf.evaluation.captions import write_captioner_output
@@ -122,8 +125,8 @@ def write_pseudo_queries_with_captioner(
     out: Path, corpus: KarpathyCorpus, vision_tower: Path, max_steps: int | None = None, num_threads: int | None = None
 ) -> tuple[Path, dict[str, list[str]]]:
     """Train the captioner on the train images' captions (`out/captioner`) and write the val and test images'
-    pseudo-queries with it (`out/pseudo-queries`, with their BLEU in `quality.json`); return that file and the
-    queries by image key. `num_threads`: the captioner's training threads (None: its recipe's)."""
+    pseudo-queries with it, kept by the dense model `vision_tower` (`dense.query_filter.filtered_captioning`) into
+    `out/pseudo-queries`, with their BLEU in `quality.json`; return that file and the queries by image key. `num_threads`: the captioner's training threads (None: its recipe's)."""
     captioner_dir = out / "captioner"
     _log(f"train the captioner on the train images' captions -> {captioner_dir}")
     karpathy_json, image_root = corpus.json_path, corpus.image_root
@@ -131,9 +134,14 @@ def write_pseudo_queries_with_captioner(
     _train(_recipe("captioner"), [*argv, "--vision-tower", str(vision_tower)], max_steps, num_threads)
 
     pseudo_dir = out / "pseudo-queries"
-    _log(f"write five pseudo-queries per val and test image from its pixels -> {pseudo_dir}")
+    _log(
+        f"write pseudo-queries for every val and test image from its pixels ({PROPOSED_SAMPLES} sampled beside the "
+        f"beams; the five the dense baseline finds closest kept) -> {pseudo_dir}"
+    )
     captioner = read_model_dir(captioner_dir, retriever=False)
-    queries = caption_splits(captioner.model, captioner.processor, corpus, ["val", "test"])
+    queries = caption_splits(
+        captioner.model, captioner.processor, corpus, ["val", "test"], **filtered_captioning(vision_tower)
+    )
     with output_directory(pseudo_dir, PSEUDO_QUERIES, [karpathy_json, image_root], command="grace-hf demo") as tmp:
         quality = write_captioner_output(tmp, corpus, queries)
     if quality is not None:

@@ -3,15 +3,16 @@
 As the original GRACE: a Flamingo fine-tuned on train image -> caption pairs (`task: captioner`, e.g.
 `recipes/flickr30k/captioner.yaml`) writes, for every val and test image, five queries by beam search (5 beams,
 5 returned, at most 20 new tokens) after the prompt `<image>caption:`. Beams are near-copies of one caption; more
-varied queries can be drawn beside them by top-k sampling, as DSI-QG does for text retrieval (`num_sampled`; off by
-default: on the demo's three seeds, 20 sampled at top-k 3 did not raise the val R@1, docs/results.md). The output
+varied queries can be drawn beside them by top-k sampling, as DSI-QG does for text retrieval (`num_sampled`). Kept
+all, sampled queries did not raise the demo's val R@1; kept by a filter (`query_filter`, e.g. the dense model's
+closest five: `grace_hf.dense.query_filter`) they did, and the demo writes its pseudo-queries that way. The output
 is the original file format, `{image_file_name: [query, ...]}`, which `grace-hf prepare --pseudo-queries` reads.
 """
 
 from __future__ import annotations
 
 from collections import Counter
-from collections.abc import Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import torch
@@ -23,7 +24,11 @@ from grace_hf.models.flamingo import FlamingoForConditionalGeneration, FlamingoP
 from grace_hf.prompts import caption_prompt
 from grace_hf.runtime import progress_bar
 
-__all__ = ["caption_splits", "file_names", "generate_pseudo_queries"]
+__all__ = ["QueryFilter", "caption_splits", "file_names", "generate_pseudo_queries"]
+
+# keeps some of each image's queries (images, {image_key: queries}) -> {image_key: kept}; e.g.
+# `grace_hf.dense.query_filter.DenseQueryFilter`, which keeps those the dense model finds closest to their image
+QueryFilter = Callable[[Sequence[KarpathyImage], Mapping[str, list[str]]], dict[str, list[str]]]
 
 
 def _written(
@@ -53,10 +58,12 @@ def generate_pseudo_queries(
     num_sampled: int = 0,
     top_k: int = 3,
     seed: int = 0,
+    query_filter: QueryFilter | None = None,
 ) -> dict[str, list[str]]:
     """`{image_key: [query, ...]}`: the `num_queries` (<= `num_beams`) best beams per image, then `num_sampled`
     queries drawn by top-`top_k` sampling (seeded with `seed`: the same call writes the same queries; the global
-    random state is left as it was), stripped, empty or repeated ones dropped."""
+    random state is left as it was), stripped, empty or repeated ones dropped; then, with `query_filter`, only the
+    queries it keeps."""
     model.eval()
     device = next(model.parameters()).device
     queries: dict[str, list[str]] = {}
@@ -74,8 +81,11 @@ def generate_pseudo_queries(
                     model, processor, inputs, num_sampled, do_sample=True, top_k=top_k, max_new_tokens=max_new_tokens
                 )
             per_image = [beams + drawn for beams, drawn in zip(per_image, sampled)]
-        for image, texts in zip(chunk, per_image):
-            queries[image.key] = list(dict.fromkeys(text.strip() for text in texts if text.strip()))
+        written = {
+            image.key: list(dict.fromkeys(text.strip() for text in texts if text.strip()))
+            for image, texts in zip(chunk, per_image)
+        }
+        queries.update(query_filter(chunk, written) if query_filter else written)
     return queries
 
 

@@ -39,6 +39,7 @@ from grace_hf.data.prepared import (
     warn_images_without_queries,
 )
 from grace_hf.data.pseudo_queries import load_pseudo_queries
+from grace_hf.dense.query_filter import filtered_captioning
 from grace_hf.errors import GraceInputError
 from grace_hf.identifiers import CONTENT_KINDS, IDENTIFIERS_FILE, IdentifierIndex, extend_identifiers
 from grace_hf.io_utils import atomic_write_json
@@ -97,14 +98,16 @@ def _concatenate(parts: list[Dataset]) -> Dataset:
 
 
 def new_pseudo_queries(data_args: AddImagesArguments, corpus: KarpathyCorpus) -> dict[str, list[str]]:
-    """The new val and test images' pseudo-queries: read from a file, or written by a captioner from their pixels."""
+    """The new val and test images' pseudo-queries: read from a file, or written by a captioner from their pixels
+    (with `captioner_filter`: of its beams and samples, those the dense model finds closest)."""
     if data_args.pseudo_queries:
         return load_pseudo_queries(data_args.pseudo_queries, corpus)
     uncaptioned = [split for split in ("val", "test") if corpus.split(split)]
     if not data_args.captioner or not uncaptioned:
         return {}
     captioner = read_captioner(data_args.captioner, "--captioner")
-    return caption_splits(captioner.model, captioner.processor, corpus, uncaptioned)
+    kept = filtered_captioning(data_args.captioner_filter) if data_args.captioner_filter else {}
+    return caption_splits(captioner.model, captioner.processor, corpus, uncaptioned, **kept)
 
 
 def _replay_sources(model: ModelDirectory, data_args: AddImagesArguments) -> list[str]:

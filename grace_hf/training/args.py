@@ -186,6 +186,13 @@ class AddImagesArguments(DataArguments):
             "from their pixels, instead of a pseudo_queries file."
         },
     )
+    captioner_filter: str | None = field(
+        default=None,
+        metadata={
+            "help": "With a captioner: a dense-baseline directory whose model keeps, of the captioner's beams and "
+            "20 sampled queries per image, the five closest to the image (as the demo writes its pseudo-queries)."
+        },
+    )
     t2id_image: Literal["none", "blank"] | None = field(
         default=None, metadata={"help": "The model's own (its grace_config.json); another value is an error."}
     )
@@ -213,6 +220,8 @@ class AddImagesArguments(DataArguments):
             raise GraceInputError("add-images needs karpathy_json and image_root (the new images)")
         if self.pseudo_queries is not None and self.captioner is not None:
             raise GraceInputError("give pseudo_queries or a captioner that writes them, not both")
+        if self.captioner_filter is not None and self.captioner is None:
+            raise GraceInputError("captioner_filter keeps some of a captioner's queries: give a captioner too")
         if self.replay_ratio is not None and not (math.isfinite(self.replay_ratio) and self.replay_ratio >= 0):
             raise GraceInputError(f"replay_ratio must be a finite number >= 0, got {self.replay_ratio}")
         if self.eval_split != "test":
@@ -226,6 +235,7 @@ class AddImagesArguments(DataArguments):
             self.image_root,
             self.pseudo_queries,
             self.captioner,
+            self.captioner_filter,
             self.image_features,
         ]
 
