@@ -12,7 +12,8 @@ The val/test images' texts (`--texts`):
 - `captioner` (default), as `grace-hf demo` makes them: the dense baseline trained on A's train images is the vision
   tower and embeds every image (the rq/structured identifiers); a captioner trained on A's train captions writes the
   pseudo-queries of A's val/test images, and of B's from their pixels, kept by the tower's dense model
-  (`add-images --captioner --captioner-filter`; the retraining path captions B's the same way, within its time). Both are trained once, before either path, like a pretrained CLIP.
+  (`add-images --captioner --captioner-filter`; the retraining path captions B's the same way, within its time).
+  Both are trained once, before either path, like a pretrained CLIP.
 - `oracle`: the generator's oracle pseudo-queries and 8x8 pixel thumbnails (an upper bound on the texts; no tower).
 
 The figures: Recall@10 of the human captions of A's and of B's test images

@@ -126,7 +126,8 @@ def write_pseudo_queries_with_captioner(
 ) -> tuple[Path, dict[str, list[str]]]:
     """Train the captioner on the train images' captions (`out/captioner`) and write the val and test images'
     pseudo-queries with it, kept by the dense model `vision_tower` (`dense.query_filter.filtered_captioning`) into
-    `out/pseudo-queries`, with their BLEU in `quality.json`; return that file and the queries by image key. `num_threads`: the captioner's training threads (None: its recipe's)."""
+    `out/pseudo-queries`, with their BLEU in `quality.json`; return that file and the queries by image key.
+    `num_threads`: the captioner's training threads (None: its recipe's)."""
     captioner_dir = out / "captioner"
     _log(f"train the captioner on the train images' captions -> {captioner_dir}")
     karpathy_json, image_root = corpus.json_path, corpus.image_root

@@ -4,8 +4,8 @@
         --image-root data/Flickr30K/flickr30k-images --output-dir data/pseudo_queries/flickr30k
 
 `--filter runs/dense-clip` also draws 20 queries per image by sampling and keeps the five that the dense baseline
-finds closest to the image (the demo's pseudo-queries). Writes `pseudo_queries.json` in the original format (`{image file name: [query, ...]}`), which
-`grace-hf prepare --pseudo-queries` reads (the file or its directory).
+finds closest to the image (the demo's pseudo-queries). Writes `pseudo_queries.json` in the original format
+(`{image file name: [query, ...]}`), which `grace-hf prepare --pseudo-queries` reads (the file or its directory).
 """
 
 from __future__ import annotations
